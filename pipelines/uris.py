@@ -1,0 +1,106 @@
+"""Where image URIs come from: a folder, a glob, or manifest files (txt, csv, parquet).
+
+Plain functions over fsspec, so they work on local paths, gs:// and s3:// alike and are tested
+without a pipeline.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Iterable, Iterator
+
+import fsspec
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm",
+                    ".pgm")
+MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet", ".lst")
+
+
+def _unstrip(fs, path: str, original: str) -> str:
+    """Give a path back its protocol prefix the way the user wrote it."""
+    proto = original.split("://", 1)[0] + "://" if "://" in original else ""
+    return proto + path if proto and not path.startswith(proto) else path
+
+
+def is_manifest(path: str) -> bool:
+    return path.lower().endswith(MANIFEST_EXTENSIONS)
+
+
+def expand_input(spec: str) -> tuple[str, list[str]]:
+    """Classify an --input: ("images", [uris]) for a folder/glob of images, or
+    ("manifests", [paths]) for one or more manifest files (a glob of manifests is allowed)."""
+    fs, path = fsspec.core.url_to_fs(spec)
+    if any(c in path for c in "*?["):
+        matches = sorted(fs.glob(path))
+        if not matches:
+            raise FileNotFoundError(f"--input {spec!r} matched nothing")
+        if all(is_manifest(m) for m in matches):
+            return "manifests", [_unstrip(fs, m, spec) for m in matches]
+        return "images", [_unstrip(fs, m, spec) for m in matches
+                          if m.lower().endswith(IMAGE_EXTENSIONS)]
+    if not fs.exists(path):
+        raise FileNotFoundError(f"--input {spec!r} does not exist")
+    if fs.isdir(path):
+        files = sorted(f for f in fs.find(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+        return "images", [_unstrip(fs, f, spec) for f in files]
+    if is_manifest(path):
+        return "manifests", [spec]
+    return "images", [spec]
+
+
+def read_manifest(path: str) -> Iterator[str]:
+    """URIs listed in one manifest: .txt/.lst (one per line), .csv (a `uri` column, or the first
+    column), .parquet (a `uri` column). Blank lines and '#' comments are skipped."""
+    low = path.lower()
+    if low.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        with fsspec.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            if "uri" not in pf.schema_arrow.names:
+                raise ValueError(f"manifest {path} has no 'uri' column "
+                                 f"(columns: {pf.schema_arrow.names})")
+            for batch in pf.iter_batches(columns=["uri"], batch_size=65536):
+                yield from (u for u in batch.column(0).to_pylist() if u)
+        return
+    with fsspec.open(path, "rt", encoding="utf-8") as f:
+        if low.endswith(".csv"):
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                return
+            col = header.index("uri") if "uri" in header else 0
+            if "uri" not in header and header[0].strip():
+                yield header[0].strip()
+            for row in reader:
+                if len(row) > col and row[col].strip():
+                    yield row[col].strip()
+            return
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                yield line
+
+
+def list_uris(spec: str) -> list[str]:
+    """Every image URI an --input names (used by the query side and tests; the pipeline reads
+    manifests in parallel instead)."""
+    kind, items = expand_input(spec)
+    if kind == "images":
+        return items
+    return [u for m in items for u in read_manifest(m)]
+
+
+def read_bytes(uri: str) -> bytes:
+    """All bytes of one object through fsspec."""
+    with fsspec.open(uri, "rb") as f:
+        return f.read()
+
+
+def iter_unique(uris: Iterable[str]) -> Iterator[str]:
+    seen = set()
+    for u in uris:
+        if u not in seen:
+            seen.add(u)
+            yield u
