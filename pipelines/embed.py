@@ -236,6 +236,7 @@ def run(argv: list[str]) -> dict:
         "run_id": run_id,
         "runner": options.view_as(StandardOptions).runner,
         "model": model.fingerprint,
+        "model_uri": opts.model,
         "dimension": model.dim,
         "input": opts.input,
         "read": counters.get("read", 0),

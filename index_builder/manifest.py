@@ -1,0 +1,67 @@
+"""The index manifest (DESIGN.md §4): written last and atomically; verified on open."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import fsspec
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def file_sha256(path: str, chunk: int = 1 << 22) -> tuple[str, int]:
+    """(sha256 hex, size in bytes) of any fsspec file, streamed."""
+    h, size = hashlib.sha256(), 0
+    with fsspec.open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+            size += len(b)
+    return h.hexdigest(), size
+
+
+def file_entry(folder: str, name: str) -> dict:
+    sha, size = file_sha256(f"{folder.rstrip('/')}/{name}")
+    return {"path": name, "bytes": size, "sha256": sha}
+
+
+def write_manifest(folder: str, manifest: dict) -> str:
+    """Write `manifest.json` into `folder` via a temporary name and rename (atomic locally)."""
+    fs, root = fsspec.core.url_to_fs(folder)
+    manifest = {"format_version": FORMAT_VERSION, **manifest}
+    tmp, final = f"{root.rstrip('/')}/{MANIFEST_NAME}.tmp", f"{root.rstrip('/')}/{MANIFEST_NAME}"
+    with fs.open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+    fs.mv(tmp, final)
+    return final
+
+
+def read_manifest(folder: str) -> dict:
+    path = f"{folder.rstrip('/')}/{MANIFEST_NAME}"
+    try:
+        with fsspec.open(path, "r") as f:
+            manifest = json.load(f)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"no index at {folder}: {MANIFEST_NAME} is missing (the build did "
+                                f"not finish, or the path is wrong)") from e
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"index at {folder} has manifest format {manifest.get('format_version')}, "
+                         f"this library reads {FORMAT_VERSION}; rebuild or upgrade remap")
+    return manifest
+
+
+def verify_files(folder: str, entries: list[dict]) -> None:
+    """Refuse an index whose files are missing or differ from the manifest's checksums."""
+    for e in entries:
+        path = f"{folder.rstrip('/')}/{e['path']}"
+        try:
+            sha, size = file_sha256(path)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"index file {path} listed in the manifest is missing") from err
+        if size != e["bytes"] or sha != e["sha256"]:
+            raise ValueError(f"index file {path} does not match its manifest checksum "
+                             f"(damaged or half-copied); copy or rebuild the index")

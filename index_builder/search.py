@@ -1,0 +1,172 @@
+"""The thin query library: open a built index (local or object storage), search it with vectors
+or images, get URIs with scores back.
+
+Imports neither Beam nor torch; torch (via remap_core) is imported only when a query image must
+be embedded.
+
+    idx = open_index("gs://bucket/indexes/2026-11-23")
+    for hit in idx.search_images(["query.jpg"], k=10)[0]:
+        print(hit.rank, hit.score, hit.uri)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+import faiss
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+
+from .manifest import read_manifest, verify_files
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    id: int
+    uri: str
+    score: float
+
+    def as_dict(self) -> dict:
+        return {"rank": self.rank, "id": self.id, "uri": self.uri, "score": self.score}
+
+
+class FingerprintMismatch(ValueError):
+    """The query model differs from the model the index was built with."""
+
+
+def _read_local(folder: str, name: str, tmp: str) -> str:
+    """A local path for `folder/name`: the file itself when local, else a downloaded copy."""
+    src = f"{folder.rstrip('/')}/{name}"
+    fs, path = fsspec.core.url_to_fs(src)
+    if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
+        return path
+    local = os.path.join(tmp, name.replace("/", "_"))
+    fs.get_file(path, local)
+    return local
+
+
+class RemapIndex:
+    """A built index: FAISS index + id->URI map + manifest."""
+
+    def __init__(self, folder: str, manifest: dict, index: faiss.Index, ids: np.ndarray,
+                 uris: np.ndarray):
+        self.folder, self.manifest, self.index = folder, manifest, index
+        self._ids, self._uris = ids, uris  # sorted by id
+        self._model = None
+
+    # ---------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, folder: str, verify: bool = True) -> "RemapIndex":
+        """Load manifest, index and id map; with `verify`, refuse files whose checksums differ."""
+        manifest = read_manifest(folder)
+        if verify:
+            verify_files(folder, manifest["index_files"] + manifest["id_files"])
+        with tempfile.TemporaryDirectory() as tmp:
+            index = read_faiss_index(folder, manifest, tmp)
+            tables = [pq.read_table(_read_local(folder, e["path"], tmp))
+                      for e in manifest["id_files"]]
+        ids = np.concatenate([t.column("id").to_numpy() for t in tables]).astype(np.int64)
+        uris = np.concatenate([np.asarray(t.column("uri").to_pylist(), dtype=object)
+                               for t in tables])
+        order = np.argsort(ids)
+        if index.d != manifest["dimension"]:
+            raise ValueError(f"index at {folder} has dimension {index.d} but its manifest says "
+                             f"{manifest['dimension']}; the index is damaged, rebuild it")
+        for key, value in (manifest.get("search_params") or {}).items():
+            faiss.ParameterSpace().set_index_parameter(index, key, value)
+        return cls(folder, manifest, index, ids[order], uris[order])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["model"]
+
+    @property
+    def dimension(self) -> int:
+        return int(self.manifest["dimension"])
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    # ---------------------------------------------------------------- searching
+    def uri_of(self, ids: np.ndarray) -> list[str | None]:
+        pos = np.clip(np.searchsorted(self._ids, ids), 0, max(len(self._ids) - 1, 0))
+        ok = (len(self._ids) > 0) & (self._ids[pos] == ids) if len(self._ids) else \
+            np.zeros(len(ids), bool)
+        return [self._uris[p] if good else None for p, good in zip(pos, ok)]
+
+    def search_vectors(self, vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
+        """(Q, D) query descriptors -> for each query, up to k hits, best first."""
+        xq = np.ascontiguousarray(np.atleast_2d(np.asarray(vectors, dtype=np.float32)))
+        if xq.ndim != 2 or xq.shape[1] != self.dimension:
+            raise ValueError(f"query vectors have shape {xq.shape}, this index takes (Q, "
+                             f"{self.dimension}) vectors from model {self.fingerprint}")
+        if not np.isfinite(xq).all():
+            raise ValueError("query vectors contain NaN or infinity")
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        scores, ids = self.index.search(xq, min(k, max(len(self), 1)))
+        out = []
+        for srow, irow in zip(scores, ids):
+            keep = irow != -1
+            uris = self.uri_of(irow[keep])
+            out.append([Hit(r + 1, int(i), u, float(s))
+                        for r, (i, u, s) in enumerate(zip(irow[keep], uris, srow[keep]))])
+        return out
+
+    def model(self, model_uri: str | None = "manifest"):
+        """The query model (loaded once); refuses one whose fingerprint differs from the index."""
+        if self._model is None:
+            from remap_core.checkpoint import load_model
+
+            uri = self.manifest.get("model_uri") if model_uri == "manifest" else model_uri
+            model = load_model(uri)
+            if model.fingerprint != self.fingerprint:
+                raise FingerprintMismatch(
+                    f"index built with model {self.fingerprint} but query model is "
+                    f"{model.fingerprint}; pass --model with the checkpoint used to embed the "
+                    f"collection, or rebuild the index with this model")
+            self._model = model
+        return self._model
+
+    def embed_images(self, images, model_uri: str | None = "manifest", denoise: bool = False,
+                     autocontrast: bool = False) -> np.ndarray:
+        """Paths/URLs or bytes of query images -> (Q, D) descriptors, prepared like the shards."""
+        from remap_core.preprocess import decode_image, enhance_query, resize_for_model
+
+        model = self.model(model_uri)
+        arrays = []
+        for im in images:
+            data = im if isinstance(im, (bytes, bytearray)) else _read_bytes(im)
+            img = enhance_query(decode_image(bytes(data)), denoise, autocontrast)
+            arrays.append(resize_for_model(img, model.config["max_side"], model.config["multiple"]))
+        return model.embed_arrays(arrays)
+
+    def search_images(self, images, k: int = 10, model_uri: str | None = "manifest",
+                      **prep) -> list[list[Hit]]:
+        return self.search_vectors(self.embed_images(images, model_uri, **prep), k)
+
+
+def _read_bytes(uri: str) -> bytes:
+    try:
+        with fsspec.open(uri, "rb") as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"query image not found: {uri}") from e
+
+
+def read_faiss_index(folder: str, manifest: dict, tmp: str) -> faiss.Index:
+    """The FAISS index named by the manifest (one file; sharded layouts add theirs here)."""
+    entries = manifest["index_files"]
+    if len(entries) != 1:
+        raise ValueError(f"index at {folder} lists {len(entries)} index files; this layout "
+                         f"({manifest.get('layout')}) is not supported by this version")
+    return faiss.read_index(_read_local(folder, entries[0]["path"], tmp))
+
+
+def open_index(folder: str, verify: bool = True) -> RemapIndex:
+    """Open a built index from a local folder or an fsspec URL."""
+    return RemapIndex.open(folder, verify)
