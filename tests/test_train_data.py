@@ -1,0 +1,90 @@
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageDraw
+
+from remap_core.train_data import (load_labelled, read_labelled_layout, view_families)
+
+
+def _photo(seed: int, size=(96, 72)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", size, tuple(int(v) for v in rng.integers(0, 255, 3)))
+    d = ImageDraw.Draw(img)
+    for _ in range(6):
+        x, y = rng.integers(0, size[0]), rng.integers(0, size[1])
+        d.ellipse((x, y, x + 20, y + 15), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    return img
+
+
+@pytest.fixture
+def class_folders(tmp_path):
+    for c, name in enumerate(["eiffel", "louvre", "notre_dame"]):
+        os.makedirs(tmp_path / name)
+        for i in range(2 + c):
+            _photo(10 * c + i).save(tmp_path / name / f"{i}.jpg")
+    (tmp_path / "notes.txt").write_text("not a class")
+    (tmp_path / "eiffel" / "readme.md").write_text("not an image")
+    return tmp_path
+
+
+def test_folder_per_class_layout_gives_one_label_per_folder(class_folders):
+    data = read_labelled_layout(str(class_folders))
+    assert data.classes == ["eiffel", "louvre", "notre_dame"]
+    assert np.bincount(data.labels).tolist() == [2, 3, 4]
+    assert all(u.endswith(".jpg") for u in data.uris)
+
+
+def test_parquet_and_csv_label_tables_with_relative_uris(class_folders, tmp_path):
+    uris = ["eiffel/0.jpg", "eiffel/1.jpg", "louvre/0.jpg", "louvre/1.jpg"]
+    labels = [7, 7, 3, 3]
+    pq.write_table(pa.table({"uri": uris, "label": labels}), tmp_path / "train.parquet")
+    (tmp_path / "gld.csv").write_text("id,url,landmark_id\n" + "\n".join(
+        f"{i},{u},{lab}" for i, (u, lab) in enumerate(zip(uris, labels))))
+    for name in ("train.parquet", "gld.csv"):
+        data = read_labelled_layout(str(tmp_path / name))
+        assert data.classes == ["3", "7"]
+        assert data.labels.tolist() == [1, 1, 0, 0]
+        assert data.uris[0] == str(class_folders / "eiffel/0.jpg")
+        ts = load_labelled(data, max_side=64)
+        assert len(ts) == 4 and max(ts.images[0].shape[:2]) == 64
+
+
+def test_unreadable_layouts_say_what_is_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="training data not found"):
+        read_labelled_layout(str(tmp_path / "missing"))
+    os.makedirs(tmp_path / "flat")
+    _photo(0).save(tmp_path / "flat" / "a.jpg")          # images but no class folders
+    with pytest.raises(ValueError, match="one sub-folder of images per class"):
+        read_labelled_layout(str(tmp_path / "flat"))
+    (tmp_path / "bad.csv").write_text("name,score\na.jpg,1\n")
+    with pytest.raises(ValueError, match="no URI column.*found name, score"):
+        read_labelled_layout(str(tmp_path / "bad.csv"))
+    (tmp_path / "weird.json").write_text("{}")
+    with pytest.raises(ValueError, match="cannot read training data"):
+        read_labelled_layout(str(tmp_path / "weird.json"))
+
+
+def test_corrupt_image_is_skipped_and_listed(class_folders):
+    (class_folders / "louvre" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    ts = load_labelled(read_labelled_layout(str(class_folders)), max_side=64)
+    assert len(ts) == 9 and len(ts.skipped) == 1 and "broken.jpg" in ts.skipped[0][0]
+    assert "1 skipped" in ts.summary()
+
+
+def test_view_families_are_seeded_and_one_class_per_photo():
+    photos = {"a": _photo(1), "b": _photo(2)}
+
+    def brighten(img, seed):
+        gain = 0.6 + 0.8 * np.random.default_rng(seed).random()
+        return Image.fromarray(np.clip(np.asarray(img) * gain, 0, 255).astype(np.uint8))
+
+    s1 = view_families(photos, 3, seed=5, make_view=brighten, max_side=64)
+    s2 = view_families(photos, 3, seed=5, make_view=brighten, max_side=64)
+    s3 = view_families(photos, 3, seed=6, make_view=brighten, max_side=64)
+    assert s1.labels.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert all(np.array_equal(x, y) for x, y in zip(s1.images, s2.images))
+    assert not all(np.array_equal(x, y) for x, y in zip(s1.images, s3.images))
+    assert s1.sources[0] == "a#original"
