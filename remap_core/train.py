@@ -1,0 +1,288 @@
+"""The training loop: triplet loss over hard-negative tuples re-mined every epoch.
+
+One optimiser (Adam) over the trainable backbone blocks, the head (REMAP's KLW region/layer
+weights) and the whitening layer, with a learning rate per group. Batch-norm statistics stay
+frozen (tuples are small and of mixed shapes), early backbone blocks can be frozen, and KLW is
+kept non-negative after every step. Each epoch: embed the training images with the current
+model, mine tuples, take the optimiser steps, validate, log one JSON line, save a resumable
+checkpoint (weights + config + fingerprint via `checkpoint.save_checkpoint`, plus the optimiser
+state and epoch in its `extra`). The saved file loads unchanged with `checkpoint.load_model`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, fields
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import read_checkpoint, save_checkpoint
+from .losses import active_fraction, triplet_loss
+from .model import RetrievalNet, build_model, make_config
+from .tuples import Tuples, build_tuples
+
+log = logging.getLogger(__name__)
+
+TRAIN_STATE_KEY = "train_state"
+
+
+@dataclass
+class TrainOptions:
+    """Everything that shapes a training run (stored in every checkpoint, so --resume agrees)."""
+
+    epochs: int = 5
+    tuples_per_epoch: int = 200
+    negatives: int = 5            # hard negatives per tuple, at most one per class
+    pool_size: int | None = None  # negative pool drawn each epoch; None: every training image
+    batch_tuples: int = 8         # tuples per optimiser step
+    margin: float = 0.1           # on squared distances of L2-normalised descriptors
+    lr: float = 1e-5              # trainable backbone blocks
+    lr_head: float = 1e-3         # head parameters (KLW)
+    lr_whiten: float = 1e-4       # whitening layer
+    weight_decay: float = 1e-6
+    freeze: int = 0               # leading backbone units (stem, blocks / stages) kept frozen
+    seed: int = 0
+    amp: bool = True              # mixed precision when training on CUDA
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainOptions":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# --------------------------------------------------------------------------- model surgery
+
+def backbone_units(backbone: nn.Module) -> list[nn.Module]:
+    """The backbone's sequential units, input side first (what --freeze counts)."""
+    if hasattr(backbone, "blocks") and hasattr(backbone, "stem"):       # EfficientNet-Lite taps
+        units = [backbone.stem, *backbone.blocks]
+        if hasattr(backbone, "conv_head"):
+            units.append(backbone.conv_head)
+        return units
+    if hasattr(backbone, "stages"):                                     # torchvision trunks
+        return list(backbone.stages)
+    return list(backbone.children())
+
+
+def freeze_backbone(model: RetrievalNet, n_units: int) -> int:
+    """Freeze the first `n_units` backbone units; returns how many remain trainable."""
+    units = backbone_units(model.backbone)
+    if n_units > len(units):
+        raise ValueError(f"--freeze {n_units} exceeds the backbone's {len(units)} units")
+    for i, unit in enumerate(units):
+        for p in unit.parameters():
+            p.requires_grad_(i >= n_units)
+    return len(units) - n_units
+
+
+def klw_parameters(model: RetrievalNet) -> list[nn.Parameter]:
+    """Head parameters that *are* region/layer weights and so must be clamped at zero.
+
+    Empty when the head parametrises its weights to be non-negative by construction (REMAPHead
+    stores `klw_raw` and uses softplus(klw_raw), exposed as `region_weights`).
+    """
+    head = model.head
+    if hasattr(head, "region_weights"):
+        return []
+    return [p for n, p in head.named_parameters() if "klw" in n.lower()]
+
+
+@torch.no_grad()
+def keep_klw_non_negative(model: RetrievalNet) -> None:
+    """Clamp directly stored KLW weights at zero after a step (projected SGD)."""
+    for p in klw_parameters(model):
+        p.clamp_(min=0.0)
+
+
+def parameter_groups(model: RetrievalNet, opts: TrainOptions) -> list[dict]:
+    """Optimiser groups: trainable backbone, head, whitening, each with its learning rate."""
+    groups = [
+        {"name": "backbone", "lr": opts.lr,
+         "params": [p for p in model.backbone.parameters() if p.requires_grad]},
+        {"name": "head", "lr": opts.lr_head,
+         "params": [p for p in model.head.parameters() if p.requires_grad]},
+        {"name": "whiten", "lr": opts.lr_whiten,
+         "params": [] if model.whiten is None else list(model.whiten.parameters())},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(model: RetrievalNet, opts: TrainOptions) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, opts)
+    if not groups:
+        raise ValueError("nothing to train: every parameter is frozen; lower --freeze")
+    return torch.optim.Adam(groups, weight_decay=opts.weight_decay)
+
+
+# --------------------------------------------------------------------------- forward passes
+
+def _to_batch(images: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2).float()
+
+
+def embed_images(model: RetrievalNet, images: list[np.ndarray], batch_size: int = 32
+                 ) -> np.ndarray:
+    """Single-scale descriptors of uint8 (H, W, 3) images with the current weights: (N, D)."""
+    out = np.zeros((len(images), model.dim), dtype=np.float32)
+    by_shape: dict[tuple, list[int]] = defaultdict(list)
+    for i, im in enumerate(images):
+        by_shape[im.shape].append(i)
+    use_amp = model.device.type == "cuda"
+    with torch.inference_mode(), torch.autocast(model.device.type, enabled=use_amp):
+        for idx in by_shape.values():
+            for s in range(0, len(idx), batch_size):
+                chunk = idx[s:s + batch_size]
+                out[chunk] = model(_to_batch([images[i] for i in chunk], model.device)
+                                   ).float().cpu().numpy()
+    return out
+
+
+def describe_with_grad(model: RetrievalNet, images: list[np.ndarray], index: np.ndarray
+                       ) -> dict[int, torch.Tensor]:
+    """Descriptors (with autograd) of images[index], forwarded in batches of equal shape."""
+    by_shape: dict[tuple, list[int]] = defaultdict(list)
+    for i in index.tolist():
+        by_shape[images[i].shape].append(i)
+    out: dict[int, torch.Tensor] = {}
+    for idx in by_shape.values():
+        desc = model(_to_batch([images[i] for i in idx], model.device))
+        for j, i in enumerate(idx):
+            out[i] = desc[j]
+    return out
+
+
+def tuple_loss(model: RetrievalNet, images: list[np.ndarray], tuples: Tuples, margin: float
+               ) -> tuple[torch.Tensor, float]:
+    """Triplet loss of a batch of tuples, each image forwarded once: -> (loss, active share)."""
+    desc = describe_with_grad(model, images, tuples.images())
+    a = torch.stack([desc[i] for i in tuples.anchors.tolist()]).float()
+    p = torch.stack([desc[i] for i in tuples.positives.tolist()]).float()
+    n = torch.stack([torch.stack([desc[i] for i in row]) for row in tuples.negatives.tolist()]
+                    ).float()
+    return triplet_loss(a, p, n, margin), active_fraction(a, p, n, margin)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def save_training_checkpoint(model: RetrievalNet, path: str, optimizer: torch.optim.Optimizer,
+                             scaler, epoch: int, opts: TrainOptions, history: list[dict]) -> str:
+    """A model checkpoint that also carries what --resume needs. Returns the fingerprint."""
+    state = {"epoch": epoch, "optimizer": optimizer.state_dict(), "options": asdict(opts),
+             "history": history}
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    return save_checkpoint(model, path, extra={TRAIN_STATE_KEY: state})
+
+
+def resume_training(path: str, device: torch.device, opts: TrainOptions | None = None
+                    ) -> tuple[RetrievalNet, torch.optim.Optimizer, dict]:
+    """Rebuild model and optimiser from a training checkpoint. Returns (model, optimiser,
+    train state); the stored options are used unless `opts` overrides them."""
+    ckpt = read_checkpoint(path)
+    state = ckpt.get("extra", {}).get(TRAIN_STATE_KEY)
+    if state is None:
+        raise ValueError(f"{path} is a model checkpoint without training state (optimiser, "
+                         f"epoch); resume from the last.pt that `remap train` writes, or start "
+                         f"a new run with --init-model {path}")
+    model = build_model(make_config(**ckpt["config"]), backbone_weights=None)
+    model.load_state_dict(ckpt["state_dict"])
+    model.to(device).eval()
+    opts = opts or TrainOptions.from_dict(state["options"])
+    freeze_backbone(model, opts.freeze)
+    optimizer = make_optimizer(model, opts)
+    optimizer.load_state_dict(state["optimizer"])
+    return model, optimizer, state
+
+
+# --------------------------------------------------------------------------- the loop
+
+Validate = Callable[[RetrievalNet], dict]
+
+
+def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch])
+
+
+def train(model: RetrievalNet, images: list[np.ndarray], labels: np.ndarray, opts: TrainOptions,
+          out_dir: str, validate: Validate | None = None,
+          optimizer: torch.optim.Optimizer | None = None, start_epoch: int = 1,
+          history: list[dict] | None = None, scaler_state: dict | None = None,
+          progress: bool = True) -> list[dict]:
+    """Train `model` in place for epochs start_epoch..opts.epochs; returns the log records.
+
+    Writes out_dir/last.pt (resumable) and out_dir/log.jsonl every epoch. With `validate`, an
+    epoch-0 record of the initial model is logged first (when starting from epoch 1).
+    """
+    from tqdm import tqdm
+
+    os.makedirs(out_dir, exist_ok=True)
+    labels = np.asarray(labels, dtype=np.int64)
+    device = model.device
+    model.eval()                      # frozen batch-norm statistics; autograd still runs
+    freeze_backbone(model, opts.freeze)
+    optimizer = optimizer or make_optimizer(model, opts)
+    use_amp = opts.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    if scaler is not None and scaler_state:
+        scaler.load_state_dict(scaler_state)
+    history = list(history or [])
+    log_path = os.path.join(out_dir, "log.jsonl")
+    ckpt_path = os.path.join(out_dir, "last.pt")
+
+    def emit(record: dict) -> None:
+        history.append(record)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    if start_epoch == 1 and validate is not None and not history:
+        t0 = time.time()
+        emit({"epoch": 0, **validate(model), "val_s": round(time.time() - t0, 1)})
+
+    steps = math.ceil(opts.tuples_per_epoch / opts.batch_tuples)
+    for epoch in range(start_epoch, opts.epochs + 1):
+        t0 = time.time()
+        torch.manual_seed(opts.seed * 1000 + epoch)
+        rng = _epoch_rng(opts.seed, epoch)
+        vecs = embed_images(model, images)                      # mine with the current model
+        tuples = build_tuples(vecs, labels, opts.tuples_per_epoch, opts.negatives, rng,
+                              opts.pool_size)
+        mine_s = time.time() - t0
+        losses, actives = [], []
+        bar = tqdm(range(steps), desc=f"epoch {epoch}/{opts.epochs}", unit="step",
+                   disable=not progress, dynamic_ncols=True)
+        for s in bar:
+            sl = slice(s * opts.batch_tuples, (s + 1) * opts.batch_tuples)
+            batch = Tuples(tuples.anchors[sl], tuples.positives[sl], tuples.negatives[sl])
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, enabled=use_amp):
+                loss, active = tuple_loss(model, images, batch, opts.margin)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            keep_klw_non_negative(model)
+            losses.append(float(loss.detach()))
+            actives.append(active)
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}", active=f"{np.mean(actives):.2f}")
+        bar.close()
+        record = {"epoch": epoch, "loss": round(float(np.mean(losses)), 6),
+                  "active": round(float(np.mean(actives)), 4), "tuples": len(tuples),
+                  "mine_s": round(mine_s, 1), "train_s": round(time.time() - t0 - mine_s, 1)}
+        if validate is not None:
+            tv = time.time()
+            record.update(validate(model))
+            record["val_s"] = round(time.time() - tv, 1)
+        emit(record)
+        save_training_checkpoint(model, ckpt_path, optimizer, scaler, epoch, opts, history)
+    return history

@@ -1,0 +1,99 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from remap_core.checkpoint import load_model, read_checkpoint
+from remap_core.model import build_model
+from remap_core.train import (TrainOptions, embed_images, freeze_backbone, resume_training,
+                              train)
+
+CONFIG = {"head": "remap", "taps": ["stage7", "head"], "whiten_dim": 16, "max_side": 64,
+          "scales": [1.0]}
+OPTS = dict(epochs=1, tuples_per_epoch=4, negatives=2, batch_tuples=2, freeze=15, seed=3,
+            lr=1e-4, lr_head=1e-2, lr_whiten=1e-3)
+
+
+def _images(n_classes=5, per_class=3, seed=0):
+    """Tiny synthetic 'landmarks': a random texture per class, seen with brightness changes."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for c in range(n_classes):
+        base = rng.integers(0, 255, size=(48, 64, 3)).astype(np.float32)
+        for _ in range(per_class):
+            images.append(np.clip(base * rng.uniform(0.7, 1.3), 0, 255).astype(np.uint8))
+            labels.append(c)
+    return images, np.array(labels)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return _images()
+
+
+def test_freeze_leaves_only_the_last_units_trainable():
+    model = build_model(CONFIG)
+    assert freeze_backbone(model, 15) == 3            # stem + 16 blocks + conv head = 18 units
+    assert not any(p.requires_grad for p in model.backbone.stem.parameters())
+    assert not any(p.requires_grad for p in model.backbone.blocks[13].parameters())
+    assert all(p.requires_grad for p in model.backbone.blocks[14].parameters())
+    with pytest.raises(ValueError, match="exceeds"):
+        freeze_backbone(model, 99)
+
+
+def test_training_logs_checkpoints_and_resumes(tmp_path, data):
+    images, labels = data
+    torch.manual_seed(0)
+    model = build_model(CONFIG)
+    klw_before = model.head.region_weights.detach().clone()
+    calls = []
+
+    def validate(m):
+        calls.append(1)
+        return {"map": float(len(calls))}
+
+    opts = TrainOptions(**OPTS)
+    history = train(model, images, labels, opts, str(tmp_path), validate=validate,
+                    progress=False)
+    assert [r["epoch"] for r in history] == [0, 1] and history[1]["map"] == 2.0
+    assert history[1]["loss"] >= 0 and 0 <= history[1]["active"] <= 1
+    lines = [json.loads(s) for s in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert lines == history
+    # KLW moved and stays non-negative
+    klw_after = model.head.region_weights.detach()
+    assert not torch.equal(klw_before, klw_after) and (klw_after >= 0).all()
+    # the checkpoint is a plain model checkpoint for load_model, with the same embeddings
+    loaded = load_model(str(tmp_path / "last.pt"), device="cpu")
+    np.testing.assert_allclose(embed_images(loaded, images[:4]), embed_images(model, images[:4]),
+                               atol=1e-5)
+    # resume: epoch 2 continues from the stored optimiser state and appends to the log
+    model2, optimizer, state = resume_training(str(tmp_path / "last.pt"), torch.device("cpu"))
+    assert state["epoch"] == 1
+    assert len(optimizer.state) > 0
+    opts2 = TrainOptions(**{**OPTS, "epochs": 2})
+    history2 = train(model2, images, labels, opts2, str(tmp_path), validate=validate,
+                     optimizer=optimizer, start_epoch=2, history=state["history"],
+                     progress=False)
+    assert [r["epoch"] for r in history2] == [0, 1, 2]
+    assert read_checkpoint(str(tmp_path / "last.pt"))["extra"]["train_state"]["epoch"] == 2
+
+
+def test_training_is_deterministic_for_a_seed(tmp_path, data):
+    images, labels = data
+    out = []
+    for run in range(2):
+        torch.manual_seed(0)
+        model = build_model(CONFIG)
+        train(model, images, labels, TrainOptions(**OPTS), str(tmp_path / str(run)),
+              progress=False)
+        out.append(embed_images(model, images))
+    np.testing.assert_allclose(out[0], out[1], atol=1e-6)
+
+
+def test_resume_refuses_a_checkpoint_without_training_state(tmp_path):
+    from remap_core.checkpoint import save_checkpoint
+
+    save_checkpoint(build_model(CONFIG), str(tmp_path / "plain.pt"))
+    with pytest.raises(ValueError, match="without training state"):
+        resume_training(str(tmp_path / "plain.pt"), torch.device("cpu"))
