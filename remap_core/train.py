@@ -27,7 +27,7 @@ from torch import nn
 from .checkpoint import read_checkpoint, save_checkpoint
 from .losses import active_fraction, triplet_loss
 from .model import RetrievalNet, build_model, make_config
-from .tuples import Tuples, build_tuples
+from .tuples import Tuples, build_tuples, sample_anchor_positive
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,98 @@ def tuple_loss(model: RetrievalNet, images: list[np.ndarray], tuples: Tuples, ma
     n = torch.stack([torch.stack([desc[i] for i in row]) for row in tuples.negatives.tolist()]
                     ).float()
     return triplet_loss(a, p, n, margin), active_fraction(a, p, n, margin)
+
+
+# --------------------------------------------------------------------------- initialisation
+
+def _shape_batches(images: list[np.ndarray], index, batch_size: int):
+    """Yield lists of indices whose images share a shape, at most batch_size long."""
+    by_shape: dict[tuple, list[int]] = defaultdict(list)
+    for i in index:
+        by_shape[images[i].shape].append(int(i))
+    for idx in by_shape.values():
+        for s in range(0, len(idx), batch_size):
+            yield idx[s:s + batch_size]
+
+
+@torch.no_grad()
+def pooled_descriptors(model: RetrievalNet, images: list[np.ndarray], batch_size: int = 32
+                       ) -> np.ndarray:
+    """Head outputs before whitening (what whitening is learned on): -> (N, D_head) float64."""
+    out = np.zeros((len(images), model.head.out_dim))
+    for idx in _shape_batches(images, range(len(images)), batch_size):
+        out[idx] = model.pooled(_to_batch([images[i] for i in idx], model.device)
+                                ).float().cpu().numpy()
+    return out
+
+
+def sample_pairs(labels: np.ndarray, n: int, rng: np.random.Generator
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """n matching and n non-matching index pairs: -> (n, 2), (n, 2)."""
+    labels = np.asarray(labels)
+    a, p = sample_anchor_positive(labels, n, rng)
+    match = np.stack([a, p], axis=1)
+    if len(np.unique(labels)) < 2:
+        raise ValueError("all training images share one label; non-matching pairs need two "
+                         "classes or more")
+    nonmatch = []
+    while len(nonmatch) < n:
+        i, j = rng.integers(len(labels), size=2)
+        if labels[i] != labels[j]:
+            nonmatch.append((i, j))
+    return match, np.asarray(nonmatch, dtype=np.int64)
+
+
+@torch.no_grad()
+def initialise_klw(model: RetrievalNet, images: list[np.ndarray], labels: np.ndarray,
+                   n_pairs: int, rng: np.random.Generator, method: str = "gaussian"
+                   ) -> np.ndarray:
+    """Set the REMAP head's KLW weights to the KL divergence between the region-distance
+    distributions of `n_pairs` matching and `n_pairs` non-matching pairs. Returns the weights
+    (layers, canonical regions)."""
+    from .klw import canonical_region_vectors, kl_region_weights, pair_region_distances
+
+    if not hasattr(model.head, "set_region_weights"):
+        raise ValueError(f"head {model.config['head']!r} has no KLW weights; train with "
+                         f"--head remap or pass --no-klw-init")
+    match, nonmatch = sample_pairs(labels, n_pairs, rng)
+    used = np.unique(np.concatenate([match.ravel(), nonmatch.ravel()]))
+    per_layer: list[dict[int, np.ndarray]] = []
+    for idx in _shape_batches(images, used, 16):
+        feats = model.features(_to_batch([images[i] for i in idx], model.device))
+        for layer, vecs in enumerate(canonical_region_vectors(model.head, feats)):
+            if layer == len(per_layer):
+                per_layer.append({})
+            for j, i in enumerate(idx):
+                per_layer[layer][i] = vecs[j]
+    # dense (N_used, R, C) arrays per layer, pairs re-indexed into them
+    pos = {int(i): k for k, i in enumerate(used)}
+    vectors = [np.stack([d[int(i)] for i in used]) for d in per_layer]
+    remap_pairs = np.vectorize(lambda i: pos[int(i)])
+    weights = kl_region_weights(pair_region_distances(vectors, remap_pairs(match)),
+                                pair_region_distances(vectors, remap_pairs(nonmatch)),
+                                method=method)
+    model.head.set_region_weights(weights)
+    return weights
+
+
+def initialise_whitening(model: RetrievalNet, images: list[np.ndarray], labels: np.ndarray,
+                         dim: int, kind: str = "learned", n_pairs: int = 1000,
+                         rng: np.random.Generator | None = None) -> None:
+    """Learn a whitening on the model's pooled descriptors of the training images and put it
+    into the model (`whiten.set_model_whitening`). kind: "pca" or "learned" (Radenović's Lw,
+    from matching pairs)."""
+    from .whiten import learned_whitening, pca_whitening, set_model_whitening
+
+    x = pooled_descriptors(model, images)
+    if kind == "pca":
+        mean, projection = pca_whitening(x, dim)
+    elif kind == "learned":
+        match, _ = sample_pairs(labels, n_pairs, rng or np.random.default_rng(0))
+        mean, projection = learned_whitening(x, match, dim)
+    else:
+        raise ValueError(f"unknown whitening {kind!r}; use 'pca' or 'learned'")
+    set_model_whitening(model, mean, projection)
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -97,3 +97,19 @@ def test_resume_refuses_a_checkpoint_without_training_state(tmp_path):
     save_checkpoint(build_model(CONFIG), str(tmp_path / "plain.pt"))
     with pytest.raises(ValueError, match="without training state"):
         resume_training(str(tmp_path / "plain.pt"), torch.device("cpu"))
+
+
+def test_initialisation_sets_klw_from_pairs_and_a_pca_whitening(data):
+    from remap_core.train import initialise_klw, initialise_whitening, pooled_descriptors
+
+    images, labels = data
+    model = build_model({**CONFIG, "whiten_dim": None})
+    w = initialise_klw(model, images, labels, n_pairs=12, rng=np.random.default_rng(0))
+    assert w.shape == tuple(model.head.region_weights.shape) and (w >= 0).all()
+    np.testing.assert_allclose(model.head.region_weights.detach().numpy(),
+                               np.maximum(w, 1e-6), rtol=1e-4)
+    initialise_whitening(model, images, labels, dim=8, kind="pca")
+    assert model.dim == 8 and model.config["whiten_dim"] == 8
+    with torch.no_grad():
+        y = model.whiten(torch.from_numpy(pooled_descriptors(model, images)).float()).numpy()
+    np.testing.assert_allclose(np.cov(y, rowvar=False), np.eye(8), atol=1e-3)
