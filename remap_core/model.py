@@ -29,13 +29,30 @@ DEFAULT_CONFIG: dict = {
 }
 
 
+# Per-head defaults used when a config names a head but not its head_args / scales.
+HEAD_DEFAULT_ARGS: dict[str, dict] = {
+    "mac": {}, "spoc": {}, "gem": {"p": 3.0}, "rmac": {"levels": 3},
+    "remap": {"levels": 3, "include_global": True},
+}
+REMAP_SCALES = [1.0, 2 ** -0.5, 0.5]
+
+
 def make_config(**overrides) -> dict:
-    """DEFAULT_CONFIG with overrides applied; unknown keys are an error (typos fail loudly)."""
+    """DEFAULT_CONFIG with overrides applied; unknown keys are an error (typos fail loudly).
+
+    Naming a head without head_args gives that head's defaults; a "remap" head without scales
+    gets the REMAP multi-scale default (1, 1/sqrt(2), 1/2).
+    """
     unknown = set(overrides) - set(DEFAULT_CONFIG)
     if unknown:
         raise ValueError(f"unknown model config key(s) {sorted(unknown)}; "
                          f"known: {sorted(DEFAULT_CONFIG)}")
     cfg = copy.deepcopy(DEFAULT_CONFIG)
+    head = overrides.get("head", cfg["head"])
+    if "head_args" not in overrides and head in HEAD_DEFAULT_ARGS:
+        cfg["head_args"] = copy.deepcopy(HEAD_DEFAULT_ARGS[head])
+    if "scales" not in overrides and head == "remap":
+        cfg["scales"] = list(REMAP_SCALES)
     cfg.update(copy.deepcopy(overrides))
     cfg["taps"] = list(cfg["taps"])
     cfg["scales"] = [float(s) for s in cfg["scales"]]
@@ -62,16 +79,28 @@ class RetrievalNet(nn.Module):
     def dim(self) -> int:
         return int(self.config["whiten_dim"] or self.head.out_dim)
 
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Backbone taps: (B, 3, H, W) in 0..255 -> [(B, C_t, H_t, W_t) for each tap]."""
+        return self.backbone((x - self.mean) / self.std)
+
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """Head output before whitening: (B, 3, H, W) in 0..255 -> (B, D_head)."""
-        return self.head(self.backbone((x - self.mean) / self.std))
+        return self.head(self.features(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Single-scale descriptor: (B, 3, H, W) in 0..255 -> (B, D), L2-normalised."""
-        v = self.pooled(x)
+    def describe(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """Descriptor from already computed backbone taps: head -> whitening -> L2 -> (B, D).
+
+        Lets several heads share one backbone pass (benchmarks); `forward` is
+        `describe(features(x))`.
+        """
+        v = self.head(feats)
         if self.whiten is not None:
             v = self.whiten(v)
         return l2n(v)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Single-scale descriptor: (B, 3, H, W) in 0..255 -> (B, D), L2-normalised."""
+        return self.describe(self.features(x))
 
     def forward_multiscale(self, x: torch.Tensor, scales: list[float] | None = None) -> torch.Tensor:
         """Sum of single-scale descriptors over `scales` (default: the config's), L2-normalised."""

@@ -43,6 +43,12 @@ def region_max_pool(x: torch.Tensor, levels: int = 3, include_global: bool = Fal
     return torch.stack(pooled, dim=1)
 
 
+def weighted_region_sum(regions: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """REMAP aggregation of one layer: L2-normalise each region vector, scale it by its
+    non-negative weight and sum over regions: (B, R, C), (R,) -> (B, C)."""
+    return (l2n(regions) * weights.view(1, -1, 1)).sum(dim=1)
+
+
 def rmac(x: torch.Tensor, levels: int = 3) -> torch.Tensor:
     """R-MAC without per-region PCA: sum of L2-normalised region MACs, L2-normalised. -> (B, C)."""
     return l2n(l2n(region_max_pool(x, levels, include_global=True)).sum(dim=1))

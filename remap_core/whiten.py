@@ -1,0 +1,110 @@
+"""Descriptor whitening learned from data, as pure numpy functions, and the one way to put a
+learned whitening into a RetrievalNet (its `whiten` Linear).
+
+A whitening is a pair (mean (D,), projection (d, D)); a descriptor x (D,) becomes
+projection @ (x - mean), then L2-normalised by the model. Rows of the projection are ordered by
+decreasing variance, so keeping the first d rows is a dimensionality reduction.
+
+- `pca_whitening`: PCA + scaling to unit variance (Jégou & Chum, ECCV 2012).
+- `learned_whitening`: Radenović et al.'s "learned whitening" (Lw, TPAMI 2018): whiten the
+  differences of matching pairs (intra-class covariance to identity), then rotate to the PCA
+  basis of the data in that space.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _as_matrix(x: np.ndarray, name: str = "descriptors") -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"{name} must be an (N, D) array with N >= 2, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} contain NaN or inf; check the images that produced them")
+    return x
+
+
+def pca_whitening(x: np.ndarray, dim: int | None = None, eps: float = 1e-9
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """PCA-whitening of descriptors x (N, D) -> (mean (D,), projection (d, D)).
+
+    (x - mean) @ projection.T has identity covariance (denominator N - 1) on the training data.
+    d = dim, or the rank of the centred data when None; asking for more than the rank is an
+    error (the extra directions would be pure noise blown up to unit variance).
+    `eps` is added to the eigenvalues before the inverse square root.
+    """
+    x = _as_matrix(x)
+    n, d_in = x.shape
+    mean = x.mean(axis=0)
+    _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
+    eig = s ** 2 / (n - 1)
+    rank = int((eig > eig[0] * 1e-10).sum()) if eig[0] > 0 else 0
+    if rank == 0:
+        raise ValueError("descriptors are all identical; cannot learn a whitening")
+    dim = rank if dim is None else int(dim)
+    if not 1 <= dim <= rank:
+        raise ValueError(f"whitening dim {dim} exceeds the rank {rank} of {n} training "
+                         f"descriptors of size {d_in}; use more images or a smaller whiten_dim")
+    projection = vt[:dim] / np.sqrt(eig[:dim] + eps)[:, None]
+    return mean, projection
+
+
+def learned_whitening(x: np.ndarray, pairs: np.ndarray, dim: int | None = None,
+                      shrinkage: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """Radenović's learned whitening from descriptors x (N, D) and matching pairs (P, 2) of
+    row indices into x -> (mean (D,), projection (d, D)).
+
+    mean is the mean of the pairs' first members (as in cnnimageretrieval-pytorch). The
+    covariance of the pair differences, shrunk toward `shrinkage` x its mean eigenvalue (so it
+    is invertible when N < D), becomes the identity; the data is then rotated to its principal
+    axes in that space, largest variance first, and the first d axes kept (all when None).
+    """
+    x = _as_matrix(x)
+    pairs = np.asarray(pairs, dtype=np.int64)
+    if pairs.ndim != 2 or pairs.shape[1] != 2 or len(pairs) == 0:
+        raise ValueError(f"pairs must be a non-empty (P, 2) array of indices, got {pairs.shape}")
+    if pairs.min() < 0 or pairs.max() >= len(x):
+        raise ValueError(f"pair indices must lie in [0, {len(x)})")
+    d_in = x.shape[1]
+    mean = x[pairs[:, 0]].mean(axis=0)
+    diff = x[pairs[:, 0]] - x[pairs[:, 1]]
+    cov_s = diff.T @ diff / len(diff)
+    cov_s += shrinkage * max(np.trace(cov_s) / d_in, 1e-12) * np.eye(d_in)
+    # cov_s = L L^T; P1 = L^-1 whitens the pair differences.
+    p1 = np.linalg.inv(np.linalg.cholesky(cov_s))
+    y = (x - mean) @ p1.T
+    eigval, eigvec = np.linalg.eigh(y.T @ y)
+    order = np.argsort(eigval)[::-1]
+    projection = eigvec[:, order].T @ p1
+    dim = d_in if dim is None else int(dim)
+    if not 1 <= dim <= d_in:
+        raise ValueError(f"whitening dim {dim} must be in [1, {d_in}]")
+    return mean, projection[:dim]
+
+
+def apply_whitening(x: np.ndarray, mean: np.ndarray, projection: np.ndarray) -> np.ndarray:
+    """Whiten and L2-normalise descriptors: (N, D) -> (N, d), as the model does."""
+    y = (np.asarray(x, dtype=np.float64) - mean) @ projection.T
+    return y / (np.linalg.norm(y, axis=1, keepdims=True) + 1e-12)
+
+
+def set_model_whitening(model, mean: np.ndarray, projection: np.ndarray) -> None:
+    """Put a learned whitening into a RetrievalNet: its `whiten` Linear becomes
+    projection @ (v - mean), and `config["whiten_dim"]` the output size (so checkpoints rebuild
+    it). The head's output size must equal D."""
+    import torch
+    from torch import nn
+
+    projection = np.asarray(projection, dtype=np.float64)
+    mean = np.asarray(mean, dtype=np.float64)
+    d_out, d_in = projection.shape
+    if d_in != model.head.out_dim or mean.shape != (d_in,):
+        raise ValueError(f"whitening learned on {d_in}-D descriptors but the model's head gives "
+                         f"{model.head.out_dim}-D; learn it on this model's `pooled` outputs")
+    linear = nn.Linear(d_in, d_out, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(projection).float())
+        linear.bias.copy_(torch.from_numpy(-(projection @ mean)).float())
+    model.whiten = linear.to(model.device)
+    model.config["whiten_dim"] = int(d_out)
