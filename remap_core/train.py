@@ -51,6 +51,7 @@ class TrainOptions:
     freeze: int = 0               # leading backbone units (stem, blocks / stages) kept frozen
     seed: int = 0
     amp: bool = True              # mixed precision when training on CUDA
+    cache: bool = True            # compute the frozen units once per image (see FrozenTrunkCache)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainOptions":
@@ -128,50 +129,6 @@ def _to_batch(images: list[np.ndarray], device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2).float()
 
 
-def embed_images(model: RetrievalNet, images: list[np.ndarray], batch_size: int = 32
-                 ) -> np.ndarray:
-    """Single-scale descriptors of uint8 (H, W, 3) images with the current weights: (N, D)."""
-    out = np.zeros((len(images), model.dim), dtype=np.float32)
-    by_shape: dict[tuple, list[int]] = defaultdict(list)
-    for i, im in enumerate(images):
-        by_shape[im.shape].append(i)
-    use_amp = model.device.type == "cuda"
-    with torch.inference_mode(), torch.autocast(model.device.type, enabled=use_amp):
-        for idx in by_shape.values():
-            for s in range(0, len(idx), batch_size):
-                chunk = idx[s:s + batch_size]
-                out[chunk] = model(_to_batch([images[i] for i in chunk], model.device)
-                                   ).float().cpu().numpy()
-    return out
-
-
-def describe_with_grad(model: RetrievalNet, images: list[np.ndarray], index: np.ndarray
-                       ) -> dict[int, torch.Tensor]:
-    """Descriptors (with autograd) of images[index], forwarded in batches of equal shape."""
-    by_shape: dict[tuple, list[int]] = defaultdict(list)
-    for i in index.tolist():
-        by_shape[images[i].shape].append(i)
-    out: dict[int, torch.Tensor] = {}
-    for idx in by_shape.values():
-        desc = model(_to_batch([images[i] for i in idx], model.device))
-        for j, i in enumerate(idx):
-            out[i] = desc[j]
-    return out
-
-
-def tuple_loss(model: RetrievalNet, images: list[np.ndarray], tuples: Tuples, margin: float
-               ) -> tuple[torch.Tensor, float]:
-    """Triplet loss of a batch of tuples, each image forwarded once: -> (loss, active share)."""
-    desc = describe_with_grad(model, images, tuples.images())
-    a = torch.stack([desc[i] for i in tuples.anchors.tolist()]).float()
-    p = torch.stack([desc[i] for i in tuples.positives.tolist()]).float()
-    n = torch.stack([torch.stack([desc[i] for i in row]) for row in tuples.negatives.tolist()]
-                    ).float()
-    return triplet_loss(a, p, n, margin), active_fraction(a, p, n, margin)
-
-
-# --------------------------------------------------------------------------- initialisation
-
 def _shape_batches(images: list[np.ndarray], index, batch_size: int):
     """Yield lists of indices whose images share a shape, at most batch_size long."""
     by_shape: dict[tuple, list[int]] = defaultdict(list)
@@ -181,6 +138,104 @@ def _shape_batches(images: list[np.ndarray], index, batch_size: int):
         for s in range(0, len(idx), batch_size):
             yield idx[s:s + batch_size]
 
+
+def tap_units(backbone: nn.Module) -> dict[str, int]:
+    """Tap name -> index (in `backbone_units`) of the unit whose output it is."""
+    if hasattr(backbone, "blocks") and hasattr(backbone, "stage_ends"):   # EfficientNet-Lite
+        out = dict(backbone.stage_ends)               # stage end k = output of unit k (stem = 0)
+        out["head"] = len(backbone.blocks) + 1
+        return out
+    if hasattr(backbone, "stages") and hasattr(backbone, "stage_names"):
+        return {name: i for i, name in enumerate(backbone.stage_names)}
+    raise ValueError(f"cannot cache features of backbone {type(backbone).__name__}; "
+                     f"train with --no-cache")
+
+
+class FrozenTrunkCache:
+    """Outputs of the frozen leading backbone units, computed once per image.
+
+    With batch-norm statistics frozen and the first `n_frozen` units' weights fixed, their
+    output for a given image never changes, so training only runs the trainable tail: the same
+    descriptors as `model(x)` at a fraction of the cost. Invalid once the frozen units change.
+    """
+
+    def __init__(self, model: RetrievalNet, images: list[np.ndarray], n_frozen: int,
+                 batch_size: int = 16, progress: bool = False):
+        from tqdm import tqdm
+
+        self.model = model
+        self.units = backbone_units(model.backbone)
+        where = tap_units(model.backbone)
+        self.tap_unit = [where[t] for t in model.config["taps"]]
+        self.last_unit = max(self.tap_unit)
+        self.n_frozen = min(int(n_frozen), self.last_unit + 1)
+        self.entries: list = [None] * len(images)    # per image: (output, {tap unit: output})
+        batches = list(_shape_batches(images, range(len(images)), batch_size))
+        with torch.no_grad():
+            for idx in tqdm(batches, desc="cache frozen trunk", unit="batch",
+                            disable=not progress, leave=False):
+                x = (_to_batch([images[i] for i in idx], model.device) - model.mean) / model.std
+                kept: dict[int, torch.Tensor] = {}
+                for u in range(self.n_frozen):
+                    x = self.units[u](x)
+                    if u in self.tap_unit:
+                        kept[u] = x
+                for j, i in enumerate(idx):
+                    self.entries[i] = (x[j], {u: t[j] for u, t in kept.items()})
+
+    def features(self, index: list[int]) -> list[torch.Tensor]:
+        """Backbone taps of images[index] (all of one shape) from the cached frozen output."""
+        x = torch.stack([self.entries[i][0] for i in index])
+        out = {u: torch.stack([self.entries[i][1][u] for i in index])
+               for u in self.entries[index[0]][1]}
+        for u in range(self.n_frozen, self.last_unit + 1):
+            x = self.units[u](x)
+            if u in self.tap_unit:
+                out[u] = x
+        return [out[u] for u in self.tap_unit]
+
+
+def _features(model: RetrievalNet, images: list[np.ndarray], idx: list[int],
+              cache: FrozenTrunkCache | None) -> list[torch.Tensor]:
+    if cache is not None:
+        return cache.features(idx)
+    return model.features(_to_batch([images[i] for i in idx], model.device))
+
+
+def embed_images(model: RetrievalNet, images: list[np.ndarray], batch_size: int = 32,
+                 cache: FrozenTrunkCache | None = None) -> np.ndarray:
+    """Single-scale descriptors of uint8 (H, W, 3) images with the current weights: (N, D)."""
+    out = np.zeros((len(images), model.dim), dtype=np.float32)
+    use_amp = model.device.type == "cuda"
+    with torch.inference_mode(), torch.autocast(model.device.type, enabled=use_amp):
+        for idx in _shape_batches(images, range(len(images)), batch_size):
+            out[idx] = model.describe(_features(model, images, idx, cache)).float().cpu().numpy()
+    return out
+
+
+def describe_with_grad(model: RetrievalNet, images: list[np.ndarray], index: np.ndarray,
+                       cache: FrozenTrunkCache | None = None) -> dict[int, torch.Tensor]:
+    """Descriptors (with autograd) of images[index], forwarded in batches of equal shape."""
+    out: dict[int, torch.Tensor] = {}
+    for idx in _shape_batches(images, index.tolist(), len(index)):
+        desc = model.describe(_features(model, images, idx, cache))
+        for j, i in enumerate(idx):
+            out[i] = desc[j]
+    return out
+
+
+def tuple_loss(model: RetrievalNet, images: list[np.ndarray], tuples: Tuples, margin: float,
+               cache: FrozenTrunkCache | None = None) -> tuple[torch.Tensor, float]:
+    """Triplet loss of a batch of tuples, each image forwarded once: -> (loss, active share)."""
+    desc = describe_with_grad(model, images, tuples.images(), cache)
+    a = torch.stack([desc[i] for i in tuples.anchors.tolist()]).float()
+    p = torch.stack([desc[i] for i in tuples.positives.tolist()]).float()
+    n = torch.stack([torch.stack([desc[i] for i in row]) for row in tuples.negatives.tolist()]
+                    ).float()
+    return triplet_loss(a, p, n, margin), active_fraction(a, p, n, margin)
+
+
+# --------------------------------------------------------------------------- initialisation
 
 @torch.no_grad()
 def pooled_descriptors(model: RetrievalNet, images: list[np.ndarray], batch_size: int = 32
@@ -326,6 +381,8 @@ def train(model: RetrievalNet, images: list[np.ndarray], labels: np.ndarray, opt
     if scaler is not None and scaler_state:
         scaler.load_state_dict(scaler_state)
     history = list(history or [])
+    cache = (FrozenTrunkCache(model, images, opts.freeze, progress=progress)
+             if opts.cache and opts.freeze > 0 else None)
     log_path = os.path.join(out_dir, "log.jsonl")
     ckpt_path = os.path.join(out_dir, "last.pt")
 
@@ -343,7 +400,7 @@ def train(model: RetrievalNet, images: list[np.ndarray], labels: np.ndarray, opt
         t0 = time.time()
         torch.manual_seed(opts.seed * 1000 + epoch)
         rng = _epoch_rng(opts.seed, epoch)
-        vecs = embed_images(model, images)                      # mine with the current model
+        vecs = embed_images(model, images, cache=cache)        # mine with the current model
         tuples = build_tuples(vecs, labels, opts.tuples_per_epoch, opts.negatives, rng,
                               opts.pool_size)
         mine_s = time.time() - t0
@@ -355,7 +412,7 @@ def train(model: RetrievalNet, images: list[np.ndarray], labels: np.ndarray, opt
             batch = Tuples(tuples.anchors[sl], tuples.positives[sl], tuples.negatives[sl])
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, enabled=use_amp):
-                loss, active = tuple_loss(model, images, batch, opts.margin)
+                loss, active = tuple_loss(model, images, batch, opts.margin, cache)
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)

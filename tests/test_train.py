@@ -113,3 +113,21 @@ def test_initialisation_sets_klw_from_pairs_and_a_pca_whitening(data):
     with torch.no_grad():
         y = model.whiten(torch.from_numpy(pooled_descriptors(model, images)).float()).numpy()
     np.testing.assert_allclose(np.cov(y, rowvar=False), np.eye(8), atol=1e-3)
+
+
+def test_frozen_trunk_cache_gives_the_model_s_own_features(data):
+    from remap_core.train import FrozenTrunkCache
+
+    images, _ = data
+    model = build_model({**CONFIG, "taps": ["stage5", "stage7", "head"]})
+    model.eval()
+    freeze_backbone(model, 13)
+    cache = FrozenTrunkCache(model, images, 13)
+    with torch.no_grad():
+        ref = model.features(torch.from_numpy(np.stack(images[:3])).permute(0, 3, 1, 2).float())
+        got = cache.features([0, 1, 2])
+    assert len(got) == 3
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(embed_images(model, images[:5], cache=cache),
+                               embed_images(model, images[:5]), atol=1e-5)
