@@ -1,9 +1,13 @@
 """`remap embed`: image URIs -> fetch + decode -> batched embedding -> Parquet shards.
 
-    ReadImageUris | FetchAndDecode (dead letter on failure) | Embed | WriteShards
+    ListSources | Reconcile (with the store's earlier runs) | FetchAndDecode | EmbedImages
+      | WriteParquetShards          (+ dead letter, tombstones, sources, counts)
 
-Runs on any Beam runner; the local default is the in-process FnApiRunner, which never reaches
-for the network (Beam 2.77's DirectRunner tries to download Prism first).
+Runs on any Beam runner (Dataflow, Flink through the portable runner, the local runners). The
+local default is the in-process FnApiRunner; `--runner=DirectRunner` is kept off Beam 2.77's
+Prism download. Every listed URI ends in exactly one of: embedded, dead-lettered, skipped
+(unchanged since an earlier run); URIs gone since the last run become tombstones. The counts go
+into run.json, written last, which is what makes a run folder complete.
 """
 
 from __future__ import annotations
@@ -13,22 +17,27 @@ import json
 import logging
 import secrets
 import time
+from collections import defaultdict
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.transforms.window import GlobalWindows
 
-from remap_core.shard_schema import (DEAD_LETTER_SCHEMA, PARQUET_CODEC, ROW_GROUP_ROWS,
-                                     embedding_schema)
+from remap_core.shard_schema import (DEAD_LETTER_SCHEMA, SOURCE_SCHEMA, TOMBSTONE_SCHEMA,
+                                     embedding_schema, embedding_table, stable_id)
 
+from . import runs as R
 from . import uris as U
 from .model_cache import shared_model
-from .prepare import Failure, PreparedImage, fetch_and_prepare
+from .prepare import Failure, PreparedImage, prepare_source
+from .shards import TMP_FOLDER, WriteParquetShards
 
-PIPELINE_VERSION = "0.1.0"
+PIPELINE_VERSION = "0.2.0"
 NAMESPACE = "remap.embed"
 DEAD = "dead_letter"
 LOCAL_RUNNER = "FnApiRunner"
+COUNTS_FILE = "_counts.json"
 log = logging.getLogger(__name__)
 
 
@@ -38,176 +47,463 @@ class EmbedOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
         parser.add_argument("--input", required=True,
-                            help="folder, glob, or manifest file(s) (.txt/.csv/.parquet) of image "
-                                 "URIs; local, gs:// or s3://")
+                            help="folder, glob, or manifest file(s) (.txt/.csv/.parquet, a glob "
+                                 "of them allowed) of image URIs; local, gs:// or s3://")
         parser.add_argument("--output", required=True,
                             help="embedding store (local, gs://, s3://): each run writes "
-                                 "run-<id>/ with shards, dead letter and run.json")
+                                 "run-<id>/ with shards, dead letter, tombstones and run.json")
         parser.add_argument("--model", default=None,
                             help="checkpoint path or fsspec URL (default: bundled EfficientNet-"
                                  "Lite0 + GeM)")
-        parser.add_argument("--run_id", default=None, help="run id (default: UTC timestamp)")
-        parser.add_argument("--batch_size", type=int, default=16, help="max images per forward")
-        parser.add_argument("--num_shards", type=int, default=1,
-                            help="embedding shards per run (fixed count: deterministic names)")
+        parser.add_argument("--run_id", default=None,
+                            help="run id, must sort after the store's earlier runs "
+                                 "(default: UTC timestamp)")
+        parser.add_argument("--batch_size", type=int, default=32,
+                            help="images of one shape per forward pass")
+        parser.add_argument("--num_shards", type=int, default=0,
+                            help="embedding shards per run; 0 (default): one per --shard_rows")
+        parser.add_argument("--shard_rows", type=int, default=500_000,
+                            help="target rows per embedding shard when --num_shards is 0")
         parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+        parser.add_argument("--full", action="store_true", default=False,
+                            help="embed every URI, ignoring what earlier runs in --output did "
+                                 "(default: only new or changed URIs; deleted ones tombstoned)")
+        parser.add_argument("--fsspec_config", default=None,
+                            help='JSON of per-protocol fsspec options applied on every worker, '
+                                 'e.g. \'{"s3": {"endpoint_url": "http://host:9000"}}\'')
+        parser.add_argument("--progress_seconds", type=float, default=15.0,
+                            help="log progress per worker at most this often (0: never)")
 
 
-# --------------------------------------------------------------------------- transforms
+# --------------------------------------------------------------------------- small helpers
 
-def _read_manifest(path):
-    yield from U.read_manifest(path)
+class _StorageDoFn(beam.DoFn):
+    """A DoFn that applies --fsspec_config in its worker before touching storage."""
+
+    def __init__(self, fsspec_config: dict | None):
+        self.fsspec_config = fsspec_config
+
+    def setup(self):
+        U.apply_fsspec_config(self.fsspec_config)
 
 
-class ReadImageUris(beam.PTransform):
-    """--input -> PCollection[str] of unique URIs, spread across workers."""
+def _inc(name: str, n: int = 1) -> None:
+    Metrics.counter(NAMESPACE, name).inc(n)
 
-    def __init__(self, spec: str):
+
+class _Progress:
+    """Per-worker progress line: at most every `every` seconds."""
+
+    def __init__(self, what: str, every: float):
+        self.what, self.every = what, every
+        self.n, self.t0 = 0, time.monotonic()
+        self.last = self.t0
+
+    def add(self, n: int) -> None:
+        self.n += n
+        now = time.monotonic()
+        if self.every > 0 and now - self.last >= self.every:
+            self.last = now
+            log.info("%s %d images (%.1f img/s) in this worker", self.what, self.n,
+                     self.n / max(now - self.t0, 1e-9))
+
+
+# --------------------------------------------------------------------------- listing
+
+class _ExpandPartitionFn(_StorageDoFn):
+    def process(self, part):
+        for source in U.expand_partition(*part):
+            yield source
+
+
+class _StatFn(_StorageDoFn):
+    """Fill in size and version of manifest entries (one metadata request per URI). A failing
+    stat leaves them unknown: the URI is then fetched, and its failure dead-lettered there."""
+
+    def process(self, source):
+        try:
+            yield U.stat(source)
+        except Exception:
+            _inc("stat_failed")
+            yield source
+
+
+class ListSources(beam.PTransform):
+    """--input -> PCollection[Source] (may repeat a URI), listing spread across workers:
+    one task per manifest / top-level sub-folder, then a Reshuffle before the per-URI stat."""
+
+    def __init__(self, spec: str, fsspec_config: dict | None = None):
         super().__init__()
-        self.spec = spec
+        self.spec, self.fsspec_config = spec, fsspec_config
 
     def expand(self, pbegin):
-        kind, items = U.expand_input(self.spec)
-        pcoll = pbegin | "Seed" >> beam.Create(items)
-        if kind == "manifests":
-            pcoll = (pcoll | "SpreadManifests" >> beam.Reshuffle()
-                     | "ReadManifests" >> beam.FlatMap(_read_manifest))
-        return (pcoll
-                | "Dedupe" >> beam.Distinct()
-                | "CountRead" >> beam.Map(_count, Metrics.counter(NAMESPACE, "read"))
-                | "Spread" >> beam.Reshuffle())
+        U.apply_fsspec_config(self.fsspec_config)
+        parts = U.list_partitions(self.spec)
+        return (pbegin
+                | "Partitions" >> beam.Create(parts)
+                | "SpreadPartitions" >> beam.Reshuffle()
+                | "Expand" >> beam.ParDo(_ExpandPartitionFn(self.fsspec_config))
+                | "SpreadSources" >> beam.Reshuffle()
+                | "Stat" >> beam.ParDo(_StatFn(self.fsspec_config)))
 
 
-def _count(x, counter):
-    counter.inc()
-    return x
+class _ReadStateFn(_StorageDoFn):
+    def process(self, item):
+        yield from R.read_state_file(*item)
 
 
-class _FetchAndDecodeFn(beam.DoFn):
-    def __init__(self, max_side: int, multiple: int):
+class ReadStoreState(beam.PTransform):
+    """State files of earlier runs -> (uri, PreviousState), read in parallel."""
+
+    def __init__(self, files: list[tuple[int, str, str]], fsspec_config: dict | None = None):
+        super().__init__()
+        self.files, self.fsspec_config = files, fsspec_config
+
+    def expand(self, pbegin):
+        return (pbegin
+                | "StateFiles" >> beam.Create(self.files)
+                | "SpreadStateFiles" >> beam.Reshuffle()
+                | "Read" >> beam.ParDo(_ReadStateFn(self.fsspec_config)))
+
+
+# --------------------------------------------------------------------------- reconcile
+
+SKIPPED, TOMBSTONES, LIVE_IDS, OUTCOMES = "skipped", "tombstones", "live_ids", "outcomes"
+RETRY_OUTCOMES = ("dead_letter:fetch", "dead_letter:list", "dead_letter:embed")
+
+
+def reconcile(uri: str, now: list, before: list) -> tuple[str, object]:
+    """What to do with one URI given its listings now and the earlier runs' states of it.
+
+    Returns ("embed", reason) | ("skip", reason) | ("tombstone", PreviousState) | ("none", "").
+    An unchanged URI is skipped when its size and version match the newest earlier state and
+    that state is an embedding or a decode failure (fetch failures are retried)."""
+    prev = max(before, key=lambda s: s.run_index) if before else None
+    if not now:
+        if prev is not None and prev.outcome != "deleted":
+            return "tombstone", prev
+        return "none", ""
+    if prev is None or prev.outcome == "deleted":
+        return "embed", "new"
+    sig = now[0].signature()
+    if sig is None:
+        return "embed", "unknown_version"
+    if sig != prev.signature():
+        return "embed", "changed"
+    if prev.outcome in RETRY_OUTCOMES:
+        return "embed", "retry"
+    return "skip", "unchanged" if prev.outcome == "embedded" else "unchanged_failed"
+
+
+class _ReconcileFn(beam.DoFn):
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def process(self, keyed):
+        uri, groups = keyed
+        now, before = list(groups["now"]), list(groups["before"])
+        action, why = reconcile(uri, now, before)
+        if action == "none":
+            return
+        if action == "tombstone":
+            _inc("tombstoned")
+            yield beam.pvalue.TaggedOutput(OUTCOMES, "tombstoned")
+            yield beam.pvalue.TaggedOutput(TOMBSTONES, {"uri": uri, "id": why.id,
+                                                        "run_id": self.run_id})
+            return
+        _inc("read")
+        yield beam.pvalue.TaggedOutput(OUTCOMES, "read")
+        if len(now) > 1:
+            _inc("duplicates", len(now) - 1)
+            yield beam.pvalue.TaggedOutput(OUTCOMES, ("duplicates", len(now) - 1))
+        if action == "skip":
+            _inc(f"skipped.{why}")
+            yield beam.pvalue.TaggedOutput(OUTCOMES, "skipped")
+            yield beam.pvalue.TaggedOutput(OUTCOMES, f"skipped.{why}")
+            if why == "unchanged":
+                yield beam.pvalue.TaggedOutput(LIVE_IDS, (max(before, key=lambda s:
+                                                              s.run_index).id, uri))
+            return
+        _inc(f"to_embed.{why}")
+        yield beam.pvalue.TaggedOutput(OUTCOMES, f"to_embed.{why}")
+        yield beam.pvalue.TaggedOutput(LIVE_IDS, (stable_id(uri), uri))
+        yield now[0]
+
+
+class Reconcile(beam.PTransform):
+    """(Sources now, earlier states) -> Sources to embed, plus `skipped`, `tombstones`,
+    `live_ids` (id, uri) and `outcomes` outputs. One shuffle keyed by URI does the dedupe and
+    the incremental filter at once."""
+
+    def __init__(self, run_id: str):
+        super().__init__()
+        self.run_id = run_id
+
+    def expand(self, inputs):
+        sources, before = inputs
+        now = sources | "KeyByUri" >> beam.Map(lambda s: (s.uri, s))
+        return ({"now": now, "before": before}
+                | "GroupByUri" >> beam.CoGroupByKey()
+                | "Decide" >> beam.ParDo(_ReconcileFn(self.run_id)).with_outputs(
+                    SKIPPED, TOMBSTONES, LIVE_IDS, OUTCOMES, main="to_embed"))
+
+
+def _check_ids(keyed):
+    id_, uris = keyed
+    distinct = sorted(set(uris))
+    if len(distinct) > 1:
+        raise ValueError(f"id collision: {distinct[0]!r} and {distinct[1]!r} both hash to id "
+                         f"{id_}; rename one of the objects (ids are the first 8 bytes of "
+                         f"sha1(uri)) and run again")
+    return id_
+
+
+class CheckIdCollisions(beam.PTransform):
+    """(id, uri) of every URI live after this run -> fails the run on two URIs with one id."""
+
+    def expand(self, live_ids):
+        return (live_ids
+                | "GroupById" >> beam.GroupByKey()
+                | "Check" >> beam.Map(_check_ids))
+
+
+# --------------------------------------------------------------------------- fetch + embed
+
+class _FetchAndDecodeFn(_StorageDoFn):
+    def __init__(self, max_side: int, multiple: int, fsspec_config: dict | None):
+        super().__init__(fsspec_config)
         self.max_side, self.multiple = max_side, multiple
-        self.failed = Metrics.counter(NAMESPACE, "dead_lettered")
 
-    def process(self, uri):
-        out = fetch_and_prepare(uri, self.max_side, self.multiple)
+    def process(self, source):
+        out = prepare_source(source, self.max_side, self.multiple)
         if isinstance(out, Failure):
-            self.failed.inc()
-            Metrics.counter(NAMESPACE, f"failed.{out.stage}.{out.error_type}").inc()
+            _inc("dead_lettered")
+            _inc(f"dead_letter.{out.reason}")
             yield beam.pvalue.TaggedOutput(DEAD, out)
         else:
             yield out
 
 
 class FetchAndDecode(beam.PTransform):
-    """URIs -> PreparedImage, with failures on the `dead_letter` output."""
+    """Sources -> PreparedImage, with failures on the `dead_letter` output."""
 
-    def __init__(self, max_side: int, multiple: int):
+    def __init__(self, max_side: int, multiple: int, fsspec_config: dict | None = None):
         super().__init__()
-        self.max_side, self.multiple = max_side, multiple
+        self.max_side, self.multiple, self.fsspec_config = max_side, multiple, fsspec_config
 
-    def expand(self, uris):
-        return uris | beam.ParDo(_FetchAndDecodeFn(self.max_side, self.multiple)).with_outputs(
-            DEAD, main="images")
+    def expand(self, sources):
+        return sources | beam.ParDo(_FetchAndDecodeFn(
+            self.max_side, self.multiple, self.fsspec_config)).with_outputs(DEAD, main="images")
 
 
-class _EmbedBatchFn(beam.DoFn):
-    def __init__(self, model_uri, device, fingerprint):
+def shard_row(p: PreparedImage, vector, fingerprint: str) -> dict:
+    return {"id": p.id, "uri": p.uri, "embedding": vector, "content_sha1": p.content_sha1,
+            "size_bytes": p.size_bytes, "width": p.width, "height": p.height,
+            "model": fingerprint,
+            # not shard columns: carried to the sources table
+            "_listed_size": p.listed_size, "_version": p.version}
+
+
+class _EmbedByShapeFn(_StorageDoFn):
+    """Buckets images by input shape within a bundle and runs one forward per full bucket (and
+    per partial bucket at the end of the bundle): equal shapes batch without cropping.
+    The model is loaded once per worker process and shared by its threads."""
+
+    def __init__(self, model_uri, device, fingerprint, batch_size, progress_seconds,
+                 fsspec_config):
+        super().__init__(fsspec_config)
         self.model_uri, self.device, self.fingerprint = model_uri, device, fingerprint
-        self.embedded = Metrics.counter(NAMESPACE, "embedded")
-        self.batches = Metrics.distribution(NAMESPACE, "batch_size")
+        self.batch_size, self.progress_seconds = batch_size, progress_seconds
 
     def setup(self):
+        super().setup()
         self.model = shared_model(self.model_uri, self.device)
         if self.model.fingerprint != self.fingerprint:
             raise RuntimeError(f"worker loaded model {self.model.fingerprint} but the job was "
-                               f"launched for {self.fingerprint}; the checkpoint changed mid-run")
+                               f"launched for {self.fingerprint}; the checkpoint changed mid-run: "
+                               f"relaunch the job")
+        self.progress = _Progress("embedded", self.progress_seconds)
+        self.batch_sizes = Metrics.distribution(NAMESPACE, "batch_size")
 
-    def process(self, batch: list[PreparedImage]):
-        vecs = self.model.embed_arrays([p.pixels for p in batch], batch_size=len(batch))
-        self.batches.update(len(batch))
+    def start_bundle(self):
+        self.buckets = defaultdict(list)
+
+    def process(self, image: PreparedImage):
+        bucket = self.buckets[image.pixels.shape]
+        bucket.append(image)
+        if len(bucket) >= self.batch_size:
+            del self.buckets[image.pixels.shape]
+            yield from self._forward(bucket)
+
+    def finish_bundle(self):
+        buckets, self.buckets = self.buckets, defaultdict(list)
+        for bucket in buckets.values():
+            for out in self._forward(bucket):
+                yield GlobalWindows.windowed_value(out)
+
+    def _forward(self, batch: list[PreparedImage]):
+        try:
+            vecs = self.model.embed_arrays([p.pixels for p in batch], batch_size=len(batch))
+        except Exception as e:  # retry one by one: one bad image must not lose the batch
+            if len(batch) == 1:
+                _inc("dead_lettered")
+                _inc(f"dead_letter.embed.{type(e).__name__}")
+                p = batch[0]
+                yield beam.pvalue.TaggedOutput(DEAD, Failure(p.uri, "embed", type(e).__name__,
+                                                             str(e), p.listed_size, p.version))
+                return
+            for p in batch:
+                yield from self._forward([p])
+            return
+        self.batch_sizes.update(len(batch))
+        _inc("embedded", len(batch))
+        self.progress.add(len(batch))
         for p, v in zip(batch, vecs):
-            self.embedded.inc()
-            yield {"id": p.id, "uri": p.uri, "embedding": v.tolist(),
-                   "content_sha1": p.content_sha1, "size_bytes": p.size_bytes,
-                   "width": p.width, "height": p.height, "model": self.fingerprint}
+            yield shard_row(p, v, self.fingerprint)
 
 
-class Embed(beam.PTransform):
-    """PreparedImage -> shard rows (dicts), batched; one model per worker process."""
+class EmbedImages(beam.PTransform):
+    """PreparedImage -> shard rows (dicts, `embedding` a float32 array) + `dead_letter`."""
 
-    def __init__(self, model_uri, fingerprint, batch_size=16, device=None):
+    def __init__(self, model_uri, fingerprint, batch_size=32, device=None, progress_seconds=15.0,
+                 fsspec_config=None):
         super().__init__()
-        self.model_uri, self.fingerprint = model_uri, fingerprint
-        self.batch_size, self.device = batch_size, device
+        self.args = (model_uri, device, fingerprint, batch_size, progress_seconds, fsspec_config)
 
     def expand(self, images):
-        return (images
-                | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.batch_size)
-                | "Forward" >> beam.ParDo(_EmbedBatchFn(self.model_uri, self.device,
-                                                        self.fingerprint)))
+        return images | beam.ParDo(_EmbedByShapeFn(*self.args)).with_outputs(DEAD, main="rows")
 
 
-class WriteShards(beam.PTransform):
-    """Shard rows -> `<run_dir>/embeddings-SSSSS-of-NNNNN.parquet` (zstd, temp-then-rename)."""
+# --------------------------------------------------------------------------- tables
 
-    def __init__(self, run_dir: str, schema, num_shards: int):
+def _source_row(item, run_id: str) -> dict:
+    if isinstance(item, Failure):
+        return {"uri": item.uri, "id": stable_id(item.uri), "size_bytes": item.size,
+                "version": item.version, "outcome": f"dead_letter:{item.stage}",
+                "run_id": run_id}
+    return {"uri": item["uri"], "id": item["id"], "size_bytes": item["_listed_size"],
+            "version": item["_version"], "outcome": "embedded", "run_id": run_id}
+
+
+def _write_counts(pairs, url: str) -> str:
+    R.write_json_atomic(url, dict(pairs))
+    return url
+
+
+def _outcome_pairs(item):
+    if isinstance(item, tuple):
+        yield item
+    else:
+        yield item, 1
+
+
+class WriteRunTables(beam.PTransform):
+    """Writes one run's tables under its folder: embedding shards, dead letter, tombstones,
+    sources (incremental state) and `_counts.json` (outcome -> count, for run.json)."""
+
+    def __init__(self, run_dir, run_id, schema, num_shards, shard_rows, fsspec_config=None):
         super().__init__()
-        self.run_dir, self.schema, self.num_shards = run_dir, schema, num_shards
+        self.run_dir, self.run_id, self.schema = run_dir, run_id, schema
+        self.num_shards, self.shard_rows = num_shards, shard_rows
+        self.fsspec_config = fsspec_config
 
-    def expand(self, rows):
-        return rows | beam.io.WriteToParquet(
-            f"{self.run_dir}/embeddings", self.schema, codec=PARQUET_CODEC,
-            file_name_suffix=".parquet", num_shards=self.num_shards,
-            shard_name_template="-SSSSS-of-NNNNN", record_batch_size=1024,
-            row_group_buffer_size=ROW_GROUP_ROWS * 4 * 2048)
-
-
-class WriteDeadLetter(beam.PTransform):
-    def __init__(self, run_dir: str, run_id: str):
-        super().__init__()
-        self.run_dir, self.run_id = run_dir, run_id
-
-    def expand(self, failures):
-        return (failures
-                | "ToRow" >> beam.Map(lambda f, rid: f.row(rid), self.run_id)
-                | beam.io.WriteToParquet(f"{self.run_dir}/dead_letter", DEAD_LETTER_SCHEMA,
-                                         codec=PARQUET_CODEC, file_name_suffix=".parquet",
-                                         num_shards=1, shard_name_template="-SSSSS-of-NNNNN"))
+    def expand(self, pcolls):
+        rows, dead, tombstones, outcomes = (pcolls["rows"], pcolls["dead"],
+                                            pcolls["tombstones"], pcolls["outcomes"])
+        run_id, d = self.run_id, self.run_dir
+        U.apply_fsspec_config(self.fsspec_config)
+        rows | "Shards" >> WriteParquetShards(
+            d, "embeddings", self.schema, lambda r: r["id"], self.num_shards, self.shard_rows,
+            to_table=embedding_table)
+        (dead | "DeadRows" >> beam.Map(lambda f: f.row(run_id))
+         | "DeadLetter" >> WriteParquetShards(d, "dead_letter", DEAD_LETTER_SCHEMA,
+                                              lambda r: stable_id(r["uri"]),
+                                              shard_rows=4 * self.shard_rows))
+        (tombstones | "Tombstones" >> WriteParquetShards(d, "tombstones", TOMBSTONE_SCHEMA,
+                                                         lambda r: r["id"],
+                                                         shard_rows=4 * self.shard_rows))
+        ((rows, dead) | "SourceItems" >> beam.Flatten()
+         | "SourceRows" >> beam.Map(_source_row, run_id)
+         | "Sources" >> WriteParquetShards(d, "sources", SOURCE_SCHEMA, lambda r: r["id"],
+                                           shard_rows=4 * self.shard_rows))
+        dead_outcomes = dead | "DeadOutcomes" >> beam.FlatMap(
+            lambda f: ["dead_lettered", f"dead_letter.{f.reason}"])
+        embedded = rows | "EmbeddedOutcomes" >> beam.Map(lambda r: "embedded")
+        return ((outcomes, dead_outcomes, embedded) | "AllOutcomes" >> beam.Flatten()
+                | "Pairs" >> beam.FlatMap(_outcome_pairs)
+                | "CountOutcomes" >> beam.CombinePerKey(sum)
+                | "OneList" >> beam.combiners.ToList()
+                | "WriteCounts" >> beam.Map(_write_counts, f"{d}/{TMP_FOLDER}/{COUNTS_FILE}"))
 
 
 # --------------------------------------------------------------------------- launcher
 
 def default_run_id() -> str:
     now = _dt.datetime.now(_dt.timezone.utc)
-    return now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+    return (now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z-"
+            + secrets.token_hex(3))
 
 
 def local_defaults(argv: list[str]) -> list[str]:
-    """Pick the in-process runner unless the user named one (never the Prism download)."""
-    if not any(a == "--runner" or a.startswith("--runner=") for a in argv):
-        argv = [*argv, f"--runner={LOCAL_RUNNER}"]
+    """The local runners, kept off the network: the in-process FnApiRunner unless the user
+    named a runner; with `--runner=DirectRunner`, `--allow_unsafe_triggers` (no effect on this
+    batch pipeline) is what Beam 2.77's DirectRunner checks before trying Prism, whose binary it
+    would otherwise download."""
+    runner = None
+    for i, a in enumerate(argv):
+        if a == "--runner" and i + 1 < len(argv):
+            runner = argv[i + 1]
+        elif a.startswith("--runner="):
+            runner = a.split("=", 1)[1]
+    if runner is None:
+        return [*argv, f"--runner={LOCAL_RUNNER}"]
+    if runner.split(".")[-1] in ("DirectRunner", "direct") and \
+            "--allow_unsafe_triggers" not in argv:
+        return [*argv, "--allow_unsafe_triggers"]
     return argv
 
 
 def build_pipeline(pipeline: beam.Pipeline, opts: EmbedOptions, run_dir: str, run_id: str,
-                   fingerprint: str, dim: int, max_side: int, multiple: int):
+                   fingerprint: str, dim: int, max_side: int, multiple: int,
+                   state_files: list[tuple[int, str, str]]):
+    fsconf = json.loads(opts.fsspec_config) if opts.fsspec_config else None
     schema = embedding_schema(dim, fingerprint, PIPELINE_VERSION)
-    prepared = (pipeline
-                | "ReadImageUris" >> ReadImageUris(opts.input)
-                | "FetchAndDecode" >> FetchAndDecode(max_side, multiple))
-    (prepared.images
-     | "Embed" >> Embed(opts.model, fingerprint, opts.batch_size, opts.device)
-     | "WriteShards" >> WriteShards(run_dir, schema, opts.num_shards))
-    prepared[DEAD] | "WriteDeadLetter" >> WriteDeadLetter(run_dir, run_id)
+    sources = pipeline | "ListSources" >> ListSources(opts.input, fsconf)
+    before = pipeline | "ReadStoreState" >> ReadStoreState(state_files, fsconf)
+    decided = (sources, before) | "Reconcile" >> Reconcile(run_id)
+    decided[LIVE_IDS] | "CheckIdCollisions" >> CheckIdCollisions()
+    prepared = (decided.to_embed
+                | "SpreadWork" >> beam.Reshuffle()
+                | "FetchAndDecode" >> FetchAndDecode(max_side, multiple, fsconf))
+    embedded = prepared.images | "EmbedImages" >> EmbedImages(
+        opts.model, fingerprint, opts.batch_size, opts.device, opts.progress_seconds, fsconf)
+    dead = (prepared[DEAD], embedded[DEAD]) | "AllDead" >> beam.Flatten()
+    {"rows": embedded.rows, "dead": dead, "tombstones": decided[TOMBSTONES],
+     "outcomes": decided[OUTCOMES]} | "WriteRunTables" >> WriteRunTables(
+        run_dir, run_id, schema, opts.num_shards, opts.shard_rows, fsconf)
 
 
-def _counters(result) -> dict:
-    out = {}
-    for c in result.metrics().query()["counters"]:
-        if c.key.metric.namespace == NAMESPACE:
-            name = c.key.metric.name
-            out[name] = out.get(name, 0) + (c.committed if c.committed is not None else c.attempted)
-    return out
+def summarize(counts: dict) -> dict:
+    """run.json's accounting from the outcome counts; `accounted` says every URI read ended
+    embedded, dead-lettered or skipped."""
+    read = counts.get("read", 0)
+    embedded, dead, skipped = (counts.get("embedded", 0), counts.get("dead_lettered", 0),
+                               counts.get("skipped", 0))
+    return {
+        "read": read,
+        "embedded": embedded,
+        "dead_lettered": dead,
+        "skipped": skipped,
+        "tombstoned": counts.get("tombstoned", 0),
+        "duplicates": counts.get("duplicates", 0),
+        "accounted": embedded + dead + skipped == read,
+        "to_embed_by_reason": {k.split(".", 1)[1]: v for k, v in sorted(counts.items())
+                               if k.startswith("to_embed.")},
+        "skipped_by_reason": {k.split(".", 1)[1]: v for k, v in sorted(counts.items())
+                              if k.startswith("skipped.")},
+        "dead_letter_by_reason": {k.split(".", 1)[1]: v for k, v in sorted(counts.items())
+                                  if k.startswith("dead_letter.")},
+    }
 
 
 def run(argv: list[str]) -> dict:
@@ -219,19 +515,35 @@ def run(argv: list[str]) -> dict:
     argv = local_defaults(list(argv))
     options = PipelineOptions(argv)
     opts = options.view_as(EmbedOptions)
+    fsconf = json.loads(opts.fsspec_config) if opts.fsspec_config else None
+    U.apply_fsspec_config(fsconf)
     model = load_model(opts.model, device="cpu")
     cfg = model.config
+    store = opts.output.rstrip("/")
+    previous, incomplete = R.scan_store(store)
     run_id = opts.run_id or default_run_id()
-    run_dir = opts.output.rstrip("/") + f"/run-{run_id}"
+    R.check_new_run([] if opts.full else previous, run_id, model.fingerprint, store)
+    R.remove_incomplete(incomplete)
+    run_dir = R.run_folder(store, run_id)
+    state_files = [] if opts.full else R.state_files(previous)
+    log.info("run %s: %d earlier runs in %s (%d state files)", run_id, len(previous), store,
+             len(state_files))
     started = time.time()
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, opts, run_dir, run_id, model.fingerprint, model.dim,
-                   cfg["max_side"], cfg["multiple"])
+                   cfg["max_side"], cfg["multiple"], state_files)
     result = pipeline.run()
-    result.wait_until_finish()
-    counters = _counters(result)
+    state = result.wait_until_finish()
+    if state not in (None, "DONE", beam.runners.runner.PipelineState.DONE):
+        raise RuntimeError(f"pipeline ended in state {state}; run {run_id} is incomplete and "
+                           f"will be redone by the next run")
     fs, root = fsspec.core.url_to_fs(run_dir)
-    shards = sorted(p.rsplit("/", 1)[-1] for p in fs.glob(root + "/embeddings-*.parquet"))
+    with fs.open(f"{root}/{TMP_FOLDER}/{COUNTS_FILE}", "r") as f:
+        counts = json.load(f)
+
+    def names(prefix):
+        return sorted(p.rsplit("/", 1)[-1] for p in fs.glob(f"{root}/{prefix}-*-of-*.parquet"))
+
     summary = {
         "run_id": run_id,
         "runner": options.view_as(StandardOptions).runner,
@@ -239,17 +551,22 @@ def run(argv: list[str]) -> dict:
         "model_uri": opts.model,
         "dimension": model.dim,
         "input": opts.input,
-        "read": counters.get("read", 0),
-        "embedded": counters.get("embedded", 0),
-        "dead_lettered": counters.get("dead_lettered", 0),
-        "dead_letter_by_reason": {k[len("failed."):]: v for k, v in counters.items()
-                                  if k.startswith("failed.")},
-        "shards": shards,
+        "incremental": not opts.full,
+        "previous_runs": [r.run_id for r in previous],
+        **summarize(counts),
+        "shards": names("embeddings"),
+        "dead_letter": names("dead_letter"),
+        "tombstones": names("tombstones"),
+        "sources": names("sources"),
         "seconds": round(time.time() - started, 3),
         "pipeline_version": PIPELINE_VERSION,
         "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
     }
-    with fs.open(root + "/run.json.tmp", "w") as f:
-        json.dump(summary, f, indent=2)
-    fs.mv(root + "/run.json.tmp", root + "/run.json")
+    if not summary["accounted"]:
+        raise RuntimeError(f"run {run_id} lost track of URIs: read {summary['read']} but "
+                           f"embedded + dead-lettered + skipped = {summary['embedded']} + "
+                           f"{summary['dead_lettered']} + {summary['skipped']}; run.json not "
+                           f"written, rerun to redo it")
+    fs.rm(f"{root}/{TMP_FOLDER}", recursive=True)
+    R.write_json_atomic(f"{run_dir}/{R.MANIFEST}", summary)
     return summary

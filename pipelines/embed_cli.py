@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 
 ACCEPTS_EXTRA_ARGS = True  # everything else goes to Beam (--runner, --project, ...)
+OPTIONS = ("input", "output", "model", "run_id", "batch_size", "num_shards", "shard_rows",
+           "device", "fsspec_config", "progress_seconds")
 
 
 def add_arguments(parser) -> None:
@@ -13,22 +16,29 @@ def add_arguments(parser) -> None:
     EmbedOptions._add_argparse_args(parser)
     parser.epilog = ("Any Apache Beam pipeline option may follow (--runner, --project, --region, "
                      "--temp_location, --direct_num_workers, ...). Default runner: the local "
-                     "in-process FnApiRunner.")
+                     "in-process FnApiRunner. Runs are incremental: only URIs new or changed "
+                     "since the store's earlier runs are embedded (--full: all of them).")
 
 
 def _to_argv(args) -> list[str]:
     argv = []
-    for key in ("input", "output", "model", "run_id", "batch_size", "num_shards", "device"):
+    for key in OPTIONS:
         value = getattr(args, key)
         if value is not None:
             argv.append(f"--{key}={value}")
+    if args.full:
+        argv.append("--full")
     return argv + list(args.extra)
 
 
 def main(args) -> int:
     from .embed import run
 
+    logging.getLogger("pipelines").setLevel(logging.INFO)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     summary = run(_to_argv(args))
-    print(json.dumps({k: summary[k] for k in ("run_id", "read", "embedded", "dead_lettered",
-                                              "dead_letter_by_reason", "shards", "seconds")}))
+    keys = ("run_id", "read", "embedded", "dead_lettered", "skipped", "tombstoned",
+            "dead_letter_by_reason", "skipped_by_reason", "shards", "seconds")
+    print(json.dumps({k: summary[k] for k in keys}))
     return 0

@@ -1,4 +1,8 @@
-"""Per-image work of the embed pipeline as plain functions: fetch, hash, decode, resize."""
+"""Per-image work of the embed pipeline as plain functions: fetch, hash, decode, resize.
+
+Nothing here raises for a bad image: every failure comes back as a `Failure`, the row of the
+dead-letter table, so one broken object never stops a run of a billion.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,9 @@ import numpy as np
 from remap_core.preprocess import ImageDecodeError, decode_image, resize_for_model
 from remap_core.shard_schema import stable_id
 
-from .uris import read_bytes
+from .uris import Source, read_bytes
+
+STAGES = ("list", "fetch", "decode", "embed")
 
 
 @dataclass
@@ -18,13 +24,19 @@ class Failure:
     """Why one URI produced no embedding: the row of the dead-letter table."""
 
     uri: str
-    stage: str        # fetch | decode | embed
-    error_type: str   # a short tag, e.g. not_found, empty, corrupt, too_large
+    stage: str        # list | fetch | decode | embed
+    error_type: str   # a short tag, e.g. not_found, empty, corrupt, too_large, not_an_image
     message: str
+    size: int | None = None       # as listed, for the incremental state
+    version: str | None = None
 
     def row(self, run_id: str) -> dict:
         return {"uri": self.uri, "stage": self.stage, "error_type": self.error_type,
                 "message": self.message[:2000], "run_id": run_id}
+
+    @property
+    def reason(self) -> str:
+        return f"{self.stage}.{self.error_type}"
 
 
 @dataclass
@@ -38,17 +50,26 @@ class PreparedImage:
     width: int
     height: int
     pixels: np.ndarray  # uint8 (H, W, 3) at the model's input size
+    version: str | None = None      # object version as listed (incremental state)
+    listed_size: int | None = None  # object size as listed (incremental state)
+
+
+def fetch_failure(uri: str, e: BaseException, stage: str = "fetch") -> Failure:
+    """Classify a storage error into a dead-letter row."""
+    if isinstance(e, FileNotFoundError):
+        return Failure(uri, stage, "not_found", str(e) or "no such object")
+    if isinstance(e, PermissionError):
+        return Failure(uri, stage, "permission_denied", str(e))
+    if isinstance(e, IsADirectoryError):
+        return Failure(uri, stage, "is_a_directory", str(e))
+    return Failure(uri, stage, type(e).__name__, str(e))
 
 
 def fetch(uri: str) -> bytes | Failure:
     try:
         return read_bytes(uri)
-    except FileNotFoundError as e:
-        return Failure(uri, "fetch", "not_found", str(e) or "no such object")
-    except PermissionError as e:
-        return Failure(uri, "fetch", "permission_denied", str(e))
     except Exception as e:  # any transport error: the run goes on, the URI is not lost
-        return Failure(uri, "fetch", type(e).__name__, str(e))
+        return fetch_failure(uri, e)
 
 
 def prepare(uri: str, data: bytes, max_side: int, multiple: int) -> PreparedImage | Failure:
@@ -58,6 +79,8 @@ def prepare(uri: str, data: bytes, max_side: int, multiple: int) -> PreparedImag
         pixels = resize_for_model(img, max_side, multiple)
     except ImageDecodeError as e:
         return Failure(uri, "decode", e.reason, e.message)
+    except MemoryError as e:
+        return Failure(uri, "decode", "too_large", f"out of memory while decoding: {e}")
     except Exception as e:
         return Failure(uri, "decode", type(e).__name__, str(e))
     return PreparedImage(uri=uri, id=stable_id(uri), content_sha1=hashlib.sha1(data).hexdigest(),
@@ -69,3 +92,13 @@ def fetch_and_prepare(uri: str, max_side: int, multiple: int) -> PreparedImage |
     if isinstance(data, Failure):
         return data
     return prepare(uri, data, max_side, multiple)
+
+
+def prepare_source(source: Source, max_side: int, multiple: int) -> PreparedImage | Failure:
+    """`fetch_and_prepare` for a listed Source: the result carries its size and version."""
+    out = fetch_and_prepare(source.uri, max_side, multiple)
+    if isinstance(out, Failure):
+        out.size, out.version = source.size, source.version
+    else:
+        out.version, out.listed_size = source.version, source.size
+    return out

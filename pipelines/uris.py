@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import fsspec
 
@@ -104,3 +104,105 @@ def iter_unique(uris: Iterable[str]) -> Iterator[str]:
         if u not in seen:
             seen.add(u)
             yield u
+
+
+# --------------------------------------------------------------------------- listing with info
+
+class Source(NamedTuple):
+    """One image object as listed: URI plus what tells a changed object from an unchanged one.
+
+    `size` and `version` are None when the listing did not say (a manifest line): a Stat step
+    fills them in before the store is compared."""
+
+    uri: str
+    size: int | None = None
+    version: str | None = None
+
+    def signature(self) -> str | None:
+        """`size:version`, or None when either is unknown (then the object is always re-read)."""
+        if self.size is None or self.version is None:
+            return None
+        return f"{self.size}:{self.version}"
+
+
+# Keys of fsspec `info()` dicts that change when an object's bytes change, most specific first.
+VERSION_KEYS = ("generation", "ETag", "etag", "md5Hash", "VersionId", "mtime", "LastModified",
+                "updated", "created")
+
+
+def version_of(info: dict) -> str | None:
+    """The first object-version field of an fsspec info dict (GCS generation, S3 ETag, mtime)."""
+    for key in VERSION_KEYS:
+        value = info.get(key)
+        if value not in (None, ""):
+            return f"{key}={value}"
+    return None
+
+
+def source_from_info(info: dict, like: str) -> Source:
+    return Source(_unstrip(None, info["name"], like), info.get("size"), version_of(info))
+
+
+def list_partitions(spec: str) -> list[tuple[str, str]]:
+    """Split an --input into independent listing tasks, so listing spreads across workers:
+    ("manifest", path) per manifest file, ("dir", path) per top-level sub-folder,
+    ("file", uri) per top-level image, ("glob", pattern) for a glob of images."""
+    fs, path = fsspec.core.url_to_fs(spec)
+    if any(c in path for c in "*?["):
+        kind, items = expand_input(spec)
+        if kind == "manifests":
+            return [("manifest", m) for m in items]
+        return [("glob", spec)]
+    if not fs.exists(path):
+        raise FileNotFoundError(f"--input {spec!r} does not exist; pass a folder, a glob or "
+                                f"manifest file(s) of image URIs")
+    if not fs.isdir(path):
+        return [("manifest", spec)] if is_manifest(path) else [("file", spec)]
+    parts = []
+    for entry in sorted(fs.ls(path, detail=True), key=lambda e: e["name"]):
+        name = _unstrip(fs, entry["name"].rstrip("/"), spec)
+        if entry["type"] == "directory":
+            parts.append(("dir", name))
+        elif name.lower().endswith(IMAGE_EXTENSIONS):
+            parts.append(("file", name))
+    return parts
+
+
+def expand_partition(kind: str, arg: str) -> Iterator[Source]:
+    """The image Sources of one listing task from `list_partitions`."""
+    if kind == "manifest":
+        for uri in read_manifest(arg):
+            yield Source(uri)
+        return
+    fs, path = fsspec.core.url_to_fs(arg)
+    if kind == "file":
+        yield source_from_info(fs.info(path), arg)
+        return
+    found = fs.glob(path, detail=True) if kind == "glob" else fs.find(path, detail=True)
+    for name in sorted(found):
+        info = found[name]
+        if info.get("type", "file") == "file" and name.lower().endswith(IMAGE_EXTENSIONS):
+            yield source_from_info({**info, "name": name}, arg)
+
+
+def stat(source: Source) -> Source:
+    """Fill in size and version from the object store (one metadata request; raises
+    FileNotFoundError for a missing object)."""
+    if source.size is not None and source.version is not None:
+        return source
+    fs, path = fsspec.core.url_to_fs(source.uri)
+    info = fs.info(path)
+    if info.get("type") == "directory":
+        raise IsADirectoryError(f"{source.uri} is a folder, not an image")
+    return Source(source.uri, info.get("size"), version_of(info))
+
+
+def apply_fsspec_config(config: dict | None) -> None:
+    """Merge per-protocol fsspec options (e.g. {"s3": {"endpoint_url": ...}}) into fsspec's
+    global config, in this process (called by every worker before it touches storage)."""
+    if not config:
+        return
+    import fsspec.config
+
+    for protocol, kwargs in config.items():
+        fsspec.config.conf.setdefault(protocol, {}).update(kwargs)

@@ -93,3 +93,46 @@ def embeddings_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     dim = column.type.list_size
     values = column.flatten().to_numpy(zero_copy_only=False)
     return np.ascontiguousarray(values.reshape(-1, dim), dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- incremental runs
+# A run folder (`run-<id>/`, complete once its run.json exists) may also hold:
+#   tombstones-SSSSS-of-NNNNN.parquet  URIs that disappeared from the input since earlier runs;
+#                                      a reader drops them from everything embedded before.
+#   sources-SSSSS-of-NNNNN.parquet     what this run read of each URI it processed (size and
+#                                      object version), so the next run re-reads only changes.
+# run.json lists them under "tombstones" and "sources", beside "shards".
+
+TOMBSTONE_SCHEMA = pa.schema(
+    [
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("id", pa.int64(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),  # the run that saw the URI gone
+    ]
+)
+
+SOURCE_SCHEMA = pa.schema(
+    [
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("id", pa.int64(), nullable=False),
+        pa.field("size_bytes", pa.int64()),   # as listed; null when unknown
+        pa.field("version", pa.string()),     # e.g. "generation=17", "ETag=...", "mtime=..."
+        pa.field("outcome", pa.string(), nullable=False),  # embedded | dead_letter:<stage>
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
+
+def read_tombstone_uris(paths) -> set[str]:
+    """URIs listed in tombstone Parquet files (local paths or fsspec URLs).
+
+    Readers of a store apply runs oldest first: a run's shards add or replace URIs, then its
+    tombstones remove URIs embedded by earlier runs."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    out: set[str] = set()
+    for path in paths:
+        with fsspec.open(path, "rb") as f:
+            out.update(pq.read_table(f, columns=["uri"]).column("uri").to_pylist())
+    return out
