@@ -6,8 +6,12 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
-pip() { python -m pip "$@" 2>&1 | grep -v -e "is ignored" -e "^\s*$" || true; }
-python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+LOG=.venv/install.log
+: > "$LOG"
+# pip's output goes to the log; on failure its tail is shown.
+pip() { python -m pip "$@" >>"$LOG" 2>&1 || { tail -40 "$LOG" >&2; echo "pip $* failed (log: $LOG)" >&2; exit 1; }; }
+echo "installing into .venv (log: $LOG) ..."
+pip install -q --upgrade pip
 # torch first: otherwise a dependency may pull another multi-GB build.
 pip install -q torch==2.14.1 torchvision==0.29.1
 extra="${1:-}"
