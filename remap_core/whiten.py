@@ -57,8 +57,11 @@ def learned_whitening(x: np.ndarray, pairs: np.ndarray, dim: int | None = None,
 
     mean is the mean of the pairs' first members (as in cnnimageretrieval-pytorch). The
     covariance of the pair differences, shrunk toward `shrinkage` x its mean eigenvalue (so it
-    is invertible when N < D), becomes the identity; the data is then rotated to its principal
-    axes in that space, largest variance first, and the first d axes kept (all when None).
+    is invertible with few pairs), becomes the identity; the data is then rotated to its
+    principal axes in that space, largest variance first, and the first d axes kept (all when
+    None). When there are fewer descriptors than dimensions (N - 1 < D), everything happens in
+    the span of the centred training data (an orthonormal PCA basis, no scaling): directions
+    the training data never visits carry no information to whiten.
     """
     x = _as_matrix(x)
     pairs = np.asarray(pairs, dtype=np.int64)
@@ -66,20 +69,29 @@ def learned_whitening(x: np.ndarray, pairs: np.ndarray, dim: int | None = None,
         raise ValueError(f"pairs must be a non-empty (P, 2) array of indices, got {pairs.shape}")
     if pairs.min() < 0 or pairs.max() >= len(x):
         raise ValueError(f"pair indices must lie in [0, {len(x)})")
-    d_in = x.shape[1]
     mean = x[pairs[:, 0]].mean(axis=0)
-    diff = x[pairs[:, 0]] - x[pairs[:, 1]]
+    basis = None
+    if x.shape[0] - 1 < x.shape[1]:
+        _, sv, vt = np.linalg.svd(x - x.mean(axis=0), full_matrices=False)
+        basis = vt[sv > sv[0] * 1e-10]                      # (r, D) orthonormal rows
+    z = x if basis is None else x @ basis.T
+    zmean = mean if basis is None else mean @ basis.T
+    d_in = z.shape[1]
+    diff = z[pairs[:, 0]] - z[pairs[:, 1]]
     cov_s = diff.T @ diff / len(diff)
     cov_s += shrinkage * max(np.trace(cov_s) / d_in, 1e-12) * np.eye(d_in)
     # cov_s = L L^T; P1 = L^-1 whitens the pair differences.
     p1 = np.linalg.inv(np.linalg.cholesky(cov_s))
-    y = (x - mean) @ p1.T
+    y = (z - zmean) @ p1.T
     eigval, eigvec = np.linalg.eigh(y.T @ y)
     order = np.argsort(eigval)[::-1]
     projection = eigvec[:, order].T @ p1
+    if basis is not None:
+        projection = projection @ basis
     dim = d_in if dim is None else int(dim)
     if not 1 <= dim <= d_in:
-        raise ValueError(f"whitening dim {dim} must be in [1, {d_in}]")
+        raise ValueError(f"whitening dim {dim} must be in [1, {d_in}] (the rank of the "
+                         f"training descriptors); use more images or a smaller whiten_dim")
     return mean, projection[:dim]
 
 

@@ -76,3 +76,17 @@ def test_model_whitening_rejects_a_whitening_of_the_wrong_size():
     model = build_model({"head": "mac"})
     with pytest.raises(ValueError, match="learn it on this model"):
         set_model_whitening(model, np.zeros(5), np.eye(5))
+
+
+def test_learned_whitening_with_fewer_descriptors_than_dimensions_works_in_their_span():
+    rng = np.random.RandomState(3)
+    x = rng.randn(30, 80)
+    pairs = np.array([(i, i + 15) for i in range(15)])
+    mean, p = learned_whitening(x, pairs, dim=10)
+    assert p.shape == (10, 80)
+    # rows lie in the span of the centred training data
+    _, s, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    span = vt[s > s[0] * 1e-10]
+    np.testing.assert_allclose(p @ span.T @ span, p, atol=1e-8)
+    with pytest.raises(ValueError, match="rank"):
+        learned_whitening(x, pairs, dim=40)

@@ -1,0 +1,275 @@
+"""The instance-retrieval benchmark of DESIGN.md section 6: families of views of real photos.
+
+Photos come from what ships in package registries: the scikit-image and scikit-learn sample
+photos (always available: installed with the venv) and, when `apt-get download` works, photos
+from Debian packages (`mate-backgrounds`, `opencv-doc`), unpacked into a cache folder. Without
+apt the benchmark degrades to the scikit photos.
+
+Each photo lands in one of two disjoint splits, "train" or "eval", by a hash of its name (so a
+photo's split never changes when photos are added). A benchmark over a split is, per photo, a
+family: the photo itself plus `views_per_nuisance` views under each nuisance of `views.py`.
+Every view is a query; the rest of its family are its positives; everything else is a
+distractor; the query itself is junk (revisitop protocol, `metrics.compute_map`).
+
+    photos = benchmark_photos("eval", cache_dir)          # {name: PIL image}
+    bench = build_benchmark("eval", cache_dir)            # cached on disk, deterministic
+    ranks = metrics.rank_by_similarity(desc[bench.queries], desc)
+    metrics.compute_map(ranks, bench.ground_truth())
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from .views import NUISANCES, make_view
+
+log = logging.getLogger(__name__)
+
+BENCHMARK_VERSION = "1"
+
+# scikit-image sample images that are photographs (or real micrographs/scans); `cat` is
+# `chelsea` again and the synthetic ones (checkerboard, colorwheel, logo, ...) are left out.
+SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins",
+                  "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "page",
+                  "retina", "rocket", "text")
+SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
+
+# Debian package -> paths (tar wildcards, relative to the package root) of the photos in it.
+DEBIAN_PHOTOS: dict[str, tuple[str, ...]] = {
+    "mate-backgrounds": (
+        "./usr/share/backgrounds/mate/nature/*.jpg",
+        "./usr/share/backgrounds/mate/abstract/Elephants.jpg",
+    ),
+    "opencv-doc": tuple(
+        f"./usr/share/doc/opencv-doc/examples/{p}" for p in (
+            "alphamat/input_images/plant.jpg", "data/aero1.jpg", "data/aloeL.jpg",
+            "data/apple.jpg", "data/baboon.jpg", "data/basketball1.png", "data/board.jpg",
+            "data/building.jpg", "data/butterfly.jpg", "data/fruits.jpg", "data/graf1.png",
+            "data/home.jpg", "data/leuvenA.jpg", "data/messi5.jpg", "data/orange.jpg",
+            "data/rubberwhale1.png", "data/smarties.png", "data/squirrel_cls.jpg",
+            "data/starry_night.jpg", "data/sudoku.png")
+    ),
+}
+
+SPLITS = ("train", "eval")
+PhotoLoader = Callable[[], Image.Image]
+
+
+def photo_split(name: str) -> str:
+    """The split ("train" or "eval") of a photo, from a hash of its name: stable and disjoint."""
+    return "train" if hashlib.sha1(name.encode()).digest()[0] % 2 else "eval"
+
+
+def _fit(img: Image.Image, max_side: int) -> Image.Image:
+    img = img.convert("RGB")
+    s = max_side / max(img.size)
+    if s < 1:
+        img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))),
+                         Image.Resampling.LANCZOS)
+    return img
+
+
+def _skimage_photos() -> dict[str, PhotoLoader]:
+    import skimage.data
+
+    def loader(n):
+        def load():
+            a = np.asarray(getattr(skimage.data, n)())
+            if a.ndim == 2:
+                a = np.stack([a] * 3, axis=-1)
+            return Image.fromarray(a[..., :3].astype(np.uint8), "RGB")
+        return load
+    return {f"skimage/{n}": loader(n) for n in SKIMAGE_PHOTOS if hasattr(skimage.data, n)}
+
+
+def _sklearn_photos() -> dict[str, PhotoLoader]:
+    try:
+        from sklearn.datasets import load_sample_image
+    except ImportError:
+        return {}
+    return {f"sklearn/{n.rsplit('.', 1)[0]}": (lambda n=n: Image.fromarray(load_sample_image(n)))
+            for n in SKLEARN_PHOTOS}
+
+
+def fetch_debian_photos(cache_dir: str, packages: tuple[str, ...] = tuple(DEBIAN_PHOTOS)
+                        ) -> dict[str, str]:
+    """Download Debian packages with `apt-get download`, unpack their photos under
+    `cache_dir/debian/<package>/`, and return {name: file path}. Packages already unpacked are
+    not fetched again. Any failure (no apt, no network) is logged and that package skipped."""
+    out: dict[str, str] = {}
+    for pkg in packages:
+        root = os.path.join(cache_dir, "debian", pkg)
+        done = os.path.join(root, ".complete")
+        if not os.path.exists(done):
+            if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+                log.warning("apt-get/dpkg-deb not found: skipping the %s photos", pkg)
+                continue
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    subprocess.run(["apt-get", "download", pkg], cwd=tmp, check=True,
+                                   capture_output=True, timeout=600)
+                    debs = glob.glob(os.path.join(tmp, f"{pkg}_*.deb"))
+                    if not debs:
+                        raise FileNotFoundError(f"apt-get download {pkg} produced no .deb")
+                    os.makedirs(root, exist_ok=True)
+                    tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", debs[0]], check=True,
+                                         capture_output=True, timeout=600).stdout
+                    subprocess.run(["tar", "-x", "-C", root, "--wildcards",
+                                    *DEBIAN_PHOTOS[pkg]], input=tar, check=True,
+                                   capture_output=True, timeout=600)
+                open(done, "w").close()
+            except (subprocess.SubprocessError, OSError) as e:
+                log.warning("could not fetch Debian package %s (%s): benchmark goes on "
+                            "without its photos", pkg, e)
+                continue
+        for pattern in DEBIAN_PHOTOS[pkg]:
+            for path in sorted(glob.glob(os.path.join(root, pattern))):
+                stem = os.path.splitext(os.path.basename(path))[0]
+                out[f"debian/{pkg}/{stem}"] = path
+    return out
+
+
+def photo_catalogue(cache_dir: str | None = None, debian: bool = True) -> dict[str, PhotoLoader]:
+    """All benchmark photos: {name: zero-argument loader -> RGB PIL image}, sorted by name."""
+    cat = {**_skimage_photos(), **_sklearn_photos()}
+    if debian and cache_dir is not None:
+        for name, path in fetch_debian_photos(cache_dir).items():
+            cat[name] = (lambda p=path: Image.open(p))
+    return dict(sorted(cat.items()))
+
+
+def benchmark_photos(split: str = "eval", cache_dir: str | None = None, debian: bool = True,
+                     max_side: int = 512, max_photos: int | None = None
+                     ) -> dict[str, Image.Image]:
+    """The photos of one split: {name: RGB PIL image, long side at most `max_side`}.
+
+    split: "eval", "train", or "all". Train and eval never share a photo. `max_photos` keeps
+    the first photos by name (small runs, tests)."""
+    if split not in SPLITS + ("all",):
+        raise ValueError(f"unknown split {split!r}; choose 'train', 'eval' or 'all'")
+    cat = photo_catalogue(cache_dir, debian=debian)
+    names = [n for n in cat if split == "all" or photo_split(n) == split]
+    names = names[:max_photos] if max_photos else names
+    return {n: _fit(cat[n](), max_side) for n in names}
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+@dataclass
+class Benchmark:
+    """Images of view families: `images[i]` is photo `family[i]` under `nuisance[i]`
+    ("original" or one of NUISANCES)."""
+
+    images: list[np.ndarray]          # uint8 (H, W, 3)
+    family: np.ndarray                # (N,) int
+    nuisance: list[str]               # (N,)
+    photos: list[str]                 # family index -> photo name
+
+    @property
+    def queries(self) -> np.ndarray:
+        """Indices of the query images: every view (not the originals)."""
+        return np.array([i for i, n in enumerate(self.nuisance) if n != "original"], np.int64)
+
+    def ground_truth(self, queries: np.ndarray | None = None) -> list[dict]:
+        """Per query: "ok" = the rest of its family, "junk" = the query itself."""
+        queries = self.queries if queries is None else queries
+        return [{"ok": np.flatnonzero((self.family == self.family[q])
+                                      & (np.arange(len(self.family)) != q)),
+                 "junk": np.array([q])} for q in queries]
+
+    def matching_pairs(self) -> np.ndarray:
+        """All (i, j), i < j, of images of the same family: (P, 2)."""
+        i, j = np.triu_indices(len(self.family), k=1)
+        same = self.family[i] == self.family[j]
+        return np.stack([i[same], j[same]], axis=1)
+
+    def non_matching_pairs(self, n: int | None = None, seed: int = 0) -> np.ndarray:
+        """(i, j), i < j, of images of different families: all, or `n` drawn at random."""
+        i, j = np.triu_indices(len(self.family), k=1)
+        diff = self.family[i] != self.family[j]
+        pairs = np.stack([i[diff], j[diff]], axis=1)
+        if n is not None and n < len(pairs):
+            pairs = pairs[np.random.RandomState(seed).choice(len(pairs), n, replace=False)]
+        return pairs
+
+    def summary(self) -> str:
+        return (f"{len(self.photos)} photos, {len(self.images)} images, "
+                f"{len(self.queries)} queries")
+
+
+def view_seed(seed: int, photo: str, nuisance: str, k: int) -> int:
+    """The seed of one view: depends only on (seed, photo name, nuisance, view number)."""
+    h = hashlib.sha1(f"{seed}/{photo}/{nuisance}/{k}".encode()).digest()
+    return int.from_bytes(h[:4], "little")
+
+
+def _cache_key(split, views_per_nuisance, seed, side, names) -> str:
+    blob = json.dumps([BENCHMARK_VERSION, split, views_per_nuisance, seed, side, names])
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def build_benchmark(split: str = "eval", cache_dir: str | None = None,
+                    views_per_nuisance: int = 2, seed: int = 0, side: int = 384,
+                    debian: bool = True, max_photos: int | None = None) -> Benchmark:
+    """Build (or read back from `cache_dir`) the benchmark over one split's photos.
+
+    Photos are fitted to a long side of `side`; views are drawn from the fitted photo with
+    `view_seed`. Images are stored as PNG under `cache_dir/benchmark-<split>-<key>/` with an
+    index.json, so a second call reads exactly the same pixels."""
+    photos = benchmark_photos(split, cache_dir, debian, side, max_photos)
+    if not photos:
+        raise ValueError(f"no photos in split {split!r}: is scikit-image installed?")
+    names = sorted(photos)
+    folder = None
+    if cache_dir is not None:
+        folder = os.path.join(cache_dir, f"benchmark-{split}-"
+                              f"{_cache_key(split, views_per_nuisance, seed, side, names)}")
+        index = os.path.join(folder, "index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                meta = json.load(f)
+            images = [np.asarray(Image.open(os.path.join(folder, e["file"])).convert("RGB"))
+                      for e in meta["images"]]
+            return Benchmark(images, np.array([e["family"] for e in meta["images"]], np.int64),
+                             [e["nuisance"] for e in meta["images"]], meta["photos"])
+    images, family, nuisance = [], [], []
+    for f, name in enumerate(names):
+        photo = photos[name]
+        images.append(np.asarray(photo, dtype=np.uint8))
+        family.append(f)
+        nuisance.append("original")
+        for nz in NUISANCES:
+            for k in range(views_per_nuisance):
+                view = make_view(photo, nz, np.random.RandomState(view_seed(seed, name, nz, k)))
+                images.append(np.asarray(view, dtype=np.uint8))
+                family.append(f)
+                nuisance.append(nz)
+    bench = Benchmark(images, np.asarray(family, np.int64), nuisance, names)
+    if folder is not None:
+        tmp = folder + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        entries = []
+        for i, im in enumerate(images):
+            file = f"{i:05d}.png"
+            Image.fromarray(im).save(os.path.join(tmp, file))
+            entries.append({"file": file, "family": int(family[i]), "nuisance": nuisance[i]})
+        with open(os.path.join(tmp, "index.json"), "w") as f:
+            json.dump({"version": BENCHMARK_VERSION, "split": split, "photos": names,
+                       "views_per_nuisance": views_per_nuisance, "seed": seed, "side": side,
+                       "images": entries}, f)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    return bench

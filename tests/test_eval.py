@@ -1,0 +1,100 @@
+"""The view-family benchmark and `remap eval` on a tiny offline configuration."""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from remap_core import eval_cli
+from remap_core.benchmark import benchmark_photos, build_benchmark, photo_split
+from remap_core.views import NUISANCES
+
+
+def test_train_and_eval_photos_are_disjoint_and_cover_all_photos():
+    train = benchmark_photos("train", debian=False, max_side=32)
+    evalp = benchmark_photos("eval", debian=False, max_side=32)
+    everything = benchmark_photos("all", debian=False, max_side=32)
+    assert train and evalp
+    assert not set(train) & set(evalp)
+    assert set(train) | set(evalp) == set(everything)
+    assert all(photo_split(n) == "train" for n in train)
+    assert all(max(im.size) <= 32 for im in everything.values())
+
+
+def test_benchmark_is_deterministic_cached_and_has_family_ground_truth(tmp_path):
+    kw = dict(cache_dir=str(tmp_path), views_per_nuisance=1, side=64, debian=False, max_photos=3)
+    a = build_benchmark("eval", **kw)
+    assert len(list(tmp_path.glob("benchmark-eval-*/index.json"))) == 1
+    b = build_benchmark("eval", **kw)                       # read back from the cache
+    fresh = build_benchmark("eval", **{**kw, "cache_dir": None})
+    assert len(a.images) == 3 * (1 + len(NUISANCES))
+    for x, y, z in zip(a.images, b.images, fresh.images):
+        np.testing.assert_array_equal(x, y)
+        np.testing.assert_array_equal(x, z)
+    q = a.queries
+    assert len(q) == 3 * len(NUISANCES) and all(a.nuisance[i] != "original" for i in q)
+    gt = a.ground_truth()
+    for i, g in zip(q, gt):
+        assert i not in g["ok"] and list(g["junk"]) == [i]
+        assert len(g["ok"]) == len(NUISANCES) and (a.family[g["ok"]] == a.family[i]).all()
+    pairs = a.matching_pairs()
+    assert len(pairs) == 3 * 6 * 5 // 2 and (a.family[pairs[:, 0]] == a.family[pairs[:, 1]]).all()
+    neg = a.non_matching_pairs(n=10)
+    assert len(neg) == 10 and (a.family[neg[:, 0]] != a.family[neg[:, 1]]).all()
+
+
+def test_parse_scales_reads_fractions_and_square_roots():
+    assert eval_cli.parse_scales("1,1/sqrt(2),1/2") == pytest.approx([1, 2 ** -0.5, 0.5])
+    with pytest.raises(ValueError, match="sqrt"):
+        eval_cli.parse_scales("__import__('os')")
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    parser = argparse.ArgumentParser()
+    eval_cli.add_arguments(parser)
+    cache = tmp_path_factory.mktemp("cache")
+    args = parser.parse_args(["--cache", str(cache), "--no-debian", "--max-photos", "3",
+                              "--views-per-nuisance", "1", "--side", "96", "--max-side", "64",
+                              "--whiten-dim", "8", "--format", "json",
+                              "--save-model", str(cache / "remap.pt")])
+    return eval_cli.run(args), args, cache
+
+
+def test_eval_reports_every_method_per_nuisance(tiny_report):
+    report, _, _ = tiny_report
+    names = list(report["results"])
+    for expected in ("MAC", "SPoC", "GeM", "R-MAC", "REMAP"):
+        assert expected in names
+    for r in report["results"].values():
+        assert set(r["per_nuisance"]) == set(NUISANCES)
+        assert 0 < r["mAP"] <= 1 and 0 <= r["R@10"] <= 1
+    assert report["results"]["REMAP"]["dim"] == 8
+    assert set(report["klw_weights"]) == {"stage5", "head"}
+    assert "MAC" in eval_cli.format_table(report)
+    json.dumps(report)
+
+
+def test_eval_scores_equal_an_independent_embedding_of_the_same_images(tiny_report):
+    """The shared-backbone path must give what `RetrievalNet.embed_arrays` gives."""
+    from PIL import Image
+
+    from remap_core.checkpoint import load_model
+    from remap_core.metrics import compute_map, rank_by_similarity
+    from remap_core.model import build_model
+    from remap_core.preprocess import resize_for_model
+
+    report, args, cache = tiny_report
+    bench = build_benchmark("eval", cache_dir=str(cache), views_per_nuisance=1, side=96,
+                            debian=False, max_photos=3)
+    images = [resize_for_model(Image.fromarray(im), 64) for im in bench.images]
+    q = bench.queries
+    for name, model in [("MAC", build_model({"head": "mac", "max_side": 64,
+                                              "scales": [1, 2 ** -0.5, 0.5]})),
+                        ("REMAP", load_model(str(cache / "remap.pt"), device="cpu"))]:
+        torch.manual_seed(0)
+        desc = model.embed_arrays(images)
+        m, *_ = compute_map(rank_by_similarity(desc[q], desc), bench.ground_truth(q))
+        assert m == pytest.approx(report["results"][name]["mAP"], abs=1e-6), name
