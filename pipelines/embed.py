@@ -46,10 +46,12 @@ class EmbedOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser):
-        parser.add_argument("--input", required=True,
+        # Not argparse-required: Beam parses every registered options class for every pipeline
+        # in the process; `run` checks them instead.
+        parser.add_argument("--input", default=None,
                             help="folder, glob, or manifest file(s) (.txt/.csv/.parquet, a glob "
                                  "of them allowed) of image URIs; local, gs:// or s3://")
-        parser.add_argument("--output", required=True,
+        parser.add_argument("--output", default=None,
                             help="embedding store (local, gs://, s3://): each run writes "
                                  "run-<id>/ with shards, dead letter, tombstones and run.json")
         parser.add_argument("--model", default=None,
@@ -515,6 +517,10 @@ def run(argv: list[str]) -> dict:
     argv = local_defaults(list(argv))
     options = PipelineOptions(argv)
     opts = options.view_as(EmbedOptions)
+    for name in ("input", "output"):
+        if not getattr(opts, name):
+            raise ValueError(f"--{name} is required: remap embed --input <folder|glob|manifest> "
+                             f"--output <store>")
     fsconf = json.loads(opts.fsspec_config) if opts.fsspec_config else None
     U.apply_fsspec_config(fsconf)
     model = load_model(opts.model, device="cpu")

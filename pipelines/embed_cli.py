@@ -14,6 +14,9 @@ def add_arguments(parser) -> None:
     from .embed import EmbedOptions
 
     EmbedOptions._add_argparse_args(parser)
+    for action in parser._actions:
+        if action.dest in ("input", "output"):
+            action.required = True
     parser.epilog = ("Any Apache Beam pipeline option may follow (--runner, --project, --region, "
                      "--temp_location, --direct_num_workers, ...). Default runner: the local "
                      "in-process FnApiRunner. Runs are incremental: only URIs new or changed "

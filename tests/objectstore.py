@@ -68,7 +68,15 @@ class Store:
     def bucket(self, name: str) -> str:
         """Create bucket `name` (if absent) and return its URL, e.g. "gs://name"."""
         if not self.fs.exists(name):
-            self.fs.mkdir(name)
+            if self.protocol == "s3":
+                import boto3
+
+                conf = self.fsspec_config["s3"]
+                boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=conf["key"],
+                             aws_secret_access_key=conf["secret"],
+                             region_name="us-east-1").create_bucket(Bucket=name)
+            else:
+                self.fs.mkdir(name)
         self.fs.invalidate_cache()
         return f"{self.protocol}://{name}"
 

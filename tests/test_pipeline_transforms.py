@@ -1,0 +1,116 @@
+"""The embed pipeline's composite transforms one at a time, with TestPipeline and assert_that,
+and the plain functions they call."""
+
+from __future__ import annotations
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing import test_pipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from pipelines.embed import (LIVE_IDS, OUTCOMES, SKIPPED, TOMBSTONES, CheckIdCollisions,
+                             Reconcile, _check_ids, reconcile, summarize)
+from pipelines.runs import PreviousState
+from pipelines.shards import WriteParquetShards, shard_count, shard_name
+from pipelines.uris import Source
+from remap_core.shard_schema import stable_id
+
+RUNNER = "FnApiRunner"  # in-process; never Prism
+
+
+def _prev(run, outcome="embedded", size=10, version="v1", uri="u"):
+    return PreviousState(run, stable_id(uri), size, version, outcome)
+
+
+@pytest.mark.parametrize("now,before,expected", [
+    ([Source("u", 10, "v1")], [], ("embed", "new")),
+    ([Source("u", 10, "v1")], [_prev(0)], ("skip", "unchanged")),
+    ([Source("u", 10, "v2")], [_prev(0)], ("embed", "changed")),
+    ([Source("u", 11, "v1")], [_prev(0)], ("embed", "changed")),
+    ([Source("u")], [_prev(0)], ("embed", "unknown_version")),
+    ([Source("u", 10, "v1")], [_prev(0), _prev(1, "deleted", None, None)], ("embed", "new")),
+    ([Source("u", 10, "v1")], [_prev(0, "dead_letter:decode")], ("skip", "unchanged_failed")),
+    ([Source("u", 10, "v1")], [_prev(0, "dead_letter:fetch")], ("embed", "retry")),
+    ([Source("u", 10, "v1")], [_prev(3), _prev(1, "dead_letter:fetch")], ("skip", "unchanged")),
+    ([], [_prev(0, "deleted", None, None)], ("none", "")),
+])
+def test_reconcile_decides_from_the_newest_earlier_state(now, before, expected):
+    assert reconcile("u", now, before) == expected
+
+
+def test_reconcile_tombstones_a_uri_gone_from_the_input():
+    action, state = reconcile("u", [], [_prev(0), _prev(2, "dead_letter:decode")])
+    assert action == "tombstone" and state.run_index == 2
+
+
+def test_reconcile_transform_dedupes_filters_and_tombstones():
+    sources = [Source("a", 1, "v"), Source("a", 1, "v"), Source("b", 2, "v"),
+               Source("c", 3, "new")]
+    before = [("b", _prev(0, size=2, version="v", uri="b")),
+              ("c", _prev(0, size=3, version="old", uri="c")),
+              ("gone", _prev(0, uri="gone"))]
+    with test_pipeline.TestPipeline(runner=RUNNER) as p:
+        out = ((p | "Now" >> beam.Create(sources), p | "Before" >> beam.Create(before))
+               | Reconcile("r1"))
+        assert_that(out.to_embed, equal_to([Source("a", 1, "v"), Source("c", 3, "new")]),
+                    label="ToEmbed")
+        assert_that(out[TOMBSTONES], equal_to([{"uri": "gone", "id": stable_id("gone"),
+                                                "run_id": "r1"}]), label="Tombstones")
+        assert_that(out[LIVE_IDS], equal_to([(stable_id(u), u) for u in "abc"]), label="Live")
+        assert_that(out[SKIPPED], equal_to([]), label="Skipped")
+        assert_that(out[OUTCOMES], equal_to(["read", "read", "read", ("duplicates", 1),
+                                             "to_embed.new", "to_embed.changed", "skipped",
+                                             "skipped.unchanged", "tombstoned"]),
+                    label="Outcomes")
+
+
+def test_id_collision_fails_the_run_naming_both_uris():
+    assert _check_ids((5, ["a", "a"])) == 5
+    with pytest.raises(ValueError, match="'x' and 'y' both hash to id 7"):
+        _check_ids((7, ["y", "x"]))
+    with pytest.raises(Exception, match="id collision"):
+        with test_pipeline.TestPipeline(runner=RUNNER) as p:
+            p | beam.Create([(1, "a"), (2, "b"), (1, "c")]) | CheckIdCollisions()
+
+
+def test_write_parquet_shards_names_row_groups_and_atomicity(tmp_path):
+    schema = pa.schema([pa.field("id", pa.int64(), nullable=False), pa.field("v", pa.string())],
+                       metadata={b"k": b"meta"})
+    rows = [{"id": i, "v": str(i)} for i in range(50)]
+    with test_pipeline.TestPipeline(runner=RUNNER) as p:
+        written = (p | beam.Create(rows)
+                   | WriteParquetShards(str(tmp_path), "t", schema, lambda r: r["id"],
+                                        shard_rows=20, row_group_rows=8))
+        assert_that(written, equal_to([(shard_name("t", i, 3), n)
+                                       for i, n in enumerate((17, 17, 16))]))
+    for i in range(3):
+        pf = pq.ParquetFile(tmp_path / shard_name("t", i, 3))
+        assert pf.schema_arrow.metadata[b"k"] == b"meta"
+        assert pf.metadata.row_group(0).num_rows == 8
+        assert pf.metadata.row_group(0).column(0).compression == "ZSTD"
+        assert all(v % 3 == i for v in pf.read().column("id").to_pylist())
+    assert list((tmp_path / "_tmp").iterdir()) == []  # every temp file was renamed
+    assert shard_name("t", 3, 12) == "t-00003-of-00012.parquet"
+    assert (shard_count(0, 10), shard_count(10, 10), shard_count(11, 10), shard_count(5, 1, 4)) \
+        == (1, 1, 2, 4)
+
+
+def test_empty_input_writes_no_shard(tmp_path):
+    schema = pa.schema([pa.field("id", pa.int64())])
+    with test_pipeline.TestPipeline(runner=RUNNER) as p:
+        written = (p | beam.Create([]) | WriteParquetShards(str(tmp_path), "t", schema,
+                                                             lambda r: r["id"]))
+        assert_that(written, equal_to([]))
+    assert not list(tmp_path.glob("*.parquet"))
+
+
+def test_summary_accounts_and_groups_reasons():
+    s = summarize({"read": 5, "embedded": 2, "dead_lettered": 1, "skipped": 2,
+                   "skipped.unchanged": 2, "dead_letter.decode.corrupt": 1,
+                   "to_embed.new": 3, "tombstoned": 4})
+    assert s["accounted"] and s["tombstoned"] == 4
+    assert s["dead_letter_by_reason"] == {"decode.corrupt": 1}
+    assert s["skipped_by_reason"] == {"unchanged": 2} and s["to_embed_by_reason"] == {"new": 3}
+    assert not summarize({"read": 2, "embedded": 1})["accounted"]
