@@ -1,128 +1,350 @@
-"""Build a FAISS index from an embedding store in one go: train, add, measure recall, publish.
+"""The index build as three resumable steps over one local index folder, and the one-shot form.
 
-Files of a built index (all in one folder, local or object storage):
-    index.faiss      the FAISS index, ids = stable int64 ids of the shards
-    ids.parquet      id -> uri
-    manifest.json    written last (see manifest.py)
+    train_step(store, folder)   sample uniformly across all shards, choose + train the index
+    add_step(store, folder)     add every embedding shard not yet added, in parallel processes;
+                                remove re-embedded and tombstoned ids from earlier index shards
+    merge_step(folder)          merge (single | ondisk) or keep the shards, measure recall, tune
+                                nprobe/efSearch to a target, write manifest.json last
+    build_index(store, folder)  all three in order
+
+Files of an index folder:
+    train.json, trained.faiss         the empty trained index and how it was chosen
+    state.json                        which runs and index shards the folder holds
+    shards/<name>.faiss               one index shard per embedding shard (immutable: a removal
+    shards/<name>.ids.parquet         writes a new generation), with its id -> uri table
+    index.faiss [+ index.ivfdata]     the merged index (layouts single / ondisk)
+    recall_queries.npz                the held-out queries and exact neighbours of the recall
+    manifest.json                     written last (DESIGN.md section 4)
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
-import tempfile
+import sys
 import time
 
 import faiss
-import fsspec
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from remap_core.shard_schema import PARQUET_CODEC
-
-from .embeddings import list_runs, load_embeddings
-from .manifest import file_entry, write_manifest
+from .add import AddJob, add_shards, ids_path, remove_ids
+from .embeddings import (LiveShard, check_store_model, iter_shard_batches, list_runs,
+                         plan_live_shards)
+from .manifest import MANIFEST_NAME, file_entry, write_manifest
+from .merge import LAYOUTS, merge_in_memory, merge_to_ondisk
+from .recall import KS, exact_knn_stream, tune_search_params
+from .train import (choose_factory, error_growth, parse_bytes, quantization_error,
+                    reservoir_sample, train_index, training_size)
 
 INDEX_FILE = "index.faiss"
-IDS_FILE = "ids.parquet"
+TRAINED_FILE = "trained.faiss"
+TRAIN_JSON = "train.json"
+STATE_JSON = "state.json"
+RECALL_FILE = "recall_queries.npz"
+SHARD_DIR = "shards"
+ERROR_SAMPLE = 10_000
+DRIFT_WARN = 1.2  # warn when new data's quantisation error grows by more than 20%
 
 
-def make_index(factory: str, dim: int) -> faiss.Index:
-    """An inner-product FAISS index from a factory string, able to take our int64 ids."""
-    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    try:
-        index.add_with_ids(np.zeros((0, dim), np.float32), np.zeros(0, np.int64))
-        return index
-    except RuntimeError:
-        return faiss.IndexIDMap2(index)
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
-def exact_knn(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product k-NN (reference for recall): -> (scores (Q, k), row indices (Q, k))."""
-    return faiss.knn(xq, xb, min(k, len(xb)), metric=faiss.METRIC_INNER_PRODUCT)
+def _local(folder: str) -> str:
+    if "://" in folder and not folder.startswith("file://"):
+        raise ValueError(f"the index is built in a local folder, not {folder}; build locally, "
+                         f"then copy the folder to object storage with manifest.json last "
+                         f"(e.g. gsutil -m rsync -x 'manifest.json' ... then gsutil cp "
+                         f"manifest.json)")
+    folder = folder.removeprefix("file://")
+    os.makedirs(folder, exist_ok=True)
+    return folder
 
 
-def recall_at(found_ids: np.ndarray, true_ids: np.ndarray, ks=(1, 10, 100)) -> dict[str, float]:
-    """recall@k = fraction of queries whose exact nearest neighbour is in the first k results."""
-    out = {}
-    for k in ks:
-        if k > found_ids.shape[1]:
-            continue
-        hit = (found_ids[:, :k] == true_ids[:, :1]).any(axis=1)
-        out[f"recall@{k}"] = float(hit.mean())
-    return out
+def _read_json(path: str, default=None):
+    if not os.path.exists(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
 
 
-def measure_recall(index: faiss.Index, X: np.ndarray, ids: np.ndarray, n_queries: int = 1000,
-                   seed: int = 0, ks=(1, 10, 100)) -> dict:
-    """Recall of `index` against exact search on queries drawn from the data (their own vectors,
-    slightly perturbed so the query is not trivially itself)."""
-    if len(X) == 0:
-        return {"queries": 0}
-    rng = np.random.default_rng(seed)
-    pick = rng.choice(len(X), size=min(n_queries, len(X)), replace=False)
-    xq = X[pick] + rng.normal(0, 0.01, size=X[pick].shape).astype(np.float32)
-    xq /= np.linalg.norm(xq, axis=1, keepdims=True)
-    kmax = min(max(ks), len(X))
-    _, true_rows = exact_knn(xq, X, kmax)
-    _, found = index.search(xq, kmax)
-    return {"queries": int(len(pick)), **recall_at(found, ids[true_rows], ks)}
+def _write_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
 
 
-def put_file(local: str, dest_folder: str, name: str) -> None:
-    """Copy a local file into an fsspec folder (temp name, then rename)."""
-    fs, root = fsspec.core.url_to_fs(dest_folder)
-    fs.makedirs(root, exist_ok=True)
-    fs.put_file(local, f"{root.rstrip('/')}/{name}.tmp")
-    fs.mv(f"{root.rstrip('/')}/{name}.tmp", f"{root.rstrip('/')}/{name}")
+def _live_batches(shards: list[LiveShard], batch_rows: int = 65_536):
+    for s in shards:
+        for ids, X, _ in iter_shard_batches(s.path, batch_rows, drop=s.drop, with_uris=False):
+            yield ids, X
 
 
-def write_ids(folder: str, ids: np.ndarray, uris: list[str]) -> None:
-    table = pa.table({"id": pa.array(ids, pa.int64()), "uri": pa.array(uris, pa.string())})
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, IDS_FILE)
-        pq.write_table(table, local, compression=PARQUET_CODEC)
-        put_file(local, folder, IDS_FILE)
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat()
 
 
-def build_index(store: str, output: str, factory: str = "Flat", train_sample: int = 100_000,
-                recall_queries: int = 1000, seed: int = 0) -> dict:
-    """Read every completed run of `store`, build `factory`, write index + ids + manifest."""
+# --------------------------------------------------------------------------- 1. train
+
+def train_step(store: str, folder: str, factory: str | None = None,
+               max_index_memory: str | int = "4GB", train_sample: int | None = None,
+               points_per_centroid: int = 64, seed: int = 0, verbose: bool = True) -> dict:
+    """Choose (or take) the factory, sample the collection uniformly at random across all
+    shards (streamed), train, write trained.faiss + train.json. Existing index shards of an
+    earlier training are dropped from state.json: re-add them with add_step."""
+    folder = _local(folder)
     started = time.time()
-    ids, X, uris, fingerprint, run_ids = load_embeddings(store)
-    n, dim = X.shape
-    index = make_index(factory, dim)
-    sample = 0
-    if not index.is_trained:
-        rng = np.random.default_rng(seed)
-        sample = min(train_sample, n)
-        index.train(X[rng.choice(n, size=sample, replace=False)])
-    index.add_with_ids(X, ids)
-    recall = measure_recall(index, X, ids, recall_queries, seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, INDEX_FILE)
-        faiss.write_index(index, local)
-        put_file(local, output, INDEX_FILE)
-    write_ids(output, ids, uris)
     runs = list_runs(store)
+    fingerprint, dim = check_store_model(runs)
+    shards, _ = plan_live_shards(runs)
+    n = sum(s.live_rows for s in shards)
+    budget = parse_bytes(max_index_memory)
+    factory = factory or choose_factory(n, dim, budget)
+    size = training_size(factory, n, dim, points_per_centroid) if train_sample is None \
+        else min(int(train_sample), n)
+    needs_training = not faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT).is_trained
+    held = min(ERROR_SAMPLE, n // 10) if needs_training else 0  # never trained on
+    size = min(size, n - held) if needs_training else 0
+    log(f"train: {n} vectors of dim {dim} in {len(shards)} shards -> {factory}; "
+        f"sampling {size} (+{held} held out for the quantisation error)")
+    t0 = time.time()
+    if size + held:
+        _, sample = reservoir_sample(_live_batches(shards), size + held, seed)
+    else:
+        sample = np.zeros((0, dim), np.float32)
+    sample_seconds = time.time() - t0
+    t0 = time.time()
+    index = train_index(factory, sample[held:], verbose=False)
+    train_seconds = time.time() - t0
+    errors = quantization_error(index, sample[:held]) if held else {}
+    faiss.write_index(index, os.path.join(folder, TRAINED_FILE + ".tmp"))
+    os.replace(os.path.join(folder, TRAINED_FILE + ".tmp"), os.path.join(folder, TRAINED_FILE))
+    info = {"factory": factory, "dimension": dim, "model": fingerprint, "collection_size": n,
+            "max_index_memory": budget, "training_sample": int(size),
+            "quantization_error": errors, "error_sample": int(held), "seed": seed,
+            "sample_seconds": round(sample_seconds, 3), "train_seconds": round(train_seconds, 3),
+            "source_runs": [r.run_id for r in runs], "source_store": store,
+            "model_uri": runs[-1].summary.get("model_uri"),
+            "trained_at": _now(), "seconds": round(time.time() - started, 3)}
+    _write_json(os.path.join(folder, TRAIN_JSON), info)
+    old = _read_json(os.path.join(folder, STATE_JSON))
+    if old and old.get("shards"):
+        log(f"train: the {len(old['shards'])} index shards of the previous training no longer "
+            f"match; state reset, run `remap index add` to add every run again")
+    _write_json(os.path.join(folder, STATE_JSON),
+                {"trained_at": info["trained_at"], "runs_added": [], "shards": [],
+                 "generation": (old or {}).get("generation", 0) + 1})
+    log(f"train: done in {info['seconds']:.1f}s (sample {sample_seconds:.1f}s, "
+        f"train {train_seconds:.1f}s); quantisation error {errors or 'n/a (exact storage)'}")
+    return info
+
+
+# --------------------------------------------------------------------------- 2. add
+
+def add_step(store: str, folder: str, workers: int | None = None,
+             memory_budget: str | int | None = None, batch_rows: int = 65_536,
+             seed: int = 0, progress: bool = True) -> dict:
+    """Add the shards of every run of `store` that the folder does not hold yet. A URI that a new
+    run re-embeds or tombstones is removed from the earlier index shards (written as a new
+    generation: published files never change). Warns when the new data's quantisation error has
+    grown past the training sample's (retraining is the explicit `remap index train`)."""
+    folder = _local(folder)
+    started = time.time()
+    train = _read_json(os.path.join(folder, TRAIN_JSON))
+    if train is None:
+        raise FileNotFoundError(f"{folder} has no trained index; run `remap index train "
+                                f"--embeddings {store} --output {folder}` first")
+    state = _read_json(os.path.join(folder, STATE_JSON))
+    done = set(state["runs_added"])
+    runs = list_runs(store)
+    new_runs = [r for r in runs if r.run_id not in done]
+    if not new_runs:
+        log(f"add: every run of {store} is already in {folder}; nothing to add")
+        return {"runs": [], "added": 0, "removed": 0, "seconds": 0.0}
+    check_store_model(new_runs, expect=train["model"])
+    shards, touched = plan_live_shards(new_runs)
+    gen = state["generation"]
+
+    # earlier index shards: drop ids the new runs re-embedded or deleted
+    removed_total, kept = 0, []
+    for entry in state["shards"]:
+        have = _read_ids(os.path.join(folder, entry["index"]))
+        gone = np.intersect1d(have, touched)
+        if len(gone):
+            new_name = _shard_name(entry["source_run"], entry["source"], gen)
+            removed, left = remove_ids(os.path.join(folder, entry["index"]), gone,
+                                       os.path.join(folder, new_name))
+            removed_total += removed
+            entry = {**entry, "index": new_name, "ids": ids_path(new_name), "vectors": left}
+        kept.append(entry)
+
+    # drift check on a uniform sample of the new data
+    drift = {}
+    if train["quantization_error"]:
+        _, xs = reservoir_sample(_live_batches(shards), ERROR_SAMPLE, seed)
+        trained = faiss.read_index(os.path.join(folder, TRAINED_FILE))
+        new_err = quantization_error(trained, xs)
+        drift = {"error": new_err, "growth": error_growth(train["quantization_error"], new_err)}
+        grown = {k: g for k, g in drift["growth"].items() if g > DRIFT_WARN}
+        if grown:
+            log("WARNING: the new data's quantisation error has grown since training (" +
+                ", ".join(f"{k} x{g:.2f}" for k, g in grown.items()) + "); the codebooks "
+                "fit it worse and recall will drop: retrain with `remap index train` "
+                "then `remap index add`")
+
+    jobs = [AddJob(s.path, os.path.join(folder, _shard_name(s.run_id, s.path, gen)), s.drop)
+            for s in shards if s.live_rows > 0]
+    results = add_shards(os.path.join(folder, TRAINED_FILE), jobs, workers,
+                         parse_bytes(memory_budget) if memory_budget else None, batch_rows,
+                         progress)
+    for s, r in zip([s for s in shards if s.live_rows > 0], results):
+        kept.append({"source": s.path, "source_run": s.run_id,
+                     "index": os.path.relpath(r.output, folder),
+                     "ids": os.path.relpath(r.ids_file, folder), "vectors": r.vectors})
+    state = {**state, "runs_added": state["runs_added"] + [r.run_id for r in new_runs],
+             "shards": [e for e in kept if e["vectors"] > 0], "generation": gen + 1,
+             "updated_at": _now()}
+    _write_json(os.path.join(folder, STATE_JSON), state)
+    added = sum(r.vectors for r in results)
+    summary = {"runs": [r.run_id for r in new_runs], "added": added, "removed": removed_total,
+               "index_shards": len(state["shards"]), "drift": drift,
+               "peak_worker_rss_bytes": max([r.peak_rss_bytes for r in results] or [0]),
+               "seconds": round(time.time() - started, 3)}
+    log(f"add: {added} vectors from {len(jobs)} shards of {len(new_runs)} runs, {removed_total} "
+        f"removed (re-embedded or deleted), {len(state['shards'])} index shards, "
+        f"{summary['seconds']:.1f}s")
+    return summary
+
+
+def _shard_name(run_id: str, source: str, gen: int) -> str:
+    stem = os.path.basename(source).rsplit(".", 1)[0]
+    return f"{SHARD_DIR}/{run_id}-{stem}-g{gen}.faiss"
+
+
+def _read_ids(index_path: str) -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(ids_path(index_path), columns=["id"]).column("id").to_numpy()
+
+
+# --------------------------------------------------------------------------- 3. merge
+
+def merge_step(folder: str, layout: str = "single", target_recall: float = 0.95,
+               tune_at: int = 10, recall_queries: int = 1000, seed: int = 0,
+               source_store: str | None = None, started: float | None = None) -> dict:
+    """Make the searchable index from the folder's shards, measure recall against exact search on
+    held-out queries, tune search parameters to `target_recall` (recall@`tune_at`), and write
+    the manifest last."""
+    from .search import read_faiss_index
+
+    folder = _local(folder)
+    started = started or time.time()
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    train = _read_json(os.path.join(folder, TRAIN_JSON))
+    state = _read_json(os.path.join(folder, STATE_JSON))
+    if not train or not state or not state["shards"]:
+        raise FileNotFoundError(f"{folder} has no index shards; run `remap index train` and "
+                                f"`remap index add` first")
+    shard_paths = [os.path.join(folder, e["index"]) for e in state["shards"]]
+    t0 = time.time()
+    if layout == "single":
+        index = merge_in_memory(shard_paths)
+        faiss.write_index(index, os.path.join(folder, INDEX_FILE + ".tmp"))
+        os.replace(os.path.join(folder, INDEX_FILE + ".tmp"), os.path.join(folder, INDEX_FILE))
+        del index
+        index_files = [file_entry(folder, INDEX_FILE)]
+    elif layout == "ondisk":
+        ivfdata = merge_to_ondisk(os.path.join(folder, TRAINED_FILE), shard_paths,
+                                  os.path.join(folder, INDEX_FILE))
+        index_files = [file_entry(folder, INDEX_FILE),
+                       file_entry(folder, os.path.basename(ivfdata))]
+    else:
+        index_files = [file_entry(folder, e["index"]) for e in state["shards"]]
+    merge_seconds = time.time() - t0
     manifest = {
-        "model": fingerprint,
-        "model_uri": runs[-1].summary.get("model_uri"),
-        "dimension": int(dim),
-        "metric": "inner_product",
-        "factory": factory,
-        "search_params": {},
-        "index_files": [file_entry(output, INDEX_FILE)],
-        "id_files": [file_entry(output, IDS_FILE)],
-        "layout": "single",
-        "num_vectors": int(index.ntotal),
-        "training_sample": int(sample),
-        "recall": recall,
-        "build_seconds": round(time.time() - started, 3),
-        "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-        "source_runs": run_ids,
-        "source_store": store,
+        "model": train["model"], "model_uri": train.get("model_uri"),
+        "dimension": train["dimension"], "metric": "inner_product",
+        "factory": train["factory"], "layout": layout, "search_params": {},
+        "index_files": index_files,
+        "id_files": [file_entry(folder, e["ids"]) for e in state["shards"]],
+        "num_vectors": int(sum(e["vectors"] for e in state["shards"])),
+        "training_sample": train["training_sample"],
     }
-    write_manifest(output, manifest)
+    index = read_faiss_index(folder, manifest, folder)
+    log(f"merge: {layout} index of {index.ntotal} vectors in {merge_seconds:.1f}s; measuring "
+        f"recall on {recall_queries} held-out queries")
+
+    # held-out queries: a uniform sample of the indexed vectors, left out of their own results
+    t0 = time.time()
+    sources = [(e["source"], _read_ids(p)) for e, p in zip(state["shards"], shard_paths)]
+
+    def batches():  # the indexed vectors, read back from the embedding shards
+        for source, keep in sources:
+            for ids, X, _ in iter_shard_batches(source, keep=keep, with_uris=False):
+                yield ids, X
+
+    qids, xq = reservoir_sample(batches(), min(recall_queries, int(index.ntotal)), seed + 1)
+    kmax = min(max(KS), int(index.ntotal) - 1) if index.ntotal > 1 else 1
+    _, true = exact_knn_stream(xq, batches(), kmax, exclude=qids)
+    params, recall = tune_search_params(index, xq, qids, true, target_recall, tune_at)
+    recall_seconds = time.time() - t0
+    if not recall["target_met"]:
+        log(f"WARNING: no search setting reached recall@{tune_at} {target_recall} "
+            f"(best {recall.get(f'recall@{tune_at}')}, with {params}); the index is too "
+            f"compressed for this target: pass a larger --max-index-memory or --factory")
+    np.savez(os.path.join(folder, RECALL_FILE + ".tmp.npz"), ids=qids, vectors=xq, true=true)
+    os.replace(os.path.join(folder, RECALL_FILE + ".tmp.npz"), os.path.join(folder, RECALL_FILE))
+    recall = {**recall, "method": "leave-one-out: queries are uniformly sampled indexed vectors; "
+              "each query's own id is excluded from exact and approximate results",
+              "queries_file": file_entry(folder, RECALL_FILE)}
+    manifest.update({
+        "search_params": params, "recall": recall,
+        "build_seconds": round(time.time() - started, 3),
+        "merge_seconds": round(merge_seconds, 3), "recall_seconds": round(recall_seconds, 3),
+        "built_at": _now(), "source_runs": state["runs_added"],
+        "source_store": source_store or train.get("source_store"),
+        "train": {k: train[k] for k in ("collection_size", "quantization_error",
+                                        "train_seconds", "trained_at", "max_index_memory")},
+    })
+    write_manifest(folder, manifest)
+    _remove_unreferenced(folder, manifest, state)
+    log(f"merge: {manifest['num_vectors']} vectors, {manifest['factory']} ({layout}), "
+        f"search {params or 'exact'}: " +
+        ", ".join(f"{k} {v:.3f}" for k, v in recall.items() if k.startswith("recall@")) +
+        f", {recall['queries_per_second']} q/s")
     return manifest
+
+
+def _remove_unreferenced(folder: str, manifest: dict, state: dict) -> None:
+    """Delete index-shard generations neither the state nor the new manifest names."""
+    keep = {e["path"] for e in manifest["index_files"] + manifest["id_files"]}
+    keep |= {e["index"] for e in state["shards"]} | {e["ids"] for e in state["shards"]}
+    shard_dir = os.path.join(folder, SHARD_DIR)
+    for name in os.listdir(shard_dir) if os.path.isdir(shard_dir) else []:
+        rel = f"{SHARD_DIR}/{name}"
+        if rel not in keep and not name.endswith(".tmp"):
+            os.remove(os.path.join(shard_dir, name))
+    if manifest["layout"] != "ondisk" and os.path.exists(os.path.join(folder, "index.ivfdata")):
+        os.remove(os.path.join(folder, "index.ivfdata"))
+    if manifest["layout"] == "shards" and os.path.exists(os.path.join(folder, INDEX_FILE)):
+        os.remove(os.path.join(folder, INDEX_FILE))
+
+
+# --------------------------------------------------------------------------- one shot
+
+def build_index(store: str, output: str, factory: str | None = None,
+                train_sample: int | None = None, recall_queries: int = 1000, seed: int = 0,
+                max_index_memory: str | int = "4GB", layout: str = "single",
+                target_recall: float = 0.95, workers: int | None = None,
+                progress: bool = True) -> dict:
+    """Train, add and merge in one go (a fresh folder, or a full rebuild of an existing one)."""
+    started = time.time()
+    if os.path.exists(os.path.join(_local(output), MANIFEST_NAME)):
+        log(f"index: rebuilding {output} from scratch")
+    train_step(store, output, factory, max_index_memory, train_sample, seed=seed)
+    add_step(store, output, workers, seed=seed, progress=progress)
+    return merge_step(output, layout, target_recall, recall_queries=recall_queries, seed=seed,
+                      source_store=store, started=started)
+

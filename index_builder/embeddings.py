@@ -12,7 +12,7 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
-from remap_core.shard_schema import META_DIM, META_MODEL, embeddings_to_numpy
+from remap_core.shard_schema import META_DIM, META_MODEL, embeddings_to_numpy, stable_ids
 
 
 @dataclass
@@ -66,31 +66,23 @@ def read_shard(path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 
 def load_embeddings(store: str) -> tuple[np.ndarray, np.ndarray, list[str], str, list[str]]:
-    """All embeddings of a store -> (ids, X, uris, model fingerprint, run ids).
+    """All current embeddings of a store, in memory -> (ids, X, uris, model fingerprint, run ids).
 
-    A URI embedded in several runs keeps its latest embedding. Shards of different models, or two
-    URIs that hash to one id, are refused with a message that says what to do.
-    """
+    A URI embedded in several runs keeps its latest embedding; URIs a later run tombstoned are
+    left out. Shards of different models, or two URIs that hash to one id, are refused with a
+    message that says what to do. (Small stores only; the index build streams instead.)"""
     runs = list_runs(store)
-    latest: dict[str, tuple[int, np.ndarray]] = {}
-    fingerprint, dim = None, None
-    for run in runs:
-        for path in run.shard_paths:
-            fp, d = shard_metadata(path)
-            if fingerprint is None:
-                fingerprint, dim = fp, d
-            elif fp != fingerprint:
-                raise ValueError(f"shard {path} was embedded with model {fp} but earlier shards "
-                                 f"with {fingerprint}; re-embed the store with one model")
-            ids, X, uris = read_shard(path)
-            for i, u, v in zip(ids, uris, X):
-                latest[u] = (int(i), v)
-    if fingerprint is None:
-        raise ValueError(f"the runs under {store} hold no embedding shards")
-    uris = sorted(latest)
-    ids = np.array([latest[u][0] for u in uris], dtype=np.int64)
-    X = np.stack([latest[u][1] for u in uris]).astype(np.float32) if uris else \
-        np.zeros((0, dim), np.float32)
+    fingerprint, dim = check_store_model(runs)
+    shards, _ = plan_live_shards(runs)
+    ids, X, uris = [np.zeros(0, np.int64)], [np.zeros((0, dim), np.float32)], []
+    for s in shards:
+        for bi, bx, bu in iter_shard_batches(s.path, drop=s.drop):
+            ids.append(bi)
+            X.append(bx)
+            uris += bu
+    ids, X = np.concatenate(ids), np.concatenate(X)
+    order = np.argsort(np.asarray(uris, dtype=object), kind="stable") if uris else np.zeros(0, int)
+    ids, X, uris = ids[order], X[order], [uris[i] for i in order]
     check_unique_ids(ids, uris)
     return ids, X, uris, fingerprint, [r.run_id for r in runs]
 
@@ -103,3 +95,119 @@ def check_unique_ids(ids: np.ndarray, uris: list[str]) -> None:
         a, b = uris[order[dup[0]]], uris[order[dup[0] + 1]]
         raise ValueError(f"id collision: {a!r} and {b!r} both hash to {ids[order[dup[0]]]}; "
                          f"rename one of them")
+
+
+# --------------------------------------------------------------------------- streaming, at scale
+
+def shard_num_rows(path: str) -> int:
+    """Rows of a shard from its Parquet footer (no data read)."""
+    with fsspec.open(path, "rb") as f:
+        return int(pq.ParquetFile(f).metadata.num_rows)
+
+
+def read_shard_ids(path: str) -> np.ndarray:
+    """Only the id column of a shard -> (N,) int64."""
+    with fsspec.open(path, "rb") as f:
+        return pq.read_table(f, columns=["id"]).column("id").to_numpy().astype(np.int64)
+
+
+def iter_shard_batches(path: str, batch_rows: int = 65_536, keep: np.ndarray | None = None,
+                       drop: np.ndarray | None = None, with_uris: bool = True):
+    """Stream one shard in row batches -> (ids (B,), X (B, D) float32, uris or None).
+
+    `keep` keeps only rows whose id is in it, `drop` skips rows whose id is in it (int64 arrays;
+    None: no filter). Memory is bounded by one batch, whatever the shard size."""
+    columns = ["id", "uri", "embedding"] if with_uris else ["id", "embedding"]
+    with fsspec.open(path, "rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns):
+            ids = batch.column("id").to_numpy().astype(np.int64)
+            X = embeddings_to_numpy(batch.column("embedding"))
+            uris = batch.column("uri").to_pylist() if with_uris else None
+            m = None
+            if keep is not None:
+                m = np.isin(ids, keep)
+            if drop is not None and len(drop):
+                m = ~np.isin(ids, drop) if m is None else m & ~np.isin(ids, drop)
+            if m is not None and not m.all():
+                ids, X = ids[m], X[m]
+                uris = [u for u, k in zip(uris, m) if k] if with_uris else None
+            if len(ids):
+                yield ids, X, uris
+
+
+def run_tombstone_paths(run: EmbeddingRun) -> list[str]:
+    """Tombstone tables of a run: those run.json lists, else any `tombstones-*.parquet` there."""
+    names = run.summary.get("tombstones")
+    if names is not None:
+        return [f"{run.path}/{n}" for n in names]
+    fs, root = fsspec.core.url_to_fs(run.path)
+    proto = run.path.split("://", 1)[0] + "://" if "://" in run.path else ""
+    return [proto + p for p in sorted(fs.glob(root.rstrip("/") + "/tombstones-*.parquet"))]
+
+
+def read_tombstone_ids(run: EmbeddingRun) -> np.ndarray:
+    """Ids of the URIs a run saw deleted -> sorted unique (T,) int64."""
+    out = [np.zeros(0, np.int64)]
+    for path in run_tombstone_paths(run):
+        with fsspec.open(path, "rb") as f:
+            t = pq.read_table(f)
+        if "id" in t.column_names:
+            out.append(t.column("id").to_numpy().astype(np.int64))
+        else:
+            out.append(stable_ids(t.column("uri").to_pylist()))
+    return np.unique(np.concatenate(out))
+
+
+@dataclass
+class LiveShard:
+    """One embedding shard and which of its rows are current (not re-embedded later, not
+    deleted)."""
+    path: str
+    run_id: str
+    rows: int             # rows in the file
+    drop: np.ndarray      # sorted ids of rows superseded by a later run or tombstoned
+
+    @property
+    def live_rows(self) -> int:
+        return self.rows - int(len(self.drop))
+
+
+def plan_live_shards(runs: list[EmbeddingRun], later_ids: np.ndarray | None = None
+                     ) -> tuple[list[LiveShard], np.ndarray]:
+    """Which rows of which shards make the current collection, reading only id columns.
+
+    Runs apply oldest first: a run's shards add or replace URIs, then its tombstones remove URIs
+    embedded by earlier runs. Walking newest first, a row is live unless a later run re-embedded
+    or deleted its id. `later_ids` are ids already claimed by newer data (none by default).
+    -> (live shards, oldest first; sorted ids every run touched, its tombstones included)."""
+    seen = np.zeros(0, np.int64) if later_ids is None else np.unique(later_ids)
+    out: list[LiveShard] = []
+    for run in reversed(runs):
+        run_ids = []
+        for path in reversed(run.shard_paths):
+            ids = read_shard_ids(path)
+            drop = np.unique(ids[np.isin(ids, seen)])
+            out.append(LiveShard(path, run.run_id, len(ids), drop))
+            run_ids.append(ids)
+        seen = np.union1d(seen, np.concatenate(run_ids + [read_tombstone_ids(run)]))
+    out.reverse()
+    return out, seen
+
+
+def check_store_model(runs: list[EmbeddingRun], expect: str | None = None) -> tuple[str, int]:
+    """(model fingerprint, dimension) shared by every shard of `runs`; refuses a mix."""
+    fingerprint, dim, first = expect, None, None
+    for run in runs:
+        for path in run.shard_paths:
+            fp, d = shard_metadata(path)
+            if fingerprint is None:
+                fingerprint, dim, first = fp, d, path
+            elif fp != fingerprint:
+                where = f"earlier shards ({first})" if first else "the trained index"
+                raise ValueError(f"shard {path} was embedded with model {fp} but {where} with "
+                                 f"{fingerprint}; re-embed with one model, or train a new index "
+                                 f"(remap index train) for the new model")
+            dim = d if dim is None else dim
+    if fingerprint is None or dim is None:
+        raise ValueError("the runs hold no embedding shards; nothing to index")
+    return fingerprint, dim

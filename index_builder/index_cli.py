@@ -1,28 +1,112 @@
-"""`remap index`: build a FAISS index from an embedding store."""
+"""`remap index`: build a FAISS index from an embedding store.
+
+    remap index --embeddings STORE --output DIR            train, add, merge in one go
+    remap index train --embeddings STORE --output DIR      sample + train the empty index
+    remap index add   --embeddings STORE --output DIR      add new runs (parallel), apply deletes
+    remap index merge --output DIR [--layout ...]          merge / keep shards, recall, manifest
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 
+def _train_args(p, one_shot: bool = False) -> None:
+    p.add_argument("--factory", default=None,
+                   help="FAISS factory string, e.g. 'OPQ64_448,IVF4096_HNSW32,PQ64x8' (default: "
+                        "chosen from the collection size and --max-index-memory, as autofaiss)")
+    p.add_argument("--max-index-memory", default="4GB",
+                   help="memory the searchable index may take (e.g. 100MB, 4GB); picks Flat, "
+                        "HNSW, IVF-Flat or IVF-PQ/OPQ")
+    p.add_argument("--train-sample", type=int, default=None,
+                   help="training vectors, drawn uniformly at random across all shards (default: "
+                        "64 per IVF centroid, within FAISS's 39-256)")
+
+
+def _add_args(p) -> None:
+    p.add_argument("--workers", type=int, default=None,
+                   help="parallel processes adding shards (default: CPU count)")
+    p.add_argument("--add-memory", default=None,
+                   help="memory budget for all add workers together (lowers --workers)")
+
+
+def _merge_args(p) -> None:
+    p.add_argument("--layout", choices=("single", "ondisk", "shards"), default="single",
+                   help="single: one index file; ondisk: IVF lists in a memory-mapped .ivfdata; "
+                        "shards: keep one index per embedding shard, searched together")
+    p.add_argument("--target-recall", type=float, default=0.95,
+                   help="tune nprobe/efSearch to the cheapest setting reaching this recall@10")
+    p.add_argument("--recall-queries", type=int, default=1000,
+                   help="held-out queries for the recall measured into the manifest")
+
+
+def _common(p, embeddings: bool = True) -> None:
+    if embeddings:
+        p.add_argument("--embeddings", required=True,
+                       help="embedding store written by remap embed (local, gs://, s3://)")
+    p.add_argument("--output", required=True, help="local index folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--embeddings", required=True, help="embedding store written by remap embed")
-    parser.add_argument("--output", required=True, help="index folder (local, gs://, s3://)")
-    parser.add_argument("--factory", default="Flat",
-                        help="FAISS factory string (default Flat: exact inner product)")
-    parser.add_argument("--train-sample", type=int, default=100_000,
-                        help="vectors sampled uniformly at random to train codebooks")
-    parser.add_argument("--recall-queries", type=int, default=1000,
-                        help="held-out queries for the recall measured into the manifest")
+    # one-shot form (no subcommand): every option of the three steps
+    parser.add_argument("--embeddings", help="embedding store written by remap embed")
+    parser.add_argument("--output", help="local index folder")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _train_args(parser)
+    _add_args(parser)
+    _merge_args(parser)
+    sub = parser.add_subparsers(dest="step", metavar="STEP",
+                                help="run one step (default: all three in order)")
+    p = sub.add_parser("train", help="sample uniformly across all shards and train the index",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _common(p)
+    _train_args(p)
+    p = sub.add_parser("add", help="add the shards of runs not yet in the index (parallel); "
+                                   "remove re-embedded and deleted URIs")
+    _common(p)
+    _add_args(p)
+    p = sub.add_parser("merge", help="merge or keep shards, measure recall, tune, write manifest")
+    _common(p, embeddings=False)
+    _merge_args(p)
 
 
 def main(args) -> int:
-    from .build import build_index
+    from .build import add_step, build_index, merge_step, train_step
 
-    m = build_index(args.embeddings, args.output, args.factory, args.train_sample,
-                    args.recall_queries, args.seed)
-    print(json.dumps({"index": args.output, "vectors": m["num_vectors"], "model": m["model"],
-                      "factory": m["factory"], "recall": m["recall"],
-                      "seconds": m["build_seconds"]}))
+    step = getattr(args, "step", None)
+    progress = not args.no_progress
+    if step is None:
+        if not args.embeddings or not args.output:
+            raise ValueError("give --embeddings STORE and --output DIR (or a step: "
+                             "remap index train|add|merge --help)")
+        m = build_index(args.embeddings, args.output, args.factory, args.train_sample,
+                        args.recall_queries, args.seed, args.max_index_memory, args.layout,
+                        args.target_recall, args.workers, progress)
+        print(json.dumps(_summary(args.output, m)))
+    elif step == "train":
+        info = train_step(args.embeddings, args.output, args.factory, args.max_index_memory,
+                          args.train_sample, seed=args.seed)
+        print(json.dumps({"index": args.output, "step": "train", "factory": info["factory"],
+                          "training_sample": info["training_sample"],
+                          "quantization_error": info["quantization_error"],
+                          "seconds": info["seconds"]}))
+    elif step == "add":
+        s = add_step(args.embeddings, args.output, args.workers, args.add_memory,
+                     seed=args.seed, progress=progress)
+        print(json.dumps({"index": args.output, "step": "add", **s}))
+    else:
+        m = merge_step(args.output, args.layout, args.target_recall,
+                       recall_queries=args.recall_queries, seed=args.seed)
+        print(json.dumps(_summary(args.output, m)))
     return 0
+
+
+def _summary(output: str, m: dict) -> dict:
+    recall = {k: v for k, v in m["recall"].items() if k.startswith("recall@")}
+    return {"index": output, "vectors": m["num_vectors"], "model": m["model"],
+            "factory": m["factory"], "layout": m["layout"], "search_params": m["search_params"],
+            "recall": recall, "seconds": m["build_seconds"]}

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .manifest import read_manifest, verify_files
+from .merge import read_ondisk, set_search_params, sharded_index
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,7 @@ class RemapIndex:
         if index.d != manifest["dimension"]:
             raise ValueError(f"index at {folder} has dimension {index.d} but its manifest says "
                              f"{manifest['dimension']}; the index is damaged, rebuild it")
-        for key, value in (manifest.get("search_params") or {}).items():
-            faiss.ParameterSpace().set_index_parameter(index, key, value)
+        set_search_params(index, manifest.get("search_params") or {})
         return cls(folder, manifest, index, ids[order], uris[order])
 
     @property
@@ -159,12 +159,39 @@ def _read_bytes(uri: str) -> bytes:
 
 
 def read_faiss_index(folder: str, manifest: dict, tmp: str) -> faiss.Index:
-    """The FAISS index named by the manifest (one file; sharded layouts add theirs here)."""
+    """The FAISS index named by the manifest, in any of its layouts:
+
+    single  one file (`index_files[0]`), read into memory;
+    ondisk  an IVF index file + its .ivfdata inverted lists, memory-mapped (not read) when the
+            folder is local, downloaded into `tmp` first when it is not;
+    shards  N index files searched together (merge.ShardedIndex, results merged by score)."""
+    layout = manifest.get("layout", "single")
     entries = manifest["index_files"]
-    if len(entries) != 1:
-        raise ValueError(f"index at {folder} lists {len(entries)} index files; this layout "
-                         f"({manifest.get('layout')}) is not supported by this version")
-    return faiss.read_index(_read_local(folder, entries[0]["path"], tmp))
+    if layout == "single":
+        if len(entries) != 1:
+            raise ValueError(f"index at {folder} lists {len(entries)} index files for the single "
+                             f"layout; the manifest is damaged, rebuild the index")
+        return faiss.read_index(_read_local(folder, entries[0]["path"], tmp))
+    if layout == "ondisk":
+        main = [e for e in entries if not e["path"].endswith(".ivfdata")]
+        data = [e for e in entries if e["path"].endswith(".ivfdata")]
+        if len(main) != 1 or len(data) != 1:
+            raise ValueError(f"index at {folder}: the ondisk layout needs one index file and one "
+                             f".ivfdata file; the manifest lists {[e['path'] for e in entries]}")
+        local = _read_local(folder, main[0]["path"], tmp)
+        data_local = _read_local(folder, data[0]["path"], tmp)
+        if os.path.dirname(os.path.abspath(local)) != os.path.dirname(os.path.abspath(data_local)) \
+                or os.path.basename(data_local) != os.path.splitext(os.path.basename(local))[0] + ".ivfdata":
+            raise ValueError(f"index at {folder}: {data[0]['path']} must sit beside "
+                             f"{main[0]['path']} with the same stem")
+        return read_ondisk(local)
+    if layout == "shards":
+        if not entries:
+            raise ValueError(f"index at {folder} lists no index shards; rebuild it")
+        return sharded_index([faiss.read_index(_read_local(folder, e["path"], tmp))
+                              for e in entries])
+    raise ValueError(f"index at {folder} has layout {layout!r}, which this version of remap "
+                     f"does not read; upgrade remap")
 
 
 def open_index(folder: str, verify: bool = True) -> RemapIndex:

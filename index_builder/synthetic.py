@@ -1,0 +1,89 @@
+"""Synthetic embedding stores for tests and benchmarks: clustered unit vectors written as real
+embedding runs (run-<id>/ with Parquet shards following remap_core.shard_schema + run.json).
+
+    X = clustered_vectors(100_000, 512, seed=0)
+    write_run(store, "20260101T000000Z-a", uris, X, shards=8)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from remap_core.shard_schema import (PARQUET_CODEC, ROW_GROUP_ROWS, embedding_schema,
+                                     stable_ids)
+
+SYNTHETIC_MODEL = "synthetic.d{dim}"
+
+
+def clustered_vectors(n: int, dim: int, clusters: int = 1000, spread: float = 0.5,
+                      seed: int = 0, batch: int = 100_000) -> np.ndarray:
+    """(n, dim) float32 L2-normalised vectors around `clusters` random centres, like image
+    descriptors (neighbourhoods exist, nothing is trivially separable)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    out = np.empty((n, dim), np.float32)
+    for i in range(0, n, batch):
+        m = min(batch, n - i)
+        x = centres[rng.integers(0, clusters, m)] + \
+            rng.normal(scale=spread / np.sqrt(dim), size=(m, dim)).astype(np.float32)
+        out[i:i + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def synthetic_uris(n: int, prefix: str = "gs://bucket/img", start: int = 0) -> list[str]:
+    return [f"{prefix}/{i:09d}.jpg" for i in range(start, start + n)]
+
+
+def write_shard(path: str, uris: list[str], X: np.ndarray, model: str) -> None:
+    """One embedding shard (DESIGN.md section 3) at a local path, written via a temp name."""
+    n, dim = X.shape
+    schema = embedding_schema(dim, model)
+    flat = pa.array(np.ascontiguousarray(X, np.float32).reshape(-1), pa.float32())
+    cols = {
+        "id": pa.array(stable_ids(uris), pa.int64()),
+        "uri": pa.array(uris, pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
+        "content_sha1": pa.array([""] * n, pa.string()),
+        "size_bytes": pa.array(np.zeros(n, np.int64)),
+        "width": pa.array(np.zeros(n, np.int32)),
+        "height": pa.array(np.zeros(n, np.int32)),
+        "model": pa.array([model] * n, pa.string()),
+    }
+    table = pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
+    pq.write_table(table, path + ".tmp", compression=PARQUET_CODEC, row_group_size=ROW_GROUP_ROWS)
+    os.replace(path + ".tmp", path)
+
+
+def write_run(store: str, run_id: str, uris: list[str], X: np.ndarray, shards: int = 4,
+              tombstone_uris: list[str] = (), model: str | None = None) -> str:
+    """A completed embedding run: `shards` Parquet shards, an optional tombstone table, and
+    run.json written last. -> the run folder."""
+    model = model or SYNTHETIC_MODEL.format(dim=X.shape[1])
+    folder = os.path.join(store, f"run-{run_id}")
+    os.makedirs(folder, exist_ok=True)
+    names = []
+    bounds = np.linspace(0, len(uris), shards + 1).astype(int)
+    for s in range(shards):
+        name = f"embeddings-{s:05d}-of-{shards:05d}.parquet"
+        write_shard(os.path.join(folder, name), uris[bounds[s]:bounds[s + 1]],
+                    X[bounds[s]:bounds[s + 1]], model)
+        names.append(name)
+    summary = {"run_id": run_id, "model": model, "model_uri": None, "dimension": int(X.shape[1]),
+               "embedded": len(uris), "shards": names}
+    if tombstone_uris:
+        t = pa.table({"uri": pa.array(list(tombstone_uris), pa.string()),
+                      "id": pa.array(stable_ids(list(tombstone_uris)), pa.int64()),
+                      "run_id": pa.array([run_id] * len(tombstone_uris), pa.string())})
+        pq.write_table(t, os.path.join(folder, "tombstones-00000-of-00001.parquet"),
+                       compression=PARQUET_CODEC)
+        summary["tombstones"] = ["tombstones-00000-of-00001.parquet"]
+    with open(os.path.join(folder, "run.json.tmp"), "w") as f:
+        json.dump(summary, f)
+    os.replace(os.path.join(folder, "run.json.tmp"), os.path.join(folder, "run.json"))
+    return folder

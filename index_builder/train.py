@@ -1,0 +1,205 @@
+"""Choose an index for a collection, sample it uniformly, train the empty index.
+
+    factory = choose_factory(n=1_000_000, dim=512, max_index_bytes=100 << 20)
+    # 'OPQ64_448,IVF4096_HNSW32,PQ64x8'
+    sample = reservoir_sample(batches, 200_000, seed=0)      # streamed, bounded memory
+    index = train_index(factory, sample)
+
+Everything here is numpy in, FAISS out; the file layout lives in build.py.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from typing import Iterable
+
+import faiss
+import numpy as np
+
+# Collection sizes below which the exact or graph indexes are chosen (when they fit the budget).
+FLAT_MAX = 100_000
+HNSW_MAX = 500_000
+MIN_POINTS_PER_CENTROID = 39
+MAX_POINTS_PER_CENTROID = 256
+PQ_CHOICES = (256, 128, 64, 48, 32, 24, 16, 8, 4)
+ID_BYTES = 8  # an int64 id is stored beside every code in the inverted lists
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """'100MB', '4G', '1.5GiB', 2e9 -> bytes."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)(i?b?)\s*", text.lower())
+    if not m:
+        raise ValueError(f"cannot read a memory size from {text!r}; write e.g. 100MB, 4G, 1.5GiB")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+
+
+def nlist_for(n: int) -> int:
+    """IVF centroids for n vectors: a power of two near 4*sqrt(n) (FAISS guideline 4-16 sqrt(n)),
+    lowered if needed so that every centroid gets at least 39 training points."""
+    k = 2 ** max(0, round(math.log2(max(4 * math.sqrt(n), 1))))
+    while k > 1 and k * MIN_POINTS_PER_CENTROID > n:
+        k //= 2
+    return int(k)
+
+
+def ivf_part(k: int) -> str:
+    """Coarse quantizer spec: flat for few centroids, an HNSW32 graph over centroids beyond."""
+    return f"IVF{k}" if k < 1000 else f"IVF{k}_HNSW32"
+
+
+def choose_factory(n: int, dim: int, max_index_bytes: int) -> str:
+    """The index for n vectors of dim float32 under a memory budget, the way autofaiss picks:
+
+    - n <= 100k and the raw vectors fit: Flat (exact);
+    - n <= 500k and vectors + an HNSW32 graph fit: HNSW32;
+    - IVF{k},Flat (k ~ 4 sqrt(n)) when the raw vectors + ids fit;
+    - else OPQ{m}_{y},IVF{k}(_HNSW32),PQ{m}x8 with the largest m whose codes + ids fit.
+    """
+    if n <= 0:
+        raise ValueError("the collection is empty; embed some images first")
+    raw = 4 * dim * n
+    if n <= FLAT_MAX and raw <= max_index_bytes:
+        return "Flat"
+    if n <= HNSW_MAX and raw + n * (2 * 32 * 4 + ID_BYTES) <= max_index_bytes:
+        return "HNSW32"
+    k = nlist_for(n)
+    quantizer_bytes = 4 * dim * k * 2
+    if (raw + ID_BYTES * n) + quantizer_bytes <= max_index_bytes:
+        return f"{ivf_part(k)},Flat"
+    budget = max_index_bytes - quantizer_bytes
+    for m in PQ_CHOICES:
+        if m < dim and (m + ID_BYTES) * n <= budget:
+            y = (min(dim // m, 6) + 1) * m  # OPQ output dim, a multiple of m (as autofaiss)
+            return f"OPQ{m}_{y},{ivf_part(k)},PQ{m}x8"
+    need = (PQ_CHOICES[-1] + ID_BYTES) * n + quantizer_bytes
+    raise ValueError(f"{n} vectors cannot fit {max_index_bytes} bytes even with 4-byte codes "
+                     f"(need about {need}); raise --max-index-memory or pass --factory")
+
+
+def nlist_of(factory: str) -> int:
+    m = re.search(r"IVF(\d+)", factory)
+    return int(m.group(1)) if m else 0
+
+
+def training_size(factory: str, n: int, dim: int, points_per_centroid: int = 64,
+                  max_sample_bytes: int = 2 << 30) -> int:
+    """Training points for a factory: `points_per_centroid` per IVF centroid, kept within the
+    39-256 FAISS k-means bounds and a memory budget for the sample; at least 2^16 for PQ
+    codebooks (256 centroids x 256 points); never more than n."""
+    k = nlist_of(factory)
+    want = 0
+    if k:
+        ppc = min(MAX_POINTS_PER_CENTROID, max(MIN_POINTS_PER_CENTROID, points_per_centroid))
+        fit = max_sample_bytes // (4 * dim)
+        want = max(MIN_POINTS_PER_CENTROID * k, min(ppc * k, fit))
+    if "PQ" in factory:
+        want = max(want, 256 * 256)
+    return int(min(want, n))
+
+
+# --------------------------------------------------------------------------- sampling
+
+def reservoir_sample(batches: Iterable[tuple[np.ndarray, np.ndarray]], size: int, seed: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """A uniform random sample without replacement of `size` rows from a stream of
+    (ids (B,), X (B, D)) batches of unknown total length -> (ids (S,), X (S, D)).
+
+    Bottom-k sampling: every row draws a random key, the sample is the rows with the `size`
+    smallest keys; memory is O(size + batch) and the result does not depend on how the stream
+    is cut into batches."""
+    rng = np.random.default_rng(seed)
+    keys = np.zeros(0)
+    ids = np.zeros(0, np.int64)
+    X = None
+    for bid, bx in batches:
+        bkeys = rng.random(len(bid))
+        keys, ids = np.concatenate([keys, bkeys]), np.concatenate([ids, bid])
+        X = bx.astype(np.float32) if X is None else np.concatenate([X, bx.astype(np.float32)])
+        if len(keys) > size:
+            keep = np.argpartition(keys, size)[:size] if size else np.zeros(0, int)
+            keys, ids, X = keys[keep], ids[keep], X[keep]
+    if X is None:
+        raise ValueError("nothing to sample: the stream was empty")
+    order = np.argsort(keys, kind="stable")
+    return ids[order], np.ascontiguousarray(X[order])
+
+
+# --------------------------------------------------------------------------- training
+
+def make_index(factory: str, dim: int) -> faiss.Index:
+    """An empty inner-product index from a factory string, able to take our int64 ids (indexes
+    without their own id storage are wrapped in IndexIDMap2)."""
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if faiss.try_extract_index_ivf(index) is None:
+        index = faiss.IndexIDMap2(index)
+    return index
+
+
+def train_index(factory: str, sample: np.ndarray, verbose: bool = False) -> faiss.Index:
+    """(S, D) float32 sample -> the trained, empty index."""
+    index = make_index(factory, sample.shape[1])
+    if not index.is_trained:
+        if len(sample) == 0:
+            raise ValueError(f"{factory} needs training vectors and the sample is empty")
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None:
+            ivf.cp.max_points_per_centroid = MAX_POINTS_PER_CENTROID
+            ivf.cp.min_points_per_centroid = 1
+            ivf.verbose = verbose
+            if ivf.nlist > len(sample):
+                raise ValueError(f"{factory} has {ivf.nlist} centroids but only {len(sample)} "
+                                 f"training vectors; use a smaller IVF or pass --factory")
+        started = time.time()
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        if verbose:
+            print(f"trained {factory} on {len(sample)} vectors in {time.time() - started:.1f}s")
+    return index
+
+
+def inner_index(index: faiss.Index) -> faiss.Index:
+    """The index under IndexIDMap/IndexIDMap2 wrappers."""
+    while isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        index = faiss.downcast_index(index.index)
+    return index
+
+
+def quantization_error(index: faiss.Index, X: np.ndarray) -> dict[str, float]:
+    """How well a trained index represents (N, D) vectors:
+
+    - reconstruction: mean ||x - decode(encode(x))||^2 (0 for exact storage),
+    - coarse: mean squared distance to the assigned IVF centroid (IVF only).
+    A growth of either on new data, relative to the training sample, says the collection has
+    drifted from what the codebooks learned."""
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    out: dict[str, float] = {}
+    base = inner_index(index)
+    try:
+        rec = base.sa_decode(base.sa_encode(X))
+        out["reconstruction"] = float(np.mean(np.sum((rec - X) ** 2, axis=1)))
+    except RuntimeError:
+        pass
+    ivf = faiss.try_extract_index_ivf(base)
+    if ivf is not None:
+        xt = X
+        if isinstance(base, faiss.IndexPreTransform):
+            xt = _apply_chain(base, X)
+        _, assign = ivf.quantizer.search(xt, 1)
+        cent = ivf.quantizer.reconstruct_batch(assign[:, 0])
+        out["coarse"] = float(np.mean(np.sum((xt - cent) ** 2, axis=1)))
+    return out
+
+
+def _apply_chain(pre: faiss.IndexPreTransform, X: np.ndarray) -> np.ndarray:
+    for i in range(pre.chain.size()):
+        X = pre.chain.at(i).apply(X)
+    return X
+
+
+def error_growth(trained: dict[str, float], new: dict[str, float]) -> dict[str, float]:
+    """Ratio new/trained for each error both sides measured (nonzero)."""
+    return {k: new[k] / trained[k] for k in trained if k in new and trained[k] > 0}
+
