@@ -1,0 +1,314 @@
+"""deploy/: the Dataflow job graph builds offline, the deployment files parse and agree with the
+pipeline's options, and the nightly re-index publishes, keeps and refuses indexes as its README
+says. Nothing here sends traffic beyond loopback: the Dataflow graph is built with `--dry_run`
+under a guard that fails the test on any non-loopback connection or name lookup, and the nightly
+runs against local folders with the in-process runner (inside a private network namespace when
+the machine allows one)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+REINDEX = DEPLOY / "nightly" / "reindex.sh"
+VENV_BIN = str(Path(sys.executable).parent)
+sys.path.insert(0, str(DEPLOY / "nightly"))
+
+import index_pointer as P  # noqa: E402
+
+# The transforms a data engineer sees in the Dataflow UI (pipelines/embed.py build_pipeline).
+NAMED_TRANSFORMS = {"ListSources", "Reconcile", "FetchAndDecode", "EmbedImages",
+                    "WriteRunTables"}
+LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
+
+
+# --------------------------------------------------------------------------- network guard
+
+@pytest.fixture
+def loopback_only(monkeypatch):
+    """Fail on any name lookup or connection to a non-loopback address, recording it."""
+    attempts = []
+    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
+
+    def _loopback(host) -> bool:
+        host = host.decode() if isinstance(host, bytes) else str(host)
+        return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host is not None and not _loopback(host):
+            attempts.append(("getaddrinfo", host))
+            raise OSError(f"test guard: lookup of {host!r} refused (loopback only)")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    def connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and not _loopback(address[0]):
+            attempts.append(("connect", address))
+            raise OSError(f"test guard: connection to {address!r} refused (loopback only)")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    # google-auth would otherwise probe the GCE metadata server for credentials.
+    monkeypatch.setenv("NO_GCE_CHECK", "True")
+    return attempts
+
+
+# --------------------------------------------------------------------------- Dataflow
+
+def dataflow_dry_run_flags(tmp_bucket: str = "gs://remap-dry-run",
+                           image: str = "remap-worker:test") -> list[str]:
+    """The flags of deploy/dataflow/README.md's direct launch, made offline: --dry_run builds
+    the job graph without submitting; --no_auth skips the credential lookup (which otherwise
+    retries for 23-36 s); project, region and bucket names must be *valid* names, or Beam tries
+    to create a default staging bucket over the network."""
+    return ["--runner=DataflowRunner", "--dry_run=True", "--no_auth",
+            "--project=remap-dry-run", "--region=europe-west1",
+            f"--temp_location={tmp_bucket}/tmp", f"--staging_location={tmp_bucket}/staging",
+            "--experiments=use_runner_v2", "--sdk_location=container",
+            f"--sdk_container_image={image}",
+            "--number_of_worker_harness_threads=4", "--machine_type=n2-highmem-4"]
+
+
+def test_dataflow_dry_run_builds_the_job_graph_offline(sample_dir, tiny_model_path,
+                                                       loopback_only):
+    sys.path.insert(0, str(DEPLOY / "dataflow"))
+    try:
+        from dry_run import build_job
+    finally:
+        sys.path.remove(str(DEPLOY / "dataflow"))
+    image = "europe-docker.pkg.dev/remap-dry-run/remap/worker:test"
+    job, summary = build_job([f"--input={sample_dir / 'images'}",
+                              "--output=gs://remap-dry-run/store", f"--model={tiny_model_path}",
+                              *dataflow_dry_run_flags(image=image)])
+    assert NAMED_TRANSFORMS <= set(summary["transforms"]), summary["transforms"]
+    assert summary["worker_images"] == [image]
+    assert "use_runner_v2" in summary["experiments"]
+    assert len(job.proto_pipeline.components.transforms) > 50   # the whole graph, translated
+    assert loopback_only == []
+
+
+# --------------------------------------------------------------------------- files parse
+
+def _embed_option_flags() -> dict:
+    import argparse
+
+    from pipelines.embed import EmbedOptions
+
+    parser = argparse.ArgumentParser()
+    EmbedOptions._add_argparse_args(parser)
+    return {a.dest: a for a in parser._actions if a.dest != "help"}
+
+
+def test_flex_template_metadata_matches_embed_options():
+    import re
+
+    meta = json.loads((DEPLOY / "dataflow" / "metadata.json").read_text())
+    params = {p["name"]: p for p in meta["parameters"]}
+    flags = _embed_option_flags()
+    assert set(params) == set(flags), (
+        f"metadata.json out of step with EmbedOptions: only in metadata "
+        f"{sorted(set(params) - set(flags))}, only in EmbedOptions "
+        f"{sorted(set(flags) - set(params))}")
+    for name in flags:
+        p = params[name]
+        assert p["label"] and p["helpText"]
+        # a run needs an input and a store; everything else has a default in EmbedOptions
+        assert p.get("isOptional", False) == (name not in ("input", "output")), name
+        for rx in p.get("regexes", []):
+            re.compile(rx)
+    # the launcher turns Flex Templates' --full=true into the store_true flag EmbedOptions takes
+    sys.path.insert(0, str(DEPLOY / "dataflow"))
+    try:
+        from main import template_argv
+    finally:
+        sys.path.remove(str(DEPLOY / "dataflow"))
+    assert template_argv(["--input=a", "--full=true", "--output=b", "--full=false"]) == \
+        ["--input=a", "--full", "--output=b"]
+
+
+def test_deployment_files_parse():
+    import yaml
+
+    compose = yaml.safe_load((DEPLOY / "flink" / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"jobmanager", "taskmanager", "worker-pool", "job-server"} <= set(services)
+    pool = services["worker-pool"]
+    assert pool["network_mode"] == "service:taskmanager"
+    assert "worker_pool_main" in " ".join(pool["command"]) and \
+        "--service_port=50000" in pool["command"]
+
+    docs = list(yaml.safe_load_all((DEPLOY / "flink" / "flinkdeployment.yaml").read_text()))
+    fd = next(d for d in docs if d and d["kind"] == "FlinkDeployment")
+    containers = fd["spec"]["taskManager"]["podTemplate"]["spec"]["containers"]
+    sidecar = next(c for c in containers if c["name"] == "beam-worker-pool")
+    assert "--service_port=50000" in sidecar["args"]
+
+    cron = yaml.safe_load((DEPLOY / "nightly" / "cronjob.yaml").read_text())
+    assert cron["kind"] == "CronJob" and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    assert "reindex.sh" in " ".join(
+        cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"])
+
+    ast.parse((DEPLOY / "nightly" / "airflow_dag.py").read_text())   # valid Python, no Airflow
+    for script in DEPLOY.rglob("*.sh"):
+        if script.read_text().startswith("#!"):
+            assert os.access(script, os.X_OK), f"{script} is not executable"
+        subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+# --------------------------------------------------------------------------- nightly: steps
+
+def _fake_index(folder: Path, vectors: int, runs: list[str], recall: float = 1.0) -> str:
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({
+        "format_version": 1, "num_vectors": vectors, "source_runs": runs, "model": "m",
+        "index_files": [], "id_files": [],
+        "recall": {"queries": 10, "recall@1": recall, "recall@10": recall}}))
+    return str(folder)
+
+
+def _fake_run(store: Path, run_id: str, embedded: int, tombstoned: int = 0) -> None:
+    (store / f"run-{run_id}").mkdir(parents=True)
+    (store / f"run-{run_id}" / "run.json").write_text(json.dumps(
+        {"run_id": run_id, "embedded": embedded, "tombstoned": tombstoned}))
+
+
+def test_plan_keeps_current_when_no_run_changed_anything(tmp_path):
+    store, root = tmp_path / "store", tmp_path / "idx"
+    _fake_run(store, "1", embedded=5)
+    assert P.plan(str(root), str(store), "2026-11-20")["action"] == "build"
+    P.write_current(str(root), _fake_index(root / "2026-11-20", 5, ["1"]))
+    _fake_run(store, "2", embedded=0)               # a night with nothing new
+    assert P.plan(str(root), str(store), "2026-11-21")["action"] == "keep"
+    _fake_run(store, "3", embedded=0, tombstoned=1)  # a deletion needs a new index
+    plan = P.plan(str(root), str(store), "2026-11-21")
+    assert plan["action"] == "build" and plan["pending_runs"] == ["3"]
+    assert plan["target"] == str(root / "2026-11-21")
+
+
+def test_plan_never_overwrites_the_published_folder(tmp_path):
+    import datetime as dt
+
+    store, root = tmp_path / "store", tmp_path / "idx"
+    _fake_run(store, "1", embedded=5)
+    P.write_current(str(root), _fake_index(root / "2026-11-20", 5, ["1"]))
+    _fake_run(store, "2", embedded=2)
+    plan = P.plan(str(root), str(store), "2026-11-20",
+                  now=dt.datetime(2026, 11, 20, 4, 15, 0, tzinfo=dt.timezone.utc))
+    assert plan["target"] == str(root / "2026-11-20T041500Z")
+    assert (root / "2026-11-20" / "manifest.json").exists()
+    _fake_index(root / "2026-11-21", 1, ["1"])      # leftover of a refused attempt
+    plan = P.plan(str(root), str(store), "2026-11-21")
+    assert plan["removed_leftover"] and not (root / "2026-11-21").exists()
+
+
+def test_check_refuses_low_recall_shrinking_and_unfinished_indexes(tmp_path):
+    root = tmp_path / "idx"
+    P.write_current(str(root), _fake_index(root / "2026-11-20", 100, ["1"]))
+    ok = P.check(_fake_index(root / "2026-11-21", 90, ["1", "2"]), str(root), 0.9, 10, 0.5)
+    assert ok["vectors"] == 90 and ok["recall@10"] == 1.0
+    with pytest.raises(P.Refused, match="recall@10 = 0.5000"):
+        P.check(_fake_index(root / "a", 100, [], recall=0.5), str(root), 0.9, 10, 0.5)
+    with pytest.raises(P.Refused, match="drop of more than 50%"):
+        P.check(_fake_index(root / "b", 40, []), str(root), 0.9, 10, 0.5)
+    (root / "c").mkdir()
+    with pytest.raises(FileNotFoundError, match="manifest.json is missing"):
+        P.check(str(root / "c"), str(root), 0.9, 10, 0.5)
+
+
+def test_prune_keeps_the_newest_and_the_published_index(tmp_path):
+    root = tmp_path / "idx"
+    for day in ("2026-11-18", "2026-11-19", "2026-11-20", "2026-11-21"):
+        _fake_index(root / day, 1, [])
+    (root / "notes").mkdir()
+    P.write_current(str(root), str(root / "2026-11-18"))   # rolled back by hand
+    out = P.prune(str(root), keep=2)
+    assert out["deleted"] == ["2026-11-19"]
+    assert sorted(p.name for p in root.iterdir()) == ["2026-11-18", "2026-11-20", "2026-11-21",
+                                                      "CURRENT", "notes"]
+
+
+# --------------------------------------------------------------------------- nightly: end to end
+
+def _isolated() -> list[str]:
+    """A private network namespace (loopback only) for the subprocess, where the machine allows
+    it; otherwise nothing (the nightly here uses local folders and the in-process runner)."""
+    if shutil.which("unshare") and os.geteuid() == 0:
+        probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
+        if probe.returncode == 0:
+            return ["unshare", "-n"]
+    return []
+
+
+def _reindex(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""),
+               GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false", NO_GCE_CHECK="True")
+    return subprocess.run([*_isolated(), "bash", str(REINDEX), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+def _manifest(folder: str) -> dict:
+    return json.loads((Path(folder) / "manifest.json").read_text())
+
+
+def test_nightly_reindex_publishes_then_keeps_current_when_nothing_is_new(
+        tmp_path, sample_dir, tiny_model_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for src in sorted((sample_dir / "images").iterdir())[:3]:
+        shutil.copy(src, images / src.name)
+    common = ["--input", str(images), "--store", str(tmp_path / "store"),
+              "--index-root", str(tmp_path / "indexes"), "--keep", "2", "--min-recall", "0.9"]
+
+    first = _reindex([*common, "--model", tiny_model_path, "--date", "2026-11-20"], tmp_path)
+    assert first.returncode == 0, first.stderr
+    published = str(tmp_path / "indexes" / "2026-11-20")
+    assert (tmp_path / "indexes" / "CURRENT").read_text().strip() == published
+    built = _manifest(published)
+    assert built["num_vectors"] == 3
+
+    # the same night again, nothing new: CURRENT stays, nothing rebuilt, no duplicates
+    again = _reindex([*common, "--model", tiny_model_path, "--date", "2026-11-20"], tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "CURRENT stays" in again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1])["current"] == published
+    assert _manifest(published) == built          # not rebuilt, still 3 vectors
+    assert [p.name for p in (tmp_path / "indexes").iterdir() if p.is_dir()] == ["2026-11-20"]
+
+
+def _stub_remap(folder: Path, fail: str) -> Path:
+    """A `remap` whose subcommand `fail` fails; `embed` otherwise succeeds with nothing to do."""
+    stub = folder / "remap"
+    stub.write_text(f"""#!/usr/bin/env bash
+if [ "$1" = {fail} ]; then echo "remap {fail}: simulated failure" >&2; exit 1; fi
+if [ "$1" = embed ]; then echo '{{"embedded": 0}}'; exit 0; fi
+exec "{VENV_BIN}/remap" "$@"
+""")
+    stub.chmod(0o755)
+    return stub
+
+
+@pytest.mark.parametrize("fail, status", [("embed", 10), ("index", 11)])
+def test_a_failed_night_leaves_current_on_the_last_good_index(tmp_path, fail, status):
+    store, root = tmp_path / "store", tmp_path / "indexes"
+    _fake_run(store, "1", embedded=3)
+    good = _fake_index(root / "2026-11-20", 3, ["1"])
+    P.write_current(str(root), good)
+    _fake_run(store, "2", embedded=1)           # something new since: tonight must build
+    env = dict(os.environ, PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""),
+               REMAP=str(_stub_remap(tmp_path, fail)))
+    done = subprocess.run(["bash", str(REINDEX), "--input", str(tmp_path), "--store", str(store),
+                           "--index-root", str(root), "--date", "2026-11-21"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == status, done.stderr
+    assert "CURRENT unchanged" in done.stderr
+    assert P.read_current(str(root)) == good
