@@ -160,8 +160,10 @@ class FrozenTrunkCache:
     """
 
     def __init__(self, model: RetrievalNet, images: list[np.ndarray], n_frozen: int,
-                 batch_size: int = 16, progress: bool = False):
+                 batch_size: int = 16, progress: bool = False, scale: float = 1.0):
         from tqdm import tqdm
+
+        from .pooling import resize_batch
 
         self.model = model
         self.units = backbone_units(model.backbone)
@@ -174,7 +176,8 @@ class FrozenTrunkCache:
         with torch.no_grad():
             for idx in tqdm(batches, desc="cache frozen trunk", unit="batch",
                             disable=not progress, leave=False):
-                x = (_to_batch([images[i] for i in idx], model.device) - model.mean) / model.std
+                x = resize_batch(_to_batch([images[i] for i in idx], model.device), scale)
+                x = (x - model.mean) / model.std
                 kept: dict[int, torch.Tensor] = {}
                 for u in range(self.n_frozen):
                     x = self.units[u](x)
@@ -235,16 +238,44 @@ def tuple_loss(model: RetrievalNet, images: list[np.ndarray], tuples: Tuples, ma
     return triplet_loss(a, p, n, margin), active_fraction(a, p, n, margin)
 
 
+class CachedEmbedder:
+    """`model.embed_arrays(images)` (multi-scale, the model's own scales) for a fixed image set,
+    re-run cheaply after every epoch: the frozen units are cached once per image and scale."""
+
+    def __init__(self, model: RetrievalNet, images: list[np.ndarray], n_frozen: int,
+                 batch_size: int = 16, progress: bool = False):
+        self.images = images
+        self.scales = list(model.config["scales"])
+        self.batch_size = batch_size
+        self.caches = [FrozenTrunkCache(model, images, n_frozen, batch_size, progress, s)
+                       for s in self.scales]
+
+    def __call__(self, model: RetrievalNet) -> np.ndarray:
+        """(N, D) L2-normalised descriptors with the model's current weights."""
+        from .pooling import l2n
+
+        out = np.zeros((len(self.images), model.dim), dtype=np.float32)
+        use_amp = model.device.type == "cuda"
+        with torch.inference_mode(), torch.autocast(model.device.type, enabled=use_amp):
+            for idx in _shape_batches(self.images, range(len(self.images)), self.batch_size):
+                v = sum(model.describe(c.features(idx)).float() for c in self.caches)
+                out[idx] = (v if len(self.caches) == 1 else l2n(v)).cpu().numpy()
+        return out
+
+
 # --------------------------------------------------------------------------- initialisation
 
 @torch.no_grad()
-def pooled_descriptors(model: RetrievalNet, images: list[np.ndarray], batch_size: int = 32
-                       ) -> np.ndarray:
-    """Head outputs before whitening (what whitening is learned on): -> (N, D_head) float64."""
+def pooled_descriptors(model: RetrievalNet, images: list[np.ndarray], batch_size: int = 32,
+                       scale: float = 1.0) -> np.ndarray:
+    """Head outputs before whitening (what whitening is learned on), of the images resized by
+    `scale`: -> (N, D_head) float64."""
+    from .pooling import resize_batch
+
     out = np.zeros((len(images), model.head.out_dim))
     for idx in _shape_batches(images, range(len(images)), batch_size):
-        out[idx] = model.pooled(_to_batch([images[i] for i in idx], model.device)
-                                ).float().cpu().numpy()
+        x = resize_batch(_to_batch([images[i] for i in idx], model.device), scale)
+        out[idx] = model.pooled(x).float().cpu().numpy()
     return out
 
 
@@ -302,15 +333,18 @@ def initialise_whitening(model: RetrievalNet, images: list[np.ndarray], labels: 
                          dim: int, kind: str = "learned", n_pairs: int = 1000,
                          rng: np.random.Generator | None = None) -> None:
     """Learn a whitening on the model's pooled descriptors of the training images and put it
-    into the model (`whiten.set_model_whitening`). kind: "pca" or "learned" (Radenović's Lw,
-    from matching pairs)."""
+    into the model (`whiten.set_model_whitening`). Every test-time scale of the model gives one
+    sample per image (as `remap eval` learns it). kind: "pca" or "learned" (Radenović's Lw,
+    from matching pairs within a scale)."""
     from .whiten import learned_whitening, pca_whitening, set_model_whitening
 
-    x = pooled_descriptors(model, images)
+    scales = list(model.config["scales"])
+    x = np.concatenate([pooled_descriptors(model, images, scale=s) for s in scales])
     if kind == "pca":
         mean, projection = pca_whitening(x, dim)
     elif kind == "learned":
         match, _ = sample_pairs(labels, n_pairs, rng or np.random.default_rng(0))
+        match = np.concatenate([match + k * len(images) for k in range(len(scales))])
         mean, projection = learned_whitening(x, match, dim)
     else:
         raise ValueError(f"unknown whitening {kind!r}; use 'pca' or 'learned'")

@@ -212,3 +212,16 @@ def view_families(photos: dict[str, Image.Image], views_per_photo: int, seed: in
             labels.append(c)
             sources.append(f"{name}#view{v}")
     return TrainingSet(images, np.asarray(labels, dtype=np.int64), names, sources)
+
+
+def compound_view(photo: Image.Image, seed: int, max_nuisances: int = 2) -> Image.Image:
+    """A training view: 1..max_nuisances distinct nuisances of `views.py` chained in a random
+    order (e.g. a perspective warp of a darker crop), all drawn from `seed`. Harder and more
+    varied than the benchmark's single-nuisance views, so training tuples keep a signal."""
+    from .views import NUISANCES, make_view
+
+    rng = np.random.RandomState(seed % 2 ** 32)
+    k = int(rng.randint(1, max_nuisances + 1))
+    for nuisance in rng.choice(NUISANCES, size=k, replace=False):
+        photo = make_view(photo, str(nuisance), rng)
+    return photo

@@ -131,3 +131,13 @@ def test_frozen_trunk_cache_gives_the_model_s_own_features(data):
         torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(embed_images(model, images[:5], cache=cache),
                                embed_images(model, images[:5]), atol=1e-5)
+
+
+def test_cached_embedder_matches_the_model_s_multiscale_embedding(data):
+    from remap_core.train import CachedEmbedder
+
+    images, _ = data
+    model = build_model({**CONFIG, "scales": [1.0, 0.75]}).eval()
+    freeze_backbone(model, 14)
+    embed = CachedEmbedder(model, images[:4], 14)
+    np.testing.assert_allclose(embed(model), model.embed_arrays(images[:4]), atol=1e-5)

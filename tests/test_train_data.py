@@ -88,3 +88,11 @@ def test_view_families_are_seeded_and_one_class_per_photo():
     assert all(np.array_equal(x, y) for x, y in zip(s1.images, s2.images))
     assert not all(np.array_equal(x, y) for x, y in zip(s1.images, s3.images))
     assert s1.sources[0] == "a#original"
+
+
+def test_compound_views_are_deterministic_per_seed():
+    from remap_core.train_data import compound_view
+
+    photo = _photo(3, size=(120, 90))
+    a, b, c = (np.asarray(compound_view(photo, s)) for s in (11, 11, 12))
+    assert np.array_equal(a, b) and not (a.shape == c.shape and np.array_equal(a, c))
