@@ -312,3 +312,19 @@ def test_a_failed_night_leaves_current_on_the_last_good_index(tmp_path, fail, st
     assert done.returncode == status, done.stderr
     assert "CURRENT unchanged" in done.stderr
     assert P.read_current(str(root)) == good
+
+
+# --------------------------------------------------------------------------- Flink rehearsal
+
+@pytest.mark.slow
+def test_flink_rehearsal_runs_the_portable_path_locally(tmp_path):
+    """deploy/flink/rehearse_local.sh: job service + EXTERNAL worker pool, embed twice
+    (the second finds nothing new), index, one query (about 90 s on 2 cores)."""
+    done = subprocess.run([str(DEPLOY / "flink" / "rehearse_local.sh")],
+                          env=dict(os.environ, VENV=str(Path(VENV_BIN).parent),
+                                   WORK=str(tmp_path)),
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rehearse: ok" in done.stderr
+    first = done.stdout.split("query:")[1].splitlines()[1].split()
+    assert first[0] == "1" and first[-1].endswith("images/astronaut.jpg")
