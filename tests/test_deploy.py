@@ -165,6 +165,20 @@ def test_deployment_files_parse():
         subprocess.run(["bash", "-n", str(script)], check=True)
 
 
+def test_scheduler_flex_template_launch_body_is_a_valid_request():
+    """The body Cloud Scheduler posts to flexTemplates:launch, checked field by field against
+    the Dataflow API's own types (unknown or misspelt fields are rejected)."""
+    from google.cloud.dataflow_v1beta3.types import LaunchFlexTemplateRequest
+
+    body = (DEPLOY / "nightly" / "flex_template_launch.json").read_text()
+    request = LaunchFlexTemplateRequest.from_json(body)
+    launch = request.launch_parameter
+    assert set(launch.parameters) <= set(_embed_option_flags())
+    assert {"input", "output"} <= set(launch.parameters)
+    assert launch.environment.sdk_container_image
+    assert "use_runner_v2" in launch.environment.additional_experiments
+
+
 # --------------------------------------------------------------------------- nightly: steps
 
 def _fake_index(folder: Path, vectors: int, runs: list[str], recall: float = 1.0) -> str:
@@ -235,6 +249,23 @@ def test_prune_keeps_the_newest_and_the_published_index(tmp_path):
     assert out["deleted"] == ["2026-11-19"]
     assert sorted(p.name for p in root.iterdir()) == ["2026-11-18", "2026-11-20", "2026-11-21",
                                                       "CURRENT", "notes"]
+
+
+def test_upload_writes_the_manifest_last(tmp_path, monkeypatch):
+    import fsspec
+
+    local = tmp_path / "built"
+    (local / "shards").mkdir(parents=True)
+    for name in ("index.faiss", "shards/a.faiss", "manifest.json", "recall_queries.npz"):
+        (local / name).write_text(name)
+    order = []
+    fs = fsspec.filesystem("memory")
+    real_put = fs.put_file
+    monkeypatch.setattr(fs, "put_file", lambda lpath, rpath, **kw: (order.append(rpath),
+                                                                     real_put(lpath, rpath)))
+    out = P.upload(str(local), "memory://bucket/indexes/2026-11-20")
+    assert out["uploaded"] == 4 and order[-1].endswith("/2026-11-20/manifest.json")
+    assert fs.cat("/bucket/indexes/2026-11-20/shards/a.faiss") == b"shards/a.faiss"
 
 
 # --------------------------------------------------------------------------- nightly: end to end

@@ -6,13 +6,17 @@
 #       --index-root gs://remap/indexes [--model gs://remap/models/remap-v3.pt] \
 #       [--date 2026-11-23] [--keep 7] [--min-recall 0.9] [--recall-k 10] [--max-shrink 0.5] \
 #       [--index-args "--factory IVF4096,PQ64 --max-index-memory 4GB"] [--work-dir /scratch] \
+#       [--skip-embed] \
 #       [-- <Beam flags for remap embed: --runner=DataflowRunner --project=... ...>]
 #
 # Every flag also reads an environment variable (INPUT, STORE, INDEX_ROOT, MODEL, RUN_DATE,
 # KEEP, MIN_RECALL, RECALL_K, MAX_SHRINK, INDEX_ARGS and EMBED_ARGS (both word-split),
-# WORK_DIR), so a CronJob or an Airflow task can configure it without quoting trouble.
+# WORK_DIR, SKIP_EMBED=1), so a CronJob or an Airflow task can configure it without quoting
+# trouble.
 # `remap index` builds in a local folder: with a gs:// or s3:// --index-root the index is
 # built under --work-dir (default $TMPDIR) and uploaded, manifest.json last.
+# --skip-embed: index + gate + publish only, for when the embed is scheduled on its own (e.g.
+# Cloud Scheduler -> Flex Template); only runs complete by then (run.json) are indexed.
 #
 # Exit status: 0 published or nothing to do; 1 bad usage; 10 embed failed; 11 index build
 # failed; 12 index refused by the gate (CURRENT unchanged); 13 publish/prune failed.
@@ -33,10 +37,11 @@ RECALL_K="${RECALL_K:-10}"
 MAX_SHRINK="${MAX_SHRINK:-0.5}"
 WORK_DIR="${WORK_DIR:-${TMPDIR:-/tmp}/remap-reindex}"
 REMAP="${REMAP:-remap}"
+SKIP_EMBED="${SKIP_EMBED:-0}"
 read -r -a embed_args <<< "${EMBED_ARGS:-}"
 read -r -a index_args <<< "${INDEX_ARGS:-}"
 
-usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | grep '^#' | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -51,13 +56,17 @@ while [ $# -gt 0 ]; do
     --max-shrink) MAX_SHRINK="$2"; shift 2 ;;
     --index-args) read -r -a index_args <<< "$2"; shift 2 ;;
     --work-dir) WORK_DIR="$2"; shift 2 ;;
+    --skip-embed) SKIP_EMBED=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; embed_args+=("$@"); break ;;
     *) echo "reindex.sh: unknown argument $1 (Beam flags go after --)" >&2; usage >&2; exit 1 ;;
   esac
 done
-for v in INPUT STORE INDEX_ROOT; do
-  if [ -z "${!v}" ]; then echo "reindex.sh: --${v,,} is required" >&2; exit 1; fi
+required=(STORE INDEX_ROOT)
+[ "$SKIP_EMBED" = 1 ] || required+=(INPUT)
+for v in "${required[@]}"; do
+  flag="${v,,}"
+  if [ -z "${!v}" ]; then echo "reindex.sh: --${flag//_/-} is required" >&2; exit 1; fi
 done
 INDEX_ROOT="${INDEX_ROOT%/}"
 case "$INDEX_ROOT" in *://*) ;; /*) ;; *) INDEX_ROOT="$PWD/$INDEX_ROOT" ;; esac
@@ -77,12 +86,15 @@ log "CURRENT before: $(pointer current --index-root "$INDEX_ROOT")"
 # 1. embed only new/changed URIs (incremental by default) into the store
 model_args=()
 [ -n "$MODEL" ] && model_args=(--model "$MODEL")
-if ! embed_out="$("$REMAP" embed --input "$INPUT" --output "$STORE" "${model_args[@]}" \
-                  "${embed_args[@]}")"; then
+if [ "$SKIP_EMBED" = 1 ]; then
+  log "embed skipped (--skip-embed): indexing the store's completed runs"
+elif ! embed_out="$("$REMAP" embed --input "$INPUT" --output "$STORE" "${model_args[@]}" \
+                    "${embed_args[@]}")"; then
   log "embed failed: CURRENT unchanged; rerun to complete (already embedded URIs are skipped)"
   exit 10
+else
+  log "embed: $(printf '%s\n' "$embed_out" | tail -n 1)"
 fi
-log "embed: $(printf '%s\n' "$embed_out" | tail -n 1)"
 
 # 2. is a new index needed, and where
 if ! plan="$(pointer plan --index-root "$INDEX_ROOT" --store "$STORE" --date "$RUN_DATE")"; then
