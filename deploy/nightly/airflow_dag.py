@@ -66,6 +66,7 @@ with DAG(
             "INDEX_ARGS": "--max-index-memory 8GB --target-recall 0.95",
             "WORK_DIR": "/tmp/remap-reindex",
             "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+            "OMP_NUM_THREADS": "4",   # the image's 1 is for Dataflow workers; FAISS runs here
             "EMBED_ARGS": EMBED_ARGS,
         },
         container_resources={"requests": {"cpu": "4", "memory": "16Gi"},

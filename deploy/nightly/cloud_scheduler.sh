@@ -31,7 +31,7 @@ run_job() {  # run_job NAME EXTRA_ENV...: a Cloud Run job running reindex.sh
   local name="$1"; shift
   local env="INPUT=$BUCKET/images/,STORE=$BUCKET/store,INDEX_ROOT=$BUCKET/indexes"
   env+=",MODEL=$BUCKET/models/remap.pt,KEEP=7,MIN_RECALL=0.9,WORK_DIR=/tmp/remap-reindex"
-  env+=",GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false"
+  env+=",GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false,OMP_NUM_THREADS=4"
   for e in "$@"; do env+=",$e"; done
   # ^@^ makes '@' the list separator, so EMBED_ARGS may contain commas and spaces
   gcloud run jobs deploy "$name" --project="$PROJECT" --region="$REGION" \
