@@ -23,6 +23,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 KAPPAS = (1, 5, 10)
+WHITEN_LABEL = {"learned": "Lw", "pca": "PCAw"}
 
 
 def default_cache_dir() -> str:
@@ -112,10 +113,12 @@ def _prepare(bench, max_side: int, multiple: int = 32) -> list[np.ndarray]:
     return [resize_for_model(Image.fromarray(im), max_side, multiple) for im in bench.images]
 
 
-def iter_features(base, images: list[np.ndarray], scales: list[float], batch_size: int):
+def iter_features(base, images: list[np.ndarray], scales: list[float], batch_size: int,
+                  desc: str | None = None):
     """Yield (indices, [taps at each scale]) over batches of equally shaped images; one backbone
-    pass per batch and scale, in eval mode without gradients."""
+    pass per batch and scale, in eval mode without gradients. `desc`: show a progress bar."""
     import torch
+    from tqdm import tqdm
 
     from .pooling import resize_batch
 
@@ -123,13 +126,15 @@ def iter_features(base, images: list[np.ndarray], scales: list[float], batch_siz
     for i, im in enumerate(images):
         by_shape[im.shape].append(i)
     base.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), tqdm(total=len(images), desc=desc, unit="img",
+                                      disable=desc is None, leave=False) as bar:
         for idx in by_shape.values():
             for s in range(0, len(idx), batch_size):
                 chunk = idx[s:s + batch_size]
                 x = torch.from_numpy(np.stack([images[i] for i in chunk])).permute(0, 3, 1, 2)
                 x = x.float()
                 yield chunk, [base.features(resize_batch(x, sc)) for sc in scales]
+                bar.update(len(chunk))
 
 
 def describe_multiscale(method: Method, feats_by_scale) -> np.ndarray:
@@ -158,7 +163,20 @@ def score(desc: np.ndarray, bench) -> dict:
     per = {n: float(np.nanmean(aps[nuis == n])) for n in dict.fromkeys(nuis)}
     return {"mAP": m, "per_nuisance": per,
             **{f"mP@{k}": float(v) for k, v in zip(KAPPAS, mpr)},
-            "P@5": precision_at_k(ranks, gnd, 5), "R@10": recall_at_k(ranks, gnd, 10)}
+            "P@5": precision_at_k(ranks, gnd, 5), "R@10": recall_at_k(ranks, gnd, 10),
+            "aps": [round(float(a), 6) for a in aps]}
+
+
+def compare_to(results: dict, reference: str, bench) -> None:
+    """Add to each result its mAP difference to `reference` with a 95 % bootstrap interval over
+    photos (a photo's views are resampled together)."""
+    from .metrics import paired_bootstrap
+
+    groups = bench.family[bench.queries]
+    ref = np.array(results[reference]["aps"])
+    for r in results.values():
+        d, lo, hi = paired_bootstrap(np.array(r["aps"]), ref, groups)
+        r[f"vs {reference}"] = {"dmAP": d, "ci95": [lo, hi]}
 
 
 # --------------------------------------------------------------------------- learning on train
@@ -238,7 +256,7 @@ def run(args) -> dict:
     methods = [method("MAC", "mac", base_taps, {}), method("SPoC", "spoc", base_taps, {}),
                method("GeM", "gem", base_taps, {"p": 3.0}),
                method("R-MAC", "rmac", base_taps, levels),
-               method(f"R-MAC +{args.whiten}-whiten", "rmac", base_taps, levels),
+               method(f"R-MAC + {WHITEN_LABEL[args.whiten]}", "rmac", base_taps, levels),
                method("REMAP uniform weights", "remap", remap_taps, levels),
                method("REMAP KLW, no whitening", "remap", remap_taps, levels),
                method("REMAP", "remap", remap_taps, levels)]
@@ -256,7 +274,7 @@ def run(args) -> dict:
 
     t1 = time.time()
     train_feats = list(iter_features(base, _prepare(train, args.max_side), scales,
-                                     args.batch_size))
+                                     args.batch_size, desc="train split"))
     klw = learn_klw(remap, train_feats, train, args.klw_method)
     remap.model.head.set_region_weights(klw)
     remap_klw.model.head.set_region_weights(klw)
@@ -268,7 +286,8 @@ def run(args) -> dict:
     t2 = time.time()
     images = _prepare(evalb, args.max_side)
     desc = {m.name: np.zeros((len(images), m.model.dim), np.float32) for m in methods}
-    for chunk, feats_by_scale in iter_features(base, images, scales, args.batch_size):
+    for chunk, feats_by_scale in iter_features(base, images, scales, args.batch_size,
+                                               desc="eval split"):
         for m in methods:
             desc[m.name][chunk] = describe_multiscale(m, feats_by_scale)
     t_embed = time.time() - t2
@@ -282,6 +301,12 @@ def run(args) -> dict:
 
     results = {m.name: {"dim": int(m.model.dim), "taps": m.model.config["taps"],
                         **score(desc[m.name], evalb)} for m in methods}
+    compare_to(results, "R-MAC", evalb)
+    key_comparisons = {}
+    for other in (f"R-MAC + {WHITEN_LABEL[args.whiten]}", "REMAP uniform weights"):
+        c = {k: dict(v) for k, v in results.items()}
+        compare_to(c, other, evalb)
+        key_comparisons[f"REMAP vs {other}"] = c["REMAP"][f"vs {other}"]
     return {
         "command": ("remap eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"]
                     else "remap eval"),
@@ -299,6 +324,7 @@ def run(args) -> dict:
                                                for n in dict.fromkeys(evalb.nuisance[i]
                                                                       for i in evalb.queries)}},
         "results": results,
+        "key_comparisons": key_comparisons,
         "seconds": {"benchmark": round(t_bench, 1), "learn_on_train": round(t_learn, 1),
                     "embed_eval": round(t_embed, 1), "total": round(time.time() - t0, 1)},
     }
@@ -310,16 +336,26 @@ def format_table(report: dict) -> str:
     nuisances = list(next(iter(results.values()))["per_nuisance"])
     short = {"illumination": "illum", "scale_crop": "scale", "perspective": "persp",
              "occlusion": "occl", "clutter": "clutter"}
-    cols = [short.get(n, n[:7]) for n in nuisances] + ["mAP", "mP@5", "P@5", "R@10"]
+    cols = [short.get(n, n[:7]) for n in nuisances] + ["mAP", "mP@5", "R@10"]
     width = max(len(k) for k in results) + 2
-    lines = [f"{'method':<{width}}{'dim':>6}" + "".join(f"{c:>9}" for c in cols)]
+    lines = [f"{'method':<{width}}{'dim':>6}" + "".join(f"{c:>9}" for c in cols)
+             + "   mAP - R-MAC [95% CI]"]
     lines.append("-" * len(lines[0]))
     for name, r in results.items():
-        vals = [r["per_nuisance"][n] for n in nuisances] + [r["mAP"], r["mP@5"], r["P@5"],
-                                                             r["R@10"]]
-        lines.append(f"{name:<{width}}{r['dim']:>6}" + "".join(f"{100 * v:>9.1f}" for v in vals))
+        vals = [r["per_nuisance"][n] for n in nuisances] + [r["mAP"], r["mP@5"], r["R@10"]]
+        c = r["vs R-MAC"]
+        lines.append(f"{name:<{width}}{r['dim']:>6}" + "".join(f"{100 * v:>9.1f}" for v in vals)
+                     + f"   {100 * c['dmAP']:+5.1f} [{100 * c['ci95'][0]:+.1f}, "
+                       f"{100 * c['ci95'][1]:+.1f}]")
     b = report["benchmark"]
     lines.append("")
+    lines.append("mAP per nuisance and overall (revisitop), mP@5 (revisitop), R@10, in %; the "
+                 "interval resamples photos")
+    for name, c in report.get("key_comparisons", {}).items():
+        lines.append(f"{name}: mAP {100 * c['dmAP']:+.1f} [{100 * c['ci95'][0]:+.1f}, "
+                     f"{100 * c['ci95'][1]:+.1f}]")
+    lines.append("REMAP = KLW + whitening; 'uniform weights' = REMAP with every KLW weight 1 "
+                 f"(+ the same whitening, {report['whiten']})")
     lines.append(f"eval: {b['eval']}; KLW + whitening learned on train: {b['train']}")
     lines.append(f"backbone {report['backbone']}, scales {[round(s, 3) for s in report['scales']]}"
                  f", levels {report['levels']}, input long side {report['max_side']}; "

@@ -101,3 +101,24 @@ def rank_by_similarity(queries: np.ndarray, database: np.ndarray) -> np.ndarray:
     ties broken by database index (stable)."""
     scores = np.asarray(queries, np.float64) @ np.asarray(database, np.float64).T
     return np.argsort(-scores, axis=1, kind="stable")
+
+
+def paired_bootstrap(values_a: np.ndarray, values_b: np.ndarray, groups: np.ndarray,
+                     n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of (a - b) over queries with a 95 % bootstrap interval, resampling whole `groups`
+    (e.g. the photo a query was made from, since its views are not independent).
+
+    values_a, values_b, groups: (Q,) -> (mean difference, 2.5th percentile, 97.5th percentile).
+    """
+    a, b = np.asarray(values_a, np.float64), np.asarray(values_b, np.float64)
+    groups = np.asarray(groups)
+    ok = np.isfinite(a) & np.isfinite(b)
+    diff, groups = a[ok] - b[ok], groups[ok]
+    ids, inverse = np.unique(groups, return_inverse=True)
+    sums = np.bincount(inverse, weights=diff, minlength=len(ids))
+    counts = np.bincount(inverse, minlength=len(ids)).astype(np.float64)
+    rng = np.random.RandomState(seed)
+    draws = rng.randint(0, len(ids), (n_boot, len(ids)))
+    boot = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return float(diff.mean()), float(lo), float(hi)

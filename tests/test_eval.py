@@ -8,19 +8,21 @@ import pytest
 import torch
 
 from remap_core import eval_cli
-from remap_core.benchmark import benchmark_photos, build_benchmark, photo_split
+from remap_core.benchmark import (benchmark_photos, build_benchmark, photo_catalogue,
+                                  photo_split)
 from remap_core.views import NUISANCES
 
 
 def test_train_and_eval_photos_are_disjoint_and_cover_all_photos():
-    train = benchmark_photos("train", debian=False, max_side=32)
-    evalp = benchmark_photos("eval", debian=False, max_side=32)
-    everything = benchmark_photos("all", debian=False, max_side=32)
-    assert train and evalp
-    assert not set(train) & set(evalp)
-    assert set(train) | set(evalp) == set(everything)
-    assert all(photo_split(n) == "train" for n in train)
-    assert all(max(im.size) <= 32 for im in everything.values())
+    names = list(photo_catalogue(debian=False))
+    train = [n for n in names if photo_split(n) == "train"]
+    evalp = [n for n in names if photo_split(n) == "eval"]
+    assert len(train) >= 5 and len(evalp) >= 5 and not set(train) & set(evalp)
+    got = benchmark_photos("train", debian=False, max_side=32, max_photos=2)
+    assert list(got) == train[:2]
+    assert all(max(im.size) <= 32 and im.mode == "RGB" for im in got.values())
+    with pytest.raises(ValueError, match="split"):
+        benchmark_photos("test")
 
 
 def test_benchmark_is_deterministic_cached_and_has_family_ground_truth(tmp_path):
@@ -56,8 +58,9 @@ def tiny_report(tmp_path_factory):
     parser = argparse.ArgumentParser()
     eval_cli.add_arguments(parser)
     cache = tmp_path_factory.mktemp("cache")
-    args = parser.parse_args(["--cache", str(cache), "--no-debian", "--max-photos", "3",
+    args = parser.parse_args(["--cache", str(cache), "--no-debian", "--max-photos", "2",
                               "--views-per-nuisance", "1", "--side", "96", "--max-side", "64",
+                              "--scales", "1,1/2",
                               "--whiten-dim", "8", "--format", "json",
                               "--save-model", str(cache / "remap.pt")])
     return eval_cli.run(args), args, cache
@@ -73,7 +76,9 @@ def test_eval_reports_every_method_per_nuisance(tiny_report):
         assert 0 < r["mAP"] <= 1 and 0 <= r["R@10"] <= 1
     assert report["results"]["REMAP"]["dim"] == 8
     assert set(report["klw_weights"]) == {"stage5", "head"}
-    assert "MAC" in eval_cli.format_table(report)
+    table = eval_cli.format_table(report)
+    assert "R-MAC + Lw" in table and "REMAP vs R-MAC + Lw" in table
+    assert report["results"]["R-MAC"]["vs R-MAC"]["dmAP"] == 0
     json.dumps(report)
 
 
@@ -88,11 +93,11 @@ def test_eval_scores_equal_an_independent_embedding_of_the_same_images(tiny_repo
 
     report, args, cache = tiny_report
     bench = build_benchmark("eval", cache_dir=str(cache), views_per_nuisance=1, side=96,
-                            debian=False, max_photos=3)
+                            debian=False, max_photos=2)
     images = [resize_for_model(Image.fromarray(im), 64) for im in bench.images]
     q = bench.queries
     for name, model in [("MAC", build_model({"head": "mac", "max_side": 64,
-                                              "scales": [1, 2 ** -0.5, 0.5]})),
+                                              "scales": [1, 0.5]})),
                         ("REMAP", load_model(str(cache / "remap.pt"), device="cpu"))]:
         torch.manual_seed(0)
         desc = model.embed_arrays(images)

@@ -44,3 +44,16 @@ def test_rank_by_similarity_orders_by_inner_product():
     db = np.array([[1.0, 0.0], [0.0, 1.0], [0.7071, 0.7071]])
     q = np.array([[0.9, 0.1], [0.0, 1.0]])
     np.testing.assert_array_equal(rank_by_similarity(q, db), [[0, 2, 1], [1, 2, 0]])
+
+
+def test_paired_bootstrap_interval_resamples_whole_groups():
+    from remap_core.metrics import paired_bootstrap
+
+    # every group has the same difference: the interval collapses onto it
+    a = np.array([0.9, 0.8, 0.7, 0.6])
+    m, lo, hi = paired_bootstrap(a, a - 0.1, groups=np.array([0, 0, 1, 1]))
+    assert (m, lo, hi) == pytest.approx((0.1, 0.1, 0.1))
+    # differences of +1 in one group and -1 in the other: mean 0, interval spans both signs
+    m, lo, hi = paired_bootstrap(np.array([1.0, 1.0, 0.0, 0.0]), np.array([0.0, 0.0, 1.0, 1.0]),
+                                 groups=np.array([0, 0, 1, 1]))
+    assert m == pytest.approx(0.0) and lo == pytest.approx(-1.0) and hi == pytest.approx(1.0)
