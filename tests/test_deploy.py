@@ -165,6 +165,23 @@ def test_deployment_files_parse():
         subprocess.run(["bash", "-n", str(script)], check=True)
 
 
+@pytest.mark.skipif(shutil.which("gcloud") is None, reason="gcloud not installed")
+def test_gcloud_accepts_the_flex_template_metadata(tmp_path):
+    """`gcloud dataflow flex-template build --print-only` validates metadata.json and prints the
+    spec without uploading anything (run isolated where possible, offline either way)."""
+    env = dict(os.environ, CLOUDSDK_CONFIG=str(tmp_path / "gcloud"),
+               CLOUDSDK_CORE_DISABLE_PROMPTS="1", CLOUDSDK_CORE_DISABLE_USAGE_REPORTING="true",
+               CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK="true")
+    done = subprocess.run(
+        [*_isolated(), "gcloud", "dataflow", "flex-template", "build",
+         "gs://remap-dry-run/templates/remap-embed.json", "--image=remap-launcher:test",
+         "--sdk-language=PYTHON", f"--metadata-file={DEPLOY / 'dataflow' / 'metadata.json'}",
+         "--print-only", "--project=remap-dry-run"],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert '"name": "remap-embed"' in done.stdout and '"name": "fsspec_config"' in done.stdout
+
+
 def test_scheduler_flex_template_launch_body_is_a_valid_request():
     """The body Cloud Scheduler posts to flexTemplates:launch, checked field by field against
     the Dataflow API's own types (unknown or misspelt fields are rejected)."""
