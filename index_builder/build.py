@@ -89,7 +89,7 @@ def _now() -> str:
 
 def train_step(store: str, folder: str, factory: str | None = None,
                max_index_memory: str | int = "4GB", train_sample: int | None = None,
-               points_per_centroid: int = 64, seed: int = 0, verbose: bool = True) -> dict:
+               points_per_centroid: int = 50, seed: int = 0, opq: bool = False) -> dict:
     """Choose (or take) the factory, sample the collection uniformly at random across all
     shards (streamed), train, write trained.faiss + train.json. Existing index shards of an
     earlier training are dropped from state.json: re-add them with add_step."""
@@ -100,7 +100,7 @@ def train_step(store: str, folder: str, factory: str | None = None,
     shards, _ = plan_live_shards(runs)
     n = sum(s.live_rows for s in shards)
     budget = parse_bytes(max_index_memory)
-    factory = factory or choose_factory(n, dim, budget)
+    factory = factory or choose_factory(n, dim, budget, opq)
     size = training_size(factory, n, dim, points_per_centroid) if train_sample is None \
         else min(int(train_sample), n)
     needs_training = not faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT).is_trained
@@ -338,12 +338,12 @@ def build_index(store: str, output: str, factory: str | None = None,
                 train_sample: int | None = None, recall_queries: int = 1000, seed: int = 0,
                 max_index_memory: str | int = "4GB", layout: str = "single",
                 target_recall: float = 0.95, workers: int | None = None,
-                progress: bool = True) -> dict:
+                progress: bool = True, opq: bool = False) -> dict:
     """Train, add and merge in one go (a fresh folder, or a full rebuild of an existing one)."""
     started = time.time()
     if os.path.exists(os.path.join(_local(output), MANIFEST_NAME)):
         log(f"index: rebuilding {output} from scratch")
-    train_step(store, output, factory, max_index_memory, train_sample, seed=seed)
+    train_step(store, output, factory, max_index_memory, train_sample, seed=seed, opq=opq)
     add_step(store, output, workers, seed=seed, progress=progress)
     return merge_step(output, layout, target_recall, recall_queries=recall_queries, seed=seed,
                       source_store=store, started=started)

@@ -21,7 +21,10 @@ def _train_args(p, one_shot: bool = False) -> None:
                         "HNSW, IVF-Flat or IVF-PQ/OPQ")
     p.add_argument("--train-sample", type=int, default=None,
                    help="training vectors, drawn uniformly at random across all shards (default: "
-                        "64 per IVF centroid, within FAISS's 39-256)")
+                        "50 per IVF centroid, within FAISS's 39-256)")
+    p.add_argument("--opq", action="store_true",
+                   help="when PQ is chosen, learn an OPQ rotation in front (better codes, "
+                        "slower training)")
 
 
 def _add_args(p) -> None:
@@ -85,11 +88,11 @@ def main(args) -> int:
                              "remap index train|add|merge --help)")
         m = build_index(args.embeddings, args.output, args.factory, args.train_sample,
                         args.recall_queries, args.seed, args.max_index_memory, args.layout,
-                        args.target_recall, args.workers, progress)
+                        args.target_recall, args.workers, progress, args.opq)
         print(json.dumps(_summary(args.output, m)))
     elif step == "train":
         info = train_step(args.embeddings, args.output, args.factory, args.max_index_memory,
-                          args.train_sample, seed=args.seed)
+                          args.train_sample, seed=args.seed, opq=args.opq)
         print(json.dumps({"index": args.output, "step": "train", "factory": info["factory"],
                           "training_sample": info["training_sample"],
                           "quantization_error": info["quantization_error"],

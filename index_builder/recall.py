@@ -19,6 +19,7 @@ import numpy as np
 from faiss import ResultHeap
 
 KS = (1, 10, 100)
+MAX_NPROBE = 2048  # beyond this an IVF scans most of the collection: pick another index
 
 
 def exact_knn_stream(xq: np.ndarray, batches: Iterable[tuple[np.ndarray, np.ndarray]], k: int,
@@ -93,7 +94,7 @@ def parameter_grid(index: faiss.Index) -> list[dict]:
         hnsw_quantizer = isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW)
         grid = []
         p = 1
-        while p <= ivf.nlist:
+        while p <= min(ivf.nlist, MAX_NPROBE):
             grid.append({"nprobe": p, **({"quantizer_efSearch": max(64, 2 * p)}
                                          if hnsw_quantizer else {})})
             p *= 2

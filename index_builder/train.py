@@ -1,7 +1,7 @@
 """Choose an index for a collection, sample it uniformly, train the empty index.
 
     factory = choose_factory(n=1_000_000, dim=512, max_index_bytes=100 << 20)
-    # 'OPQ64_448,IVF4096_HNSW32,PQ64x8'
+    # 'IVF4096_HNSW32,PQ64x8'  (opq=True: 'OPQ64_448,IVF4096_HNSW32,PQ64x8')
     sample = reservoir_sample(batches, 200_000, seed=0)      # streamed, bounded memory
     index = train_index(factory, sample)
 
@@ -23,6 +23,7 @@ FLAT_MAX = 100_000
 HNSW_MAX = 500_000
 MIN_POINTS_PER_CENTROID = 39
 MAX_POINTS_PER_CENTROID = 256
+KMEANS_ITERATIONS = 12  # coarse k-means; FAISS's 25 buys little at 39-256 points/centroid
 PQ_CHOICES = (256, 128, 64, 48, 32, 24, 16, 8, 4)
 ID_BYTES = 8  # an int64 id is stored beside every code in the inverted lists
 
@@ -51,13 +52,15 @@ def ivf_part(k: int) -> str:
     return f"IVF{k}" if k < 1000 else f"IVF{k}_HNSW32"
 
 
-def choose_factory(n: int, dim: int, max_index_bytes: int) -> str:
+def choose_factory(n: int, dim: int, max_index_bytes: int, opq: bool = False) -> str:
     """The index for n vectors of dim float32 under a memory budget, the way autofaiss picks:
 
     - n <= 100k and the raw vectors fit: Flat (exact);
     - n <= 500k and vectors + an HNSW32 graph fit: HNSW32;
     - IVF{k},Flat (k ~ 4 sqrt(n)) when the raw vectors + ids fit;
-    - else OPQ{m}_{y},IVF{k}(_HNSW32),PQ{m}x8 with the largest m whose codes + ids fit.
+    - else IVF{k}(_HNSW32),PQ{m}x8 with the largest m whose codes + ids fit, with an OPQ
+      rotation in front (OPQ{m}_{y}, as autofaiss) when `opq` (better codes on real
+      descriptors; its training costs minutes on 2 cores, see bench/RESULTS.md).
     """
     if n <= 0:
         raise ValueError("the collection is empty; embed some images first")
@@ -73,6 +76,8 @@ def choose_factory(n: int, dim: int, max_index_bytes: int) -> str:
     budget = max_index_bytes - quantizer_bytes
     for m in PQ_CHOICES:
         if m < dim and (m + ID_BYTES) * n <= budget:
+            if not opq:
+                return f"{ivf_part(k)},PQ{m}x8"
             y = (min(dim // m, 6) + 1) * m  # OPQ output dim, a multiple of m (as autofaiss)
             return f"OPQ{m}_{y},{ivf_part(k)},PQ{m}x8"
     need = (PQ_CHOICES[-1] + ID_BYTES) * n + quantizer_bytes
@@ -85,7 +90,7 @@ def nlist_of(factory: str) -> int:
     return int(m.group(1)) if m else 0
 
 
-def training_size(factory: str, n: int, dim: int, points_per_centroid: int = 64,
+def training_size(factory: str, n: int, dim: int, points_per_centroid: int = 50,
                   max_sample_bytes: int = 2 << 30) -> int:
     """Training points for a factory: `points_per_centroid` per IVF centroid, kept within the
     39-256 FAISS k-means bounds and a memory budget for the sample; at least 2^16 for PQ
@@ -149,6 +154,7 @@ def train_index(factory: str, sample: np.ndarray, verbose: bool = False) -> fais
         if ivf is not None:
             ivf.cp.max_points_per_centroid = MAX_POINTS_PER_CENTROID
             ivf.cp.min_points_per_centroid = 1
+            ivf.cp.niter = KMEANS_ITERATIONS
             ivf.verbose = verbose
             if ivf.nlist > len(sample):
                 raise ValueError(f"{factory} has {ivf.nlist} centroids but only {len(sample)} "
