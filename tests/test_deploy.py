@@ -25,6 +25,7 @@ VENV_BIN = str(Path(sys.executable).parent)
 sys.path.insert(0, str(DEPLOY / "nightly"))
 
 import index_pointer as P  # noqa: E402
+from objectstore import fake_gcs  # noqa: E402,F401  (pytest fixture: fake-gcs-server on loopback)
 
 # The transforms a data engineer sees in the Dataflow UI (pipelines/embed.py build_pipeline).
 NAMED_TRANSFORMS = {"ListSources", "Reconcile", "FetchAndDecode", "EmbedImages",
@@ -298,6 +299,7 @@ def _isolated() -> list[str]:
 
 
 def _reindex(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """reindex.sh in a subprocess with the venv first on PATH (isolated where possible)."""
     env = dict(os.environ, PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""),
                GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false", NO_GCE_CHECK="True")
     return subprocess.run([*_isolated(), "bash", str(REINDEX), *args], cwd=cwd, env=env,
@@ -308,29 +310,58 @@ def _manifest(folder: str) -> dict:
     return json.loads((Path(folder) / "manifest.json").read_text())
 
 
-def test_nightly_reindex_publishes_then_keeps_current_when_nothing_is_new(
-        tmp_path, sample_dir, tiny_model_path):
-    images = tmp_path / "images"
+@pytest.fixture(scope="module")
+def nightly(tmp_path_factory, sample_dir, tiny_model_path):
+    """reindex.sh twice on local folders (3 bundled samples, the 64-px model), same night."""
+    tmp = tmp_path_factory.mktemp("nightly")
+    images = tmp / "images"
     images.mkdir()
     for src in sorted((sample_dir / "images").iterdir())[:3]:
         shutil.copy(src, images / src.name)
-    common = ["--input", str(images), "--store", str(tmp_path / "store"),
-              "--index-root", str(tmp_path / "indexes"), "--keep", "2", "--min-recall", "0.9"]
+    common = ["--input", str(images), "--store", str(tmp / "store"), "--index-root",
+              str(tmp / "indexes"), "--keep", "2", "--min-recall", "0.9",
+              "--model", tiny_model_path, "--date", "2026-11-20"]
+    first = _reindex(common, tmp)
+    built = _manifest(str(tmp / "indexes" / "2026-11-20")) if first.returncode == 0 else None
+    again = _reindex(common, tmp) if first.returncode == 0 else None
+    return tmp, first, built, again
 
-    first = _reindex([*common, "--model", tiny_model_path, "--date", "2026-11-20"], tmp_path)
+
+def test_nightly_reindex_publishes_then_keeps_current_when_nothing_is_new(nightly):
+    tmp, first, built, again = nightly
     assert first.returncode == 0, first.stderr
-    published = str(tmp_path / "indexes" / "2026-11-20")
-    assert (tmp_path / "indexes" / "CURRENT").read_text().strip() == published
-    built = _manifest(published)
+    published = str(tmp / "indexes" / "2026-11-20")
+    assert (tmp / "indexes" / "CURRENT").read_text().strip() == published
     assert built["num_vectors"] == 3
+    assert json.loads(first.stdout.strip().splitlines()[-1])["current"] == published
 
     # the same night again, nothing new: CURRENT stays, nothing rebuilt, no duplicates
-    again = _reindex([*common, "--model", tiny_model_path, "--date", "2026-11-20"], tmp_path)
     assert again.returncode == 0, again.stderr
     assert "CURRENT stays" in again.stderr
     assert json.loads(again.stdout.strip().splitlines()[-1])["current"] == published
     assert _manifest(published) == built          # not rebuilt, still 3 vectors
-    assert [p.name for p in (tmp_path / "indexes").iterdir() if p.is_dir()] == ["2026-11-20"]
+    assert [p.name for p in (tmp / "indexes").iterdir() if p.is_dir()] == ["2026-11-20"]
+
+
+@pytest.mark.slow
+def test_nightly_publishes_to_object_storage(nightly, fake_gcs, tmp_path):
+    """An INDEX_ROOT on gs:// (fake-gcs-server on 127.0.0.1): built locally, uploaded manifest
+    last, CURRENT written there; `--skip-embed` indexes the store's completed runs (~15 s)."""
+    store = tmp_path / "store"
+    shutil.copytree(nightly[0] / "store", store)
+    root = fake_gcs.bucket("remap-nightly") + "/indexes"
+    env = dict(os.environ, PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""),
+               GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false", NO_GCE_CHECK="True",
+               FSSPEC_GCS=json.dumps(fake_gcs.fsspec_config["gcs"]))
+    done = subprocess.run(["bash", str(REINDEX), "--skip-embed", "--store", str(store),
+                           "--index-root", root, "--date", "2026-11-21",
+                           "--work-dir", str(tmp_path / "scratch")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    fake_gcs.fs.invalidate_cache()
+    assert P.read_current(root) == root + "/2026-11-21"
+    assert P.check(root + "/2026-11-21", root, 0.9, 10, 0.5)["vectors"] == 3
+    assert not (tmp_path / "scratch" / "2026-11-21").exists()     # scratch cleaned after upload
 
 
 def _stub_remap(folder: Path, fail: str) -> Path:

@@ -69,14 +69,19 @@ def read_current(index_root: str) -> str | None:
 
 
 def write_current(index_root: str, index_url: str) -> None:
-    """Point CURRENT at `index_url`: temporary name then rename (a single object write on object
-    storage, which is atomic there too)."""
+    """Point CURRENT at `index_url`. Locally: a temporary file renamed over CURRENT. On object
+    storage: one object write, which replaces the object atomically (readers see the old or the
+    new pointer, never a mix)."""
     fs, root = fsspec.core.url_to_fs(index_root)
     fs.makedirs(root, exist_ok=True)
-    tmp = _join(root, f"{POINTER}.tmp")
-    with fs.open(tmp, "w") as f:
-        f.write(index_url.rstrip("/") + "\n")
-    fs.mv(tmp, _join(root, POINTER))
+    body = index_url.rstrip("/") + "\n"
+    if "file" in fs.protocol or "local" in fs.protocol:
+        tmp = _join(root, f"{POINTER}.tmp")
+        with fs.open(tmp, "w") as f:
+            f.write(body)
+        fs.mv(tmp, _join(root, POINTER))
+    else:
+        fs.pipe_file(_join(root, POINTER), body.encode())
 
 
 def store_runs(store: str) -> list[dict]:
