@@ -11,7 +11,8 @@ re-run of the same date rebuilds (or keeps) the same folder. max_active_runs=1: 
 overlap. A failed task leaves CURRENT on the previous index; its retry completes the work
 without duplicates (deploy/nightly/README.md). Exit status 12 means the gate refused the index:
 a retry is refused again, look at the recall before clearing the task. Copy this file to the Composer DAGs bucket and set
-the Airflow Variables below (or edit the defaults).
+the Airflow Variables below (or edit the defaults); they are read when the task runs (Jinja),
+not each time the scheduler parses the file.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from __future__ import annotations
 import datetime as dt
 
 from airflow import DAG
-from airflow.models import Variable
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from kubernetes.client import models as k8s
 
-IMAGE = Variable.get("remap_image", "europe-west1-docker.pkg.dev/my-project/remap/embed-worker:0.2.0")
-PROJECT = Variable.get("remap_project", "my-project")
-REGION = Variable.get("remap_region", "europe-west1")
-BUCKET = Variable.get("remap_bucket", "gs://my-project-remap")
+IMAGE = ("{{ var.value.get('remap_image', "
+         "'europe-west1-docker.pkg.dev/my-project/remap/embed-worker:0.2.0') }}")
+PROJECT = "{{ var.value.get('remap_project', 'my-project') }}"
+REGION = "{{ var.value.get('remap_region', 'europe-west1') }}"
+BUCKET = "{{ var.value.get('remap_bucket', 'gs://my-project-remap') }}"
 
 EMBED_ARGS = " ".join([
     "--runner=DataflowRunner", f"--project={PROJECT}", f"--region={REGION}",
@@ -69,10 +71,9 @@ with DAG(
             "OMP_NUM_THREADS": "4",   # the image's 1 is for Dataflow workers; FAISS runs here
             "EMBED_ARGS": EMBED_ARGS,
         },
-        container_resources={"requests": {"cpu": "4", "memory": "16Gi"},
-                             "limits": {"memory": "16Gi"}},
+        container_resources=k8s.V1ResourceRequirements(
+            requests={"cpu": "4", "memory": "16Gi"}, limits={"memory": "16Gi"}),
         get_logs=True,
         on_finish_action="delete_succeeded_pod",
-        skip_on_exit_code=None,
         execution_timeout=dt.timedelta(hours=18),
     )
