@@ -341,7 +341,11 @@ class _EmbedByShapeFn(_StorageDoFn):
         buckets, self.buckets = self.buckets, defaultdict(list)
         for bucket in buckets.values():
             for out in self._forward(bucket):
-                yield GlobalWindows.windowed_value(out)
+                if isinstance(out, beam.pvalue.TaggedOutput):
+                    yield beam.pvalue.TaggedOutput(out.tag,
+                                                   GlobalWindows.windowed_value(out.value))
+                else:
+                    yield GlobalWindows.windowed_value(out)
 
     def _forward(self, batch: list[PreparedImage]):
         try:

@@ -4,17 +4,20 @@ and the plain functions they call."""
 from __future__ import annotations
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines.embed import (LIVE_IDS, OUTCOMES, SKIPPED, TOMBSTONES, CheckIdCollisions,
-                             Reconcile, _check_ids, reconcile, summarize)
+from pipelines.embed import (DEAD, LIVE_IDS, OUTCOMES, SKIPPED, TOMBSTONES, CheckIdCollisions,
+                             EmbedImages, Reconcile, _check_ids, reconcile, summarize)
+from pipelines.prepare import PreparedImage
 from pipelines.runs import PreviousState
 from pipelines.shards import WriteParquetShards, shard_count, shard_name
 from pipelines.uris import Source
+from remap_core.checkpoint import load_model
 from remap_core.shard_schema import stable_id
 
 RUNNER = "FnApiRunner"  # in-process; never Prism
@@ -114,3 +117,47 @@ def test_summary_accounts_and_groups_reasons():
     assert s["dead_letter_by_reason"] == {"decode.corrupt": 1}
     assert s["skipped_by_reason"] == {"unchanged": 2} and s["to_embed_by_reason"] == {"new": 3}
     assert not summarize({"read": 2, "embedded": 1})["accounted"]
+
+
+def _prepared(uri, shape, seed=0):
+    rng = np.random.default_rng(seed)
+    return PreparedImage(uri=uri, id=stable_id(uri), content_sha1="0" * 40, size_bytes=1,
+                         width=shape[1], height=shape[0],
+                         pixels=rng.integers(0, 256, shape, dtype=np.uint8),
+                         version="v", listed_size=1)
+
+
+def test_embed_images_buckets_by_shape_and_dead_letters_a_failing_forward(tiny_model_path):
+    model = load_model(tiny_model_path, device="cpu")
+    good = [_prepared(f"g{i}", (64, 32, 3) if i % 2 else (32, 64, 3), i) for i in range(5)]
+    bad = _prepared("bad", (64, 64, 4))  # four channels: the network refuses it
+    bad_twin = _prepared("bad_twin", (64, 64, 4), 9)
+
+    reference = {p.uri: model.embed_arrays([p.pixels])[0] for p in good}  # one at a time
+    fingerprint = model.fingerprint
+
+    def check_rows(rows):  # (pickled into the pipeline: holds arrays, not the model)
+        assert sorted(r["uri"] for r in rows) == sorted(reference)
+        for r in rows:
+            np.testing.assert_allclose(r["embedding"], reference[r["uri"]], atol=2e-5)
+            assert r["model"] == fingerprint and r["id"] == stable_id(r["uri"])
+
+    with test_pipeline.TestPipeline(runner=RUNNER) as p:
+        out = (p | beam.Create(good + [bad, bad_twin])
+               | EmbedImages(tiny_model_path, fingerprint, batch_size=2,
+                             progress_seconds=0))
+        assert_that(out.rows, check_rows, label="Rows")
+        assert_that(out[DEAD] | beam.Map(lambda f: (f.uri, f.stage, f.size, f.version)),
+                    equal_to([("bad", "embed", 1, "v"), ("bad_twin", "embed", 1, "v")]),
+                    label="Dead")
+
+
+def test_model_is_loaded_once_per_process_and_shared_by_threads(tiny_model_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipelines.model_cache import shared_model
+
+    with ThreadPoolExecutor(4) as pool:
+        models = list(pool.map(lambda _: shared_model(tiny_model_path, "cpu"), range(8)))
+    assert all(m is models[0] for m in models)
+    assert models[0].device.type == "cpu" and not models[0].training
