@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -103,37 +104,49 @@ def _sklearn_photos() -> dict[str, PhotoLoader]:
             for n in SKLEARN_PHOTOS}
 
 
+def fetch_debian_package(cache_dir: str, pkg: str, members: tuple[str, ...],
+                         exclude: tuple[str, ...] = ()) -> str | None:
+    """`apt-get download` a Debian package and unpack `members` (tar wildcards relative to the
+    package root, e.g. "./usr/share/x/*.jpg") under `cache_dir/debian/<pkg>/`, once.
+
+    Returns that folder, or None (with a warning) when apt is not available or the download
+    fails, so callers degrade gracefully."""
+    root = os.path.join(cache_dir, "debian", pkg)
+    done = os.path.join(root, ".complete")
+    if os.path.exists(done):
+        return root
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        log.warning("apt-get/dpkg-deb not found: skipping Debian package %s", pkg)
+        return None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run(["apt-get", "download", pkg], cwd=tmp, check=True,
+                           capture_output=True, timeout=600)
+            debs = glob.glob(os.path.join(tmp, f"{pkg}_*.deb"))
+            if not debs:
+                raise FileNotFoundError(f"apt-get download {pkg} produced no .deb")
+            os.makedirs(root, exist_ok=True)
+            tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", debs[0]], check=True,
+                                 capture_output=True, timeout=600).stdout
+            subprocess.run(["tar", "-x", "-C", root, "--wildcards",
+                            *[f"--exclude={e}" for e in exclude], *members],
+                           input=tar, check=True, capture_output=True, timeout=600)
+        open(done, "w").close()
+    except (subprocess.SubprocessError, OSError) as e:
+        log.warning("could not fetch Debian package %s (%s); going on without it", pkg, e)
+        return None
+    return root
+
+
 def fetch_debian_photos(cache_dir: str, packages: tuple[str, ...] = tuple(DEBIAN_PHOTOS)
                         ) -> dict[str, str]:
-    """Download Debian packages with `apt-get download`, unpack their photos under
-    `cache_dir/debian/<package>/`, and return {name: file path}. Packages already unpacked are
-    not fetched again. Any failure (no apt, no network) is logged and that package skipped."""
+    """The photos of `DEBIAN_PHOTOS` packages, fetched once into `cache_dir/debian/<package>/`:
+    {name: file path}. Packages that cannot be fetched are skipped (see fetch_debian_package)."""
     out: dict[str, str] = {}
     for pkg in packages:
-        root = os.path.join(cache_dir, "debian", pkg)
-        done = os.path.join(root, ".complete")
-        if not os.path.exists(done):
-            if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-                log.warning("apt-get/dpkg-deb not found: skipping the %s photos", pkg)
-                continue
-            try:
-                with tempfile.TemporaryDirectory() as tmp:
-                    subprocess.run(["apt-get", "download", pkg], cwd=tmp, check=True,
-                                   capture_output=True, timeout=600)
-                    debs = glob.glob(os.path.join(tmp, f"{pkg}_*.deb"))
-                    if not debs:
-                        raise FileNotFoundError(f"apt-get download {pkg} produced no .deb")
-                    os.makedirs(root, exist_ok=True)
-                    tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", debs[0]], check=True,
-                                         capture_output=True, timeout=600).stdout
-                    subprocess.run(["tar", "-x", "-C", root, "--wildcards",
-                                    *DEBIAN_PHOTOS[pkg]], input=tar, check=True,
-                                   capture_output=True, timeout=600)
-                open(done, "w").close()
-            except (subprocess.SubprocessError, OSError) as e:
-                log.warning("could not fetch Debian package %s (%s): benchmark goes on "
-                            "without its photos", pkg, e)
-                continue
+        root = fetch_debian_package(cache_dir, pkg, DEBIAN_PHOTOS[pkg])
+        if root is None:
+            continue
         for pattern in DEBIAN_PHOTOS[pkg]:
             for path in sorted(glob.glob(os.path.join(root, pattern))):
                 stem = os.path.splitext(os.path.basename(path))[0]
@@ -175,12 +188,14 @@ class Benchmark:
     images: list[np.ndarray]          # uint8 (H, W, 3)
     family: np.ndarray                # (N,) int
     nuisance: list[str]               # (N,)
-    photos: list[str]                 # family index -> photo name
+    photos: list[str]                 # family index -> photo (or class) name
+    query_nuisances: tuple[str, ...] = NUISANCES
 
     @property
     def queries(self) -> np.ndarray:
         """Indices of the query images: every view (not the originals)."""
-        return np.array([i for i, n in enumerate(self.nuisance) if n != "original"], np.int64)
+        return np.array([i for i, n in enumerate(self.nuisance) if n in self.query_nuisances],
+                        np.int64)
 
     def ground_truth(self, queries: np.ndarray | None = None) -> list[dict]:
         """Per query: "ok" = the rest of its family, "junk" = the query itself."""
@@ -205,7 +220,8 @@ class Benchmark:
         return pairs
 
     def summary(self) -> str:
-        return (f"{len(self.photos)} photos, {len(self.images)} images, "
+        what = "classes" if self.query_nuisances == ("category",) else "photos"
+        return (f"{len(self.photos)} {what}, {len(self.images)} images, "
                 f"{len(self.queries)} queries")
 
 
@@ -273,3 +289,50 @@ def build_benchmark(split: str = "eval", cache_dir: str | None = None,
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     return bench
+
+
+# --------------------------------------------------------------------------- category retrieval
+
+CATEGORY_PACKAGE = "tuxpaint-stamps-default"
+CATEGORY_ROOT = "./usr/share/tuxpaint/stamps"
+
+
+def category_benchmark(cache_dir: str, min_per_class: int = 10, max_per_class: int = 20,
+                       side: int = 256, seed: int = 0, root: str | None = None
+                       ) -> Benchmark | None:
+    """Category retrieval on Debian's tuxpaint-stamps-default: the stamps (photos and drawings
+    with transparency, composited on white) of each two-level folder ("animals/mammals") with at
+    least `min_per_class` images form a class; at most `max_per_class` per class are drawn with
+    `seed`. Every image is a query (nuisance "category"); its class are the positives.
+
+    `root`: a folder laid out like the package's stamps folder (tests); otherwise the package is
+    fetched into `cache_dir`. None when it cannot be fetched."""
+    from .preprocess import to_rgb
+
+    if root is None:
+        pkg_root = fetch_debian_package(cache_dir, CATEGORY_PACKAGE, (CATEGORY_ROOT,),
+                                        exclude=("*.ogg", "*.wav"))
+        if pkg_root is None:
+            return None
+        root = os.path.join(pkg_root, CATEGORY_ROOT)
+    by_class: dict[str, list[str]] = defaultdict(list)
+    for path in sorted(glob.glob(os.path.join(root, "**", "*.png"), recursive=True)):
+        parts = os.path.relpath(path, root).split(os.sep)
+        if len(parts) >= 3:
+            by_class["/".join(parts[:2])].append(path)
+    classes = sorted(c for c, paths in by_class.items() if len(paths) >= min_per_class)
+    if not classes:
+        raise ValueError(f"no folder under {root} has {min_per_class} or more stamps")
+    images, family = [], []
+    rng = np.random.RandomState(seed)
+    for c, name in enumerate(classes):
+        paths = by_class[name]
+        if len(paths) > max_per_class:
+            paths = [paths[i] for i in sorted(rng.choice(len(paths), max_per_class,
+                                                         replace=False))]
+        for path in paths:
+            with Image.open(path) as im:
+                images.append(np.asarray(_fit(to_rgb(im), side), dtype=np.uint8))
+            family.append(c)
+    return Benchmark(images, np.asarray(family, np.int64), ["category"] * len(images), classes,
+                     query_nuisances=("category",))

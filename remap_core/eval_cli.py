@@ -68,6 +68,9 @@ def add_arguments(parser) -> None:
                    help="views of each photo per nuisance (default 2)")
     g.add_argument("--side", type=int, default=384, help="long side of the benchmark images")
     g.add_argument("--seed", type=int, default=0, help="seed of the generated views")
+    g.add_argument("--category", action="store_true",
+                   help="also score category retrieval on Debian's tuxpaint-stamps-default "
+                        "(folder = class; needs apt-get download; skipped when unavailable)")
     g.add_argument("--max-photos", type=int, default=None,
                    help="use at most this many photos per split (quick runs)")
     m = parser.add_argument_group("model")
@@ -292,6 +295,28 @@ def run(args) -> dict:
             desc[m.name][chunk] = describe_multiscale(m, feats_by_scale)
     t_embed = time.time() - t2
 
+    category = None
+    if getattr(args, "category", False):
+        from .benchmark import category_benchmark
+
+        t3 = time.time()
+        cb = category_benchmark(args.cache, seed=args.seed)
+        if cb is None:
+            print("category retrieval skipped: tuxpaint-stamps-default could not be fetched",
+                  file=sys.stderr)
+        else:
+            cimages = _prepare(cb, args.max_side)
+            cdesc = {m.name: np.zeros((len(cimages), m.model.dim), np.float32) for m in methods}
+            for chunk, feats_by_scale in iter_features(base, cimages, scales, args.batch_size,
+                                                       desc="category"):
+                for m in methods:
+                    cdesc[m.name][chunk] = describe_multiscale(m, feats_by_scale)
+            cres = {m.name: {"dim": int(m.model.dim), **score(cdesc[m.name], cb)}
+                    for m in methods}
+            compare_to(cres, "R-MAC", cb)
+            category = {"benchmark": cb.summary(), "classes": cb.photos, "results": cres,
+                        "seconds": round(time.time() - t3, 1)}
+
     if args.save_model:
         from .checkpoint import save_checkpoint
 
@@ -325,6 +350,7 @@ def run(args) -> dict:
                                                                       for i in evalb.queries)}},
         "results": results,
         "key_comparisons": key_comparisons,
+        "category": category,
         "seconds": {"benchmark": round(t_bench, 1), "learn_on_train": round(t_learn, 1),
                     "embed_eval": round(t_embed, 1), "total": round(time.time() - t0, 1)},
     }
@@ -357,6 +383,22 @@ def format_table(report: dict) -> str:
     lines.append("REMAP = KLW + whitening; 'uniform weights' = REMAP with every KLW weight 1 "
                  f"(+ the same whitening, {report['whiten']})")
     lines.append(f"eval: {b['eval']}; KLW + whitening learned on train: {b['train']}")
+    cat = report.get("category")
+    if cat:
+        lines.append("")
+        lines.append(f"Category retrieval, tuxpaint-stamps-default ({cat['benchmark']}; "
+                     "positives = same folder; same models as above)")
+        head = f"{'method':<{width}}{'dim':>6}" + "".join(f"{c:>9}" for c in
+                                                         ("mAP", "mP@5", "R@10"))
+        lines.append(head + "   mAP - R-MAC [95% CI]")
+        lines.append("-" * (len(head) + 23))
+        for name, r in cat["results"].items():
+            c = r["vs R-MAC"]
+            lines.append(f"{name:<{width}}{r['dim']:>6}" + "".join(
+                f"{100 * r[k]:>9.1f}" for k in ("mAP", "mP@5", "R@10"))
+                + f"   {100 * c['dmAP']:+5.1f} [{100 * c['ci95'][0]:+.1f}, "
+                  f"{100 * c['ci95'][1]:+.1f}]")
+        lines.append("")
     lines.append(f"backbone {report['backbone']}, scales {[round(s, 3) for s in report['scales']]}"
                  f", levels {report['levels']}, input long side {report['max_side']}; "
                  f"{report['machine']}; {report['seconds']['total']} s")

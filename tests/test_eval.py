@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from remap_core import eval_cli
 from remap_core.benchmark import (benchmark_photos, build_benchmark, photo_catalogue,
@@ -53,17 +54,52 @@ def test_parse_scales_reads_fractions_and_square_roots():
         eval_cli.parse_scales("__import__('os')")
 
 
+def _fake_stamps(root):
+    """A tuxpaint-like stamps folder: two classes of 3 RGBA stamps, one class of 1."""
+    rng = np.random.RandomState(0)
+    for cls, n, colour in [("animals/birds", 3, (200, 30, 30)), ("food/fruit", 3, (30, 200, 30)),
+                           ("space/planets", 1, (0, 0, 200))]:
+        for i in range(n):
+            folder = root / cls / ("sub" if i == 2 else "")
+            folder.mkdir(parents=True, exist_ok=True)
+            rgba = np.zeros((40, 50, 4), np.uint8)
+            rgba[10:30, 10 + i:40, :3] = colour
+            rgba[10:30, 10 + i:40, 3] = 255
+            rgba[..., :3] += rng.randint(0, 20, (40, 50, 3)).astype(np.uint8)
+            Image.fromarray(rgba, "RGBA").save(folder / f"s{i}.png")
+    return root
+
+
+def test_category_benchmark_uses_two_level_folders_as_classes(tmp_path):
+    from remap_core.benchmark import category_benchmark
+
+    root = _fake_stamps(tmp_path / "stamps")
+    b = category_benchmark(None, min_per_class=2, root=str(root))
+    assert b.photos == ["animals/birds", "food/fruit"]          # planets: too few
+    assert len(b.images) == 6 and list(b.family) == [0, 0, 0, 1, 1, 1]
+    assert len(b.queries) == 6 and "classes" in b.summary()
+    np.testing.assert_array_equal(b.images[0][0, 0], [255, 255, 255])   # alpha on white
+    assert sorted(b.ground_truth()[0]["ok"]) == [1, 2]
+
+
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
+    from remap_core import benchmark
+
     parser = argparse.ArgumentParser()
     eval_cli.add_arguments(parser)
     cache = tmp_path_factory.mktemp("cache")
+    stamps = _fake_stamps(tmp_path_factory.mktemp("stamps"))
+    fake = benchmark.category_benchmark(None, min_per_class=2, root=str(stamps))
     args = parser.parse_args(["--cache", str(cache), "--no-debian", "--max-photos", "2",
+                              "--category",
                               "--views-per-nuisance", "1", "--side", "96", "--max-side", "64",
                               "--scales", "1,1/2",
                               "--whiten-dim", "8", "--format", "json",
                               "--save-model", str(cache / "remap.pt")])
-    return eval_cli.run(args), args, cache
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(benchmark, "category_benchmark", lambda *a, **k: fake)
+        return eval_cli.run(args), args, cache
 
 
 def test_eval_reports_every_method_per_nuisance(tiny_report):
@@ -79,6 +115,10 @@ def test_eval_reports_every_method_per_nuisance(tiny_report):
     table = eval_cli.format_table(report)
     assert "R-MAC + Lw" in table and "REMAP vs R-MAC + Lw" in table
     assert report["results"]["R-MAC"]["vs R-MAC"]["dmAP"] == 0
+    cat = report["category"]
+    assert cat["classes"] == ["animals/birds", "food/fruit"]
+    assert set(cat["results"]) == set(report["results"])
+    assert "Category retrieval" in table
     json.dumps(report)
 
 
