@@ -229,3 +229,45 @@ def test_run_refuses_another_model_in_the_same_store(tmp_path, tiny_model_path):
         embed(images, store, str(other))
     with pytest.raises(ValueError, match="does not sort after"):
         embed(images, store, tiny_model_path, "--run_id=00000000T000000Z")
+
+
+@pytest.mark.slow  # a second interpreter importing Beam and torch: ~20 s idle, 90 s on a busy box
+def test_run_killed_mid_way_is_redone_by_the_next_run(tmp_path, tiny_model_path):
+    """A real `remap embed` process is SIGKILLed while it writes its run folder; the next run
+    removes the remains and ends with every URI embedded exactly once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    images = tmp_path / "images"
+    cases = C.write_collection(images, n_good=12, odd=False, bad=False)
+    store = tmp_path / "store"
+    proc = subprocess.Popen([sys.executable, "-m", "remap_core.cli", "embed",
+                             f"--input={images}", f"--output={store}",
+                             f"--model={tiny_model_path}", "--num_shards=6",
+                             "--progress_seconds=0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if list(store.glob("run-*")):  # it has started writing its run folder
+                break
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    (killed,) = list(store.glob("run-*"))
+    assert not (killed / "run.json").exists(), "the run finished before it could be killed"
+
+    rerun = embed(images, store, tiny_model_path)
+    assert not killed.exists()
+    assert (rerun["read"], rerun["embedded"], rerun["skipped"]) == (12, 12, 0)
+    ids = []
+    for manifest in store.glob("run-*/run.json"):
+        for shard in json.loads(manifest.read_text())["shards"]:
+            ids += pq.read_table(manifest.parent / shard, columns=["id"]).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 12
+    assert sorted(live_embeddings(store)) == sorted(cases["good"])
