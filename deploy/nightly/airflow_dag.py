@@ -10,9 +10,9 @@ workers need neither torch nor remap.
 re-run of the same date rebuilds (or keeps) the same folder. max_active_runs=1: nights never
 overlap. A failed task leaves CURRENT on the previous index; its retry completes the work
 without duplicates (deploy/nightly/README.md). Exit status 12 means the gate refused the index:
-a retry is refused again, look at the recall before clearing the task. Copy this file to the Composer DAGs bucket and set
-the Airflow Variables below (or edit the defaults); they are read when the task runs (Jinja),
-not each time the scheduler parses the file.
+a retry is refused again, look at the recall before clearing the task. Copy this file to the
+Composer DAGs bucket and set the Airflow Variables below (or edit the defaults); they are read
+when the task runs (Jinja), not each time the scheduler parses the file.
 """
 
 from __future__ import annotations
