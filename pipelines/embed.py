@@ -112,6 +112,11 @@ class _Progress:
 
 # --------------------------------------------------------------------------- listing
 
+class _SplitPartitionFn(_StorageDoFn):
+    def process(self, part):
+        yield from U.split_partition(*part)
+
+
 class _ExpandPartitionFn(_StorageDoFn):
     def process(self, part):
         for source in U.expand_partition(*part):
@@ -132,7 +137,8 @@ class _StatFn(_StorageDoFn):
 
 class ListSources(beam.PTransform):
     """--input -> PCollection[Source] (may repeat a URI), listing spread across workers:
-    one task per manifest / top-level sub-folder, then a Reshuffle before the per-URI stat."""
+    one task per manifest (per row group of a Parquet manifest) / top-level sub-folder, then a
+    Reshuffle before the per-URI stat."""
 
     def __init__(self, spec: str, fsspec_config: dict | None = None):
         super().__init__()
@@ -144,6 +150,8 @@ class ListSources(beam.PTransform):
         return (pbegin
                 | "Partitions" >> beam.Create(parts)
                 | "SpreadPartitions" >> beam.Reshuffle()
+                | "Split" >> beam.ParDo(_SplitPartitionFn(self.fsspec_config))
+                | "SpreadSplits" >> beam.Reshuffle()
                 | "Expand" >> beam.ParDo(_ExpandPartitionFn(self.fsspec_config))
                 | "SpreadSources" >> beam.Reshuffle()
                 | "Stat" >> beam.ParDo(_StatFn(self.fsspec_config)))

@@ -168,10 +168,39 @@ def list_partitions(spec: str) -> list[tuple[str, str]]:
     return parts
 
 
-def expand_partition(kind: str, arg: str) -> Iterator[Source]:
-    """The image Sources of one listing task from `list_partitions`."""
+def split_partition(kind: str, arg: str, *rest) -> list[tuple]:
+    """Split a listing task further where the file allows: a Parquet manifest becomes one task
+    per row group, so one huge manifest is still read by many workers. (Split huge text/CSV
+    manifests into several files, or write them as Parquet.)"""
+    if kind == "manifest" and arg.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        with fsspec.open(arg, "rb") as f:
+            groups = pq.ParquetFile(f).metadata.num_row_groups
+        return [("manifest_row_group", arg, i) for i in range(groups)]
+    return [(kind, arg, *rest)]
+
+
+def read_manifest_row_group(path: str, index: int) -> list[str]:
+    """URIs of one row group of a Parquet manifest."""
+    import pyarrow.parquet as pq
+
+    with fsspec.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        if "uri" not in pf.schema_arrow.names:
+            raise ValueError(f"manifest {path} has no 'uri' column "
+                             f"(columns: {pf.schema_arrow.names})")
+        return [u for u in pf.read_row_group(index, columns=["uri"]).column(0).to_pylist() if u]
+
+
+def expand_partition(kind: str, arg: str, *rest) -> Iterator[Source]:
+    """The image Sources of one listing task from `list_partitions` / `split_partition`."""
     if kind == "manifest":
         for uri in read_manifest(arg):
+            yield Source(uri)
+        return
+    if kind == "manifest_row_group":
+        for uri in read_manifest_row_group(arg, *rest):
             yield Source(uri)
         return
     fs, path = fsspec.core.url_to_fs(arg)

@@ -96,3 +96,17 @@ def test_stat_reads_size_and_etag_from_s3(moto_s3):  # noqa: F811
         stat(Source(f"{bucket}/missing.jpg"))
     (part,) = [p for p in list_partitions(bucket) if p[1].endswith("x.jpg")]
     assert list(expand_partition(*part)) == [s]
+
+
+def test_parquet_manifest_splits_into_row_group_tasks(tmp_path):
+    from pipelines.uris import split_partition
+
+    m = tmp_path / "big.parquet"
+    uris = [f"gs://b/{i:03d}.jpg" for i in range(25)]
+    pq.write_table(pa.table({"uri": uris}), m, row_group_size=10)
+    tasks = split_partition("manifest", str(m))
+    assert tasks == [("manifest_row_group", str(m), i) for i in range(3)]
+    assert [s.uri for t in tasks for s in expand_partition(*t)] == uris
+    assert split_partition("manifest", str(tmp_path / "list.txt")) == \
+        [("manifest", str(tmp_path / "list.txt"))]
+    assert split_partition("dir", "gs://b/x") == [("dir", "gs://b/x")]
