@@ -124,6 +124,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bench-venv", default=os.path.join(ROOT, ".bench-venv"))
     ap.add_argument("--skip-autofaiss", action="store_true")
     ap.add_argument("--results", action="store_true", help="append the table to RESULTS.md")
+    ap.add_argument("--latency", action="store_true",
+                    help="also time queries on the remap index in each layout (single, shards, "
+                         "ondisk)")
     args = ap.parse_args(argv)
 
     import faiss
@@ -209,14 +212,56 @@ def main(argv=None) -> int:
                                         "bytes_per_vector": os.path.getsize(af_index) / n}
             print(f"autofaiss: {results['autofaiss']}", file=sys.stderr)
 
+    if not args.embeddings:
+        shard_bytes = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(store)
+                          for f in fs if f.endswith(".parquet"))
+        results["remap"]["parquet_bytes_per_vector"] = shard_bytes / n
+    latency = latency_by_layout(out, xq) if args.latency else []
     table = markdown_table(results, n, dim, data, args.max_index_memory)
+    if latency:
+        table += "\n\n| layout | index files | search params | recall@10 | ms/query (1 thread) " \
+                 "| queries/s (batch 1000) | index bytes |\n| --- | --- | --- | --- | --- | --- | --- |\n"
+        table += "\n".join(f"| {r['layout']} | {r['index_files']} | `{r['params']}` | "
+                           f"{r['recall@10']:.3f} | {r['ms_per_query_1thread']:.2f} | "
+                           f"{r['qps_batch']:,.0f} | {r['bytes']:,} |" for r in latency)
     print(table)
-    print(json.dumps({"n": n, "dim": dim, "budget": args.max_index_memory, "results": results},
-                     default=str))
+    print(json.dumps({"n": n, "dim": dim, "budget": args.max_index_memory, "results": results,
+                      "latency": latency}, default=str))
     if args.results:
         with open(os.path.join(HERE, "RESULTS.md"), "a") as f:
             f.write("\n" + table + "\n")
     return 0
+
+
+def latency_by_layout(folder: str, xq: np.ndarray, layouts=("single", "shards", "ondisk")) -> list:
+    """Re-publish a built remap index in each layout; per-query latency (one query per call,
+    one FAISS thread, and batches of 1000 with all threads), with the tuned parameters."""
+    import faiss
+
+    from index_builder.build import merge_step
+    from index_builder.search import open_index
+
+    out = []
+    threads = faiss.omp_get_max_threads()
+    for layout in layouts:
+        m = merge_step(folder, layout=layout, recall_queries=len(xq))
+        idx = open_index(folder)
+        parts = len(m["index_files"]) if layout == "shards" else 1
+        faiss.omp_set_num_threads(1)
+        t = time.perf_counter()
+        for q in xq[:200]:
+            idx.index.search(q[None, :], 10)
+        single_ms = (time.perf_counter() - t) / 200 * 1000
+        faiss.omp_set_num_threads(threads)
+        t = time.perf_counter()
+        idx.index.search(xq, 10)
+        batch_qps = len(xq) / (time.perf_counter() - t)
+        out.append({"layout": layout, "index_files": parts, "params": m["search_params"],
+                    "recall@10": m["recall"]["recall@10"], "ms_per_query_1thread": single_ms,
+                    "qps_batch": batch_qps,
+                    "bytes": sum(e["bytes"] for e in m["index_files"])})
+        print(f"latency: {out[-1]}", file=sys.stderr)
+    return out
 
 
 def markdown_table(results: dict, n: int, dim: int, data: str, budget: str) -> str:

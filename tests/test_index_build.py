@@ -234,3 +234,19 @@ def test_index_cli_steps_and_one_shot(store, tmp_path, capsys):
     assert one["recall"] == steps["recall"]  # same seed, same sample: same index
     assert remap(["index", "merge", "--output", str(tmp_path / "none")]) == 2
     assert "remap index train" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout", ["ondisk", "shards"])
+def test_an_index_on_object_storage_opens_in_every_layout(store, ivf_folder, layout):
+    import fsspec
+
+    m = merge_step(ivf_folder, layout=layout, recall_queries=300)
+    fs = fsspec.filesystem("memory")
+    url = f"memory://bucket/{layout}"
+    for e in m["index_files"] + m["id_files"] + [m["recall"]["queries_file"]]:
+        fs.put_file(os.path.join(ivf_folder, e["path"]), f"/bucket/{layout}/{e['path']}")
+    fs.put_file(os.path.join(ivf_folder, "manifest.json"), f"/bucket/{layout}/manifest.json")
+    remote, local = open_index(url), open_index(ivf_folder)
+    xq = store[1][:20]
+    assert [[h.id for h in row] for row in remote.search_vectors(xq, 10)] == \
+        [[h.id for h in row] for row in local.search_vectors(xq, 10)]
