@@ -22,9 +22,20 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 REINDEX = DEPLOY / "nightly" / "reindex.sh"
 VENV_BIN = str(Path(sys.executable).parent)
-sys.path.insert(0, str(DEPLOY / "nightly"))
 
-import index_pointer as P  # noqa: E402
+
+def _load(path: Path):
+    """A deploy/ script as a module, by path (deploy/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"deploy_{path.parent.name}_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+P = _load(DEPLOY / "nightly" / "index_pointer.py")
+
 from objectstore import fake_gcs  # noqa: E402,F401  (pytest fixture: fake-gcs-server on loopback)
 
 # The transforms a data engineer sees in the Dataflow UI (pipelines/embed.py build_pipeline).
@@ -82,11 +93,7 @@ def dataflow_dry_run_flags(tmp_bucket: str = "gs://remap-dry-run",
 
 def test_dataflow_dry_run_builds_the_job_graph_offline(sample_dir, tiny_model_path,
                                                        loopback_only):
-    sys.path.insert(0, str(DEPLOY / "dataflow"))
-    try:
-        from dry_run import build_job
-    finally:
-        sys.path.remove(str(DEPLOY / "dataflow"))
+    build_job = _load(DEPLOY / "dataflow" / "dry_run.py").build_job
     image = "europe-docker.pkg.dev/remap-dry-run/remap/worker:test"
     job, summary = build_job([f"--input={sample_dir / 'images'}",
                               "--output=gs://remap-dry-run/store", f"--model={tiny_model_path}",
@@ -128,11 +135,7 @@ def test_flex_template_metadata_matches_embed_options():
         for rx in p.get("regexes", []):
             re.compile(rx)
     # the launcher turns Flex Templates' --full=true into the store_true flag EmbedOptions takes
-    sys.path.insert(0, str(DEPLOY / "dataflow"))
-    try:
-        from main import template_argv
-    finally:
-        sys.path.remove(str(DEPLOY / "dataflow"))
+    template_argv = _load(DEPLOY / "dataflow" / "main.py").template_argv
     assert template_argv(["--input=a", "--full=true", "--output=b", "--full=false"]) == \
         ["--input=a", "--full", "--output=b"]
 
