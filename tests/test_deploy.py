@@ -103,6 +103,8 @@ def test_dataflow_dry_run_builds_the_job_graph_offline(sample_dir, tiny_model_pa
     assert "use_runner_v2" in summary["experiments"]
     assert len(job.proto_pipeline.components.transforms) > 50   # the whole graph, translated
     assert loopback_only == []
+    with pytest.raises(OSError, match="test guard"):               # and the guard was armed
+        socket.create_connection(("storage.googleapis.com", 443), timeout=1)
 
 
 # --------------------------------------------------------------------------- files parse
