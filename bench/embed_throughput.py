@@ -118,6 +118,8 @@ def main(argv=None) -> dict:
             pipe_s, summary = pipeline_run(folder, work / f"store_{n}", model_path,
                                            args.batch_size)
             assert summary["embedded"] == n and summary["accounted"], summary
+            print(f"{n} images: bare {bare_s:.1f} s, pipeline {pipe_s:.1f} s", file=sys.stderr,
+                  flush=True)
             result["runs"].append({
                 "images": n, "generate_s": round(gen_s, 2),
                 "bare_s": round(bare_s, 2), "pipeline_s": round(pipe_s, 2),

@@ -22,6 +22,7 @@ from collections import defaultdict
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.runner import PipelineState
 from apache_beam.transforms.window import GlobalWindows
 
 from remap_core.shard_schema import (DEAD_LETTER_SCHEMA, SOURCE_SCHEMA, TOMBSTONE_SCHEMA,
@@ -552,7 +553,7 @@ def run(argv: list[str]) -> dict:
                    cfg["max_side"], cfg["multiple"], state_files)
     result = pipeline.run()
     state = result.wait_until_finish()
-    if state not in (None, "DONE", beam.runners.runner.PipelineState.DONE):
+    if state not in (None, PipelineState.DONE):
         raise RuntimeError(f"pipeline ended in state {state}; run {run_id} is incomplete and "
                            f"will be redone by the next run")
     fs, root = fsspec.core.url_to_fs(run_dir)

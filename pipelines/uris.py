@@ -7,7 +7,6 @@ without a pipeline.
 from __future__ import annotations
 
 import csv
-import io
 from typing import Iterable, Iterator, NamedTuple
 
 import fsspec
