@@ -38,15 +38,15 @@ TRAIN_STATE_KEY = "train_state"
 class TrainOptions:
     """Everything that shapes a training run (stored in every checkpoint, so --resume agrees)."""
 
-    epochs: int = 5
-    tuples_per_epoch: int = 200
+    epochs: int = 3
+    tuples_per_epoch: int = 96
     negatives: int = 5            # hard negatives per tuple, at most one per class
     pool_size: int | None = None  # negative pool drawn each epoch; None: every training image
     batch_tuples: int = 8         # tuples per optimiser step
-    margin: float = 0.1           # on squared distances of L2-normalised descriptors
-    lr: float = 1e-5              # trainable backbone blocks
-    lr_head: float = 1e-3         # head parameters (KLW)
-    lr_whiten: float = 1e-4       # whitening layer
+    margin: float = 0.5           # on squared distances of L2-normalised descriptors (0..4)
+    lr: float = 1e-4              # trainable backbone blocks
+    lr_head: float = 1e-2         # head parameters (KLW, softplus-parametrised)
+    lr_whiten: float = 1e-3       # whitening layer
     weight_decay: float = 1e-6
     freeze: int = 0               # leading backbone units (stem, blocks / stages) kept frozen
     seed: int = 0
@@ -266,16 +266,21 @@ class CachedEmbedder:
 # --------------------------------------------------------------------------- initialisation
 
 @torch.no_grad()
+@torch.no_grad()
 def pooled_descriptors(model: RetrievalNet, images: list[np.ndarray], batch_size: int = 32,
-                       scale: float = 1.0) -> np.ndarray:
+                       scale: float = 1.0, cache: FrozenTrunkCache | None = None) -> np.ndarray:
     """Head outputs before whitening (what whitening is learned on), of the images resized by
-    `scale`: -> (N, D_head) float64."""
+    `scale` (`cache`, when given, must have been built at that scale): -> (N, D_head)."""
     from .pooling import resize_batch
 
     out = np.zeros((len(images), model.head.out_dim))
     for idx in _shape_batches(images, range(len(images)), batch_size):
-        x = resize_batch(_to_batch([images[i] for i in idx], model.device), scale)
-        out[idx] = model.pooled(x).float().cpu().numpy()
+        if cache is not None:
+            feats = cache.features(idx)
+        else:
+            feats = model.features(resize_batch(_to_batch([images[i] for i in idx],
+                                                          model.device), scale))
+        out[idx] = model.head(feats).float().cpu().numpy()
     return out
 
 
@@ -298,8 +303,8 @@ def sample_pairs(labels: np.ndarray, n: int, rng: np.random.Generator
 
 @torch.no_grad()
 def initialise_klw(model: RetrievalNet, images: list[np.ndarray], labels: np.ndarray,
-                   n_pairs: int, rng: np.random.Generator, method: str = "gaussian"
-                   ) -> np.ndarray:
+                   n_pairs: int, rng: np.random.Generator, method: str = "gaussian",
+                   cache: FrozenTrunkCache | None = None) -> np.ndarray:
     """Set the REMAP head's KLW weights to the KL divergence between the region-distance
     distributions of `n_pairs` matching and `n_pairs` non-matching pairs. Returns the weights
     (layers, canonical regions)."""
@@ -312,7 +317,7 @@ def initialise_klw(model: RetrievalNet, images: list[np.ndarray], labels: np.nda
     used = np.unique(np.concatenate([match.ravel(), nonmatch.ravel()]))
     per_layer: list[dict[int, np.ndarray]] = []
     for idx in _shape_batches(images, used, 16):
-        feats = model.features(_to_batch([images[i] for i in idx], model.device))
+        feats = _features(model, images, idx, cache)
         for layer, vecs in enumerate(canonical_region_vectors(model.head, feats)):
             if layer == len(per_layer):
                 per_layer.append({})
@@ -331,7 +336,8 @@ def initialise_klw(model: RetrievalNet, images: list[np.ndarray], labels: np.nda
 
 def initialise_whitening(model: RetrievalNet, images: list[np.ndarray], labels: np.ndarray,
                          dim: int, kind: str = "learned", n_pairs: int = 1000,
-                         rng: np.random.Generator | None = None) -> None:
+                         rng: np.random.Generator | None = None,
+                         caches: dict[float, FrozenTrunkCache] | None = None) -> None:
     """Learn a whitening on the model's pooled descriptors of the training images and put it
     into the model (`whiten.set_model_whitening`). Every test-time scale of the model gives one
     sample per image (as `remap eval` learns it). kind: "pca" or "learned" (Radenović's Lw,
@@ -339,7 +345,9 @@ def initialise_whitening(model: RetrievalNet, images: list[np.ndarray], labels: 
     from .whiten import learned_whitening, pca_whitening, set_model_whitening
 
     scales = list(model.config["scales"])
-    x = np.concatenate([pooled_descriptors(model, images, scale=s) for s in scales])
+    caches = caches or {}
+    x = np.concatenate([pooled_descriptors(model, images, scale=s, cache=caches.get(s))
+                        for s in scales])
     if kind == "pca":
         mean, projection = pca_whitening(x, dim)
     elif kind == "learned":
@@ -396,11 +404,12 @@ def train(model: RetrievalNet, images: list[np.ndarray], labels: np.ndarray, opt
           out_dir: str, validate: Validate | None = None,
           optimizer: torch.optim.Optimizer | None = None, start_epoch: int = 1,
           history: list[dict] | None = None, scaler_state: dict | None = None,
-          progress: bool = True) -> list[dict]:
+          progress: bool = True, cache: FrozenTrunkCache | None = None) -> list[dict]:
     """Train `model` in place for epochs start_epoch..opts.epochs; returns the log records.
 
     Writes out_dir/last.pt (resumable) and out_dir/log.jsonl every epoch. With `validate`, an
-    epoch-0 record of the initial model is logged first (when starting from epoch 1).
+    epoch-0 record of the initial model is logged first (when starting from epoch 1). `cache`:
+    a FrozenTrunkCache of `images` at scale 1 built with `opts.freeze` (built here if absent).
     """
     from tqdm import tqdm
 
@@ -415,8 +424,8 @@ def train(model: RetrievalNet, images: list[np.ndarray], labels: np.ndarray, opt
     if scaler is not None and scaler_state:
         scaler.load_state_dict(scaler_state)
     history = list(history or [])
-    cache = (FrozenTrunkCache(model, images, opts.freeze, progress=progress)
-             if opts.cache and opts.freeze > 0 else None)
+    if cache is None and opts.cache and opts.freeze > 0:
+        cache = FrozenTrunkCache(model, images, opts.freeze, progress=progress)
     log_path = os.path.join(out_dir, "log.jsonl")
     ckpt_path = os.path.join(out_dir, "last.pt")
 

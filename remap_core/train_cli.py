@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "class of generated views (self-supervised)")
     src.add_argument("--benchmark-views", action="store_true", help="view families of the "
                      "benchmark's training photos (disjoint from its evaluation photos)")
-    src.add_argument("--views-per-photo", type=int, default=8,
-                     help="generated views per photo (default 8)")
+    src.add_argument("--views-per-photo", type=int, default=10,
+                     help="generated views per photo (default 10), each 1-2 chained nuisances")
     src.add_argument("--view-seed", type=int, default=None,
                      help="seed of the generated views (default: derived from --seed, and "
                      "different from every benchmark seed)")
@@ -57,8 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="long side of training and validation images (default 320)")
     m.add_argument("--scales", default=None, help="test-time scales stored in the model, e.g. "
                    "1,0.7071,0.5 (default: the head's default)")
-    m.add_argument("--whiten", choices=("learned", "pca", "none"), default="learned",
-                   help="whitening initialised from training descriptors (default learned)")
+    m.add_argument("--whiten", choices=("pca", "learned", "none"), default="pca",
+                   help="whitening initialised from training descriptors: pca (default; leaves "
+                   "the triplet loss something to learn) or learned (Radenović's Lw from "
+                   "matching pairs: on few training classes it separates every training tuple "
+                   "already, so the loss starts at zero)")
     m.add_argument("--whiten-dim", type=int, default=256, help="whitened dimension (default 256)")
     m.add_argument("--klw-pairs", type=int, default=400,
                    help="matching and non-matching pairs for the KLW initialisation (default 400)")
@@ -223,7 +226,8 @@ def main(args) -> int:
     import torch
 
     from .checkpoint import save_checkpoint
-    from .train import initialise_klw, initialise_whitening, resume_training, train
+    from .train import (FrozenTrunkCache, freeze_backbone, initialise_klw, initialise_whitening,
+                        resume_training, train)
 
     t_start = time.time()
     if args.cache is None:
@@ -265,16 +269,29 @@ def main(args) -> int:
     with open(os.path.join(out, "run.json"), "w") as f:
         json.dump(record, f, indent=1)
 
+    # frozen units run once per training image and test-time scale (init, mining and steps)
+    caches: dict[float, FrozenTrunkCache] = {}
+    if opts.cache and opts.freeze > 0:
+        freeze_backbone(model, opts.freeze)
+        t0 = time.time()
+        scales = [1.0] if args.resume else sorted(set(model.config["scales"]) | {1.0},
+                                                    reverse=True)
+        caches = {s: FrozenTrunkCache(model, ts.images, opts.freeze, progress=progress, scale=s)
+                  for s in scales}
+        print(f"cached the {opts.freeze} frozen backbone units for {len(ts.images)} images x "
+              f"{len(scales)} scale(s) in {time.time() - t0:.1f}s")
+
     if not args.resume:
         rng = np.random.default_rng([args.seed, 2024])
         t0 = time.time()
         if not args.no_klw_init:
-            w = initialise_klw(model, ts.images, ts.labels, args.klw_pairs, rng)
+            w = initialise_klw(model, ts.images, ts.labels, args.klw_pairs, rng,
+                               cache=caches.get(1.0))
             print(f"KLW initialised from {args.klw_pairs} matching / non-matching pairs: weights "
                   f"{w.min():.3f}..{w.max():.3f} (layers x regions {w.shape[0]}x{w.shape[1]})")
         if args.whiten != "none":
             initialise_whitening(model, ts.images, ts.labels, args.whiten_dim, args.whiten,
-                                 n_pairs=max(args.klw_pairs, 1000), rng=rng)
+                                 n_pairs=max(args.klw_pairs, 1000), rng=rng, caches=caches)
             print(f"{args.whiten} whitening initialised: {model.head.out_dim} -> {model.dim}")
         print(f"initialisation took {time.time() - t0:.1f}s")
 
@@ -282,7 +299,7 @@ def main(args) -> int:
     validate = None if args.no_val else make_validator(args, model, n_cached, progress)
     history = train(model, ts.images, ts.labels, opts, out, validate=validate,
                     optimizer=optimizer, start_epoch=start_epoch, history=history,
-                    scaler_state=scaler_state, progress=progress)
+                    scaler_state=scaler_state, progress=progress, cache=caches.get(1.0))
     final = os.path.join(out, "model.pt")
     fp = save_checkpoint(model, final, extra={"trained": {"epochs": opts.epochs,
                                                           "source": source,

@@ -141,3 +141,35 @@ def test_cached_embedder_matches_the_model_s_multiscale_embedding(data):
     freeze_backbone(model, 14)
     embed = CachedEmbedder(model, images[:4], 14)
     np.testing.assert_allclose(embed(model), model.embed_arrays(images[:4]), atol=1e-5)
+
+
+def test_remap_train_reports_an_unreadable_layout_and_a_missing_resume(tmp_path, capsys):
+    from remap_core.cli import main
+
+    (tmp_path / "labels.csv").write_text("name,score\na.jpg,1\n")
+    rc = main(["train", "--data", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "run"),
+               "--no-val", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no URI column" in err and "a folder with one sub-folder" in err
+    rc = main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--resume"])
+    assert rc == 2 and "--resume but" in capsys.readouterr().err
+
+
+def test_remap_train_end_to_end_on_a_folder_layout_gives_a_loadable_model(tmp_path):
+    from PIL import Image
+
+    from remap_core.cli import main
+
+    images, labels = _images(n_classes=4, per_class=3, seed=5)
+    for i, (im, lab) in enumerate(zip(images, labels)):
+        (tmp_path / "data" / f"c{lab}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(tmp_path / "data" / f"c{lab}" / f"{i}.png")
+    rc = main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+               "--taps", "stage7,head", "--max-side", "64", "--scales", "1", "--whiten-dim", "8",
+               "--klw-pairs", "10", "--epochs", "1", "--tuples", "2", "--batch", "2",
+               "--negatives", "2", "--freeze", "15", "--no-val", "--quiet"])
+    assert rc == 0
+    model = load_model(str(tmp_path / "run" / "model.pt"), device="cpu")
+    assert model.config["head"] == "remap" and model.dim == 8
+    log = [json.loads(s) for s in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1]
