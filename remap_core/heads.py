@@ -2,7 +2,8 @@
 
 Every head maps [(B, C_l, H_l, W_l) for each layer l] -> (B, D) and exposes `out_dim`.
 Per layer the pooled vector is L2-normalised, then the layers are concatenated (multi-layer
-aggregation); the model applies whitening and the final L2 after the head.
+aggregation) -- except REMAP, whose per-(layer, region) KLW weights also weigh the layers; the
+model applies whitening and the final L2 after the head.
 """
 
 from __future__ import annotations
