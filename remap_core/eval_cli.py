@@ -77,8 +77,10 @@ def add_arguments(parser) -> None:
     m.add_argument("--backbone", default="efficientnet_lite0")
     m.add_argument("--weights", default="default",
                    help="backbone weights: 'default' (offline), a path/fsspec URL, 'torchvision'")
-    m.add_argument("--taps", default="stage5,head",
-                   help="REMAP's feature taps, comma-separated (default stage5,head)")
+    m.add_argument("--taps", default=None,
+                   help="REMAP's feature taps, comma-separated (default: stage5,head for the "
+                        "EfficientNet/MobileNet backbones, the last two taps otherwise, e.g. "
+                        "layer3,layer4)")
     m.add_argument("--baseline-taps", default=None,
                    help="taps of MAC/SPoC/GeM/R-MAC (default: the backbone's last tap)")
     m.add_argument("--max-side", type=int, default=320, help="long side of the network input")
@@ -231,6 +233,14 @@ def learn_whitening(method: Method, train_feats: list, bench, kind: str, dim: in
 
 # --------------------------------------------------------------------------- the run
 
+def default_remap_taps(spec) -> list[str]:
+    """REMAP's default taps: the stride-16 stage and the head where the backbone has them (the
+    stride-32 stages before the head add little), otherwise the last two taps."""
+    if "stage5" in spec.taps and "head" in spec.taps:
+        return ["stage5", "head"]
+    return list(spec.taps[-2:])
+
+
 def run(args) -> dict:
     import torch
 
@@ -241,7 +251,8 @@ def run(args) -> dict:
     t0 = time.time()
     scales = parse_scales(args.scales)
     spec = backbone_spec(args.backbone)
-    remap_taps = [t.strip() for t in args.taps.split(",") if t.strip()]
+    remap_taps = default_remap_taps(spec) if not args.taps else [
+        t.strip() for t in args.taps.split(",") if t.strip()]
     base_taps = ([t.strip() for t in args.baseline_taps.split(",")] if args.baseline_taps
                  else [spec.taps[-1]])
     all_taps = list(dict.fromkeys(base_taps + remap_taps))
