@@ -20,6 +20,12 @@ import numpy as np
 LAYOUTS = ("single", "ondisk", "shards")
 
 
+def _is_graph(index: faiss.Index) -> bool:
+    """IndexIDMap2 over an HNSW graph (cannot merge_from: rebuilt instead)."""
+    return isinstance(index, faiss.IndexIDMap2) and \
+        isinstance(faiss.downcast_index(index.index), faiss.IndexHNSW)
+
+
 def _rebuild_graph(parts: list[faiss.Index]) -> faiss.Index:
     """Graph indexes (HNSW) cannot be merged: rebuild one from the shards' stored vectors."""
     first = parts[0]
@@ -39,7 +45,7 @@ def merge_indexes(parts: list[faiss.Index]) -> faiss.Index:
     if not parts:
         raise ValueError("no index shards to merge; run `remap index add` first")
     base = parts[0]
-    if isinstance(base, faiss.IndexIDMap2) and isinstance(base.index, faiss.IndexHNSW):
+    if _is_graph(base):
         return _rebuild_graph(parts)
     for p in parts[1:]:
         base.merge_from(p, 0)  # ids are kept: add_id = 0
@@ -51,7 +57,7 @@ def merge_in_memory(shard_paths: list[str]) -> faiss.Index:
     if not shard_paths:
         raise ValueError("no index shards to merge; run `remap index add` first")
     base = faiss.read_index(shard_paths[0])
-    if isinstance(base, faiss.IndexIDMap2) and isinstance(base.index, faiss.IndexHNSW):
+    if _is_graph(base):
         return _rebuild_graph([base] + [faiss.read_index(p) for p in shard_paths[1:]])
     for p in shard_paths[1:]:
         part = faiss.read_index(p)

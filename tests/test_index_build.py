@@ -250,3 +250,19 @@ def test_an_index_on_object_storage_opens_in_every_layout(store, ivf_folder, lay
     xq = store[1][:20]
     assert [[h.id for h in row] for row in remote.search_vectors(xq, 10)] == \
         [[h.id for h in row] for row in local.search_vectors(xq, 10)]
+
+
+@pytest.mark.parametrize("layout", ["single", "shards"])
+def test_hnsw_shards_are_rebuilt_into_one_graph_or_searched_together(tmp_path, layout):
+    store, folder = str(tmp_path / "store"), str(tmp_path / "index")
+    X = clustered_vectors(5000, DIM, clusters=100, seed=11)
+    uris = synthetic_uris(5000)
+    write_run(store, "20260101T000000Z-aaaaaa", uris, X, shards=4)
+    m = build_index(store, folder, factory="HNSW16", recall_queries=200, layout=layout,
+                    target_recall=0.99, progress=False)
+    assert m["search_params"]["efSearch"] >= 16 and m["num_vectors"] == 5000
+    idx = open_index(folder)
+    xq = clustered_vectors(100, DIM, clusters=100, seed=11)
+    exact = stable_ids(uris)[np.argmax(xq @ X.T, axis=1)]
+    found = np.array([row[0].id for row in idx.search_vectors(xq, k=1)])
+    assert (found == exact).mean() >= 0.97
