@@ -8,9 +8,11 @@
     remap train --photos my_photos/ --out runs/self     # self-supervised view families
     remap train --out runs/remap --resume               # continue from runs/remap/last.pt
 
-Writes OUT/log.jsonl (one JSON line per epoch: loss, share of active triplets, validation mAP),
-OUT/last.pt (resumable: weights + config + fingerprint + optimiser state) and, at the end,
-OUT/model.pt, a plain checkpoint for `remap embed --model` / `load_model`.
+Writes OUT/init.pt (the initialised, untrained model: KLW + whitening from the training data),
+OUT/log.jsonl (one JSON line per epoch: loss, share of active triplets, validation mAP; epoch 0
+is the untrained model), OUT/last.pt (resumable: weights + config + fingerprint + optimiser
+state) and, at the end, OUT/model.pt, a plain checkpoint for `remap embed --model` /
+`load_model`.
 """
 
 from __future__ import annotations
@@ -293,7 +295,11 @@ def main(args) -> int:
             initialise_whitening(model, ts.images, ts.labels, args.whiten_dim, args.whiten,
                                  n_pairs=max(args.klw_pairs, 1000), rng=rng, caches=caches)
             print(f"{args.whiten} whitening initialised: {model.head.out_dim} -> {model.dim}")
-        print(f"initialisation took {time.time() - t0:.1f}s")
+        os.makedirs(out, exist_ok=True)
+        fp0 = save_checkpoint(model, os.path.join(out, "init.pt"),
+                              extra={"untrained": "KLW + whitening initialised, no SGD"})
+        print(f"initialisation took {time.time() - t0:.1f}s; untrained model {fp0} saved to "
+              f"{os.path.join(out, 'init.pt')}")
 
     n_cached = opts.freeze if opts.cache else 0
     validate = None if args.no_val else make_validator(args, model, n_cached, progress)

@@ -173,3 +173,4 @@ def test_remap_train_end_to_end_on_a_folder_layout_gives_a_loadable_model(tmp_pa
     assert model.config["head"] == "remap" and model.dim == 8
     log = [json.loads(s) for s in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1]
+    assert load_model(str(tmp_path / "run" / "init.pt"), device="cpu").dim == 8
