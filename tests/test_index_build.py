@@ -189,6 +189,16 @@ def test_incremental_run_adds_new_replaces_reembedded_and_removes_tombstoned(tmp
     assert len(first_files & now) == 2 * 2  # the untouched shards are reused as they were
     assert idx.manifest["source_runs"] == ["20260101T000000Z-aaaaaa", "20260102T000000Z-bbbbbb"]
 
+    # run 3 holds only deletions (no shard at all): 100 of run 2's new URIs go
+    run3 = write_run(store, "20260103T000000Z-cccccc", [], np.zeros((0, DIM), np.float32),
+                     shards=0, tombstone_uris=new_u[:100])
+    assert not [f for f in os.listdir(run3) if f.startswith("embeddings-")]
+    assert add_step(store, folder, progress=False)["removed"] == 100
+    merge_step(folder, recall_queries=100)
+    idx = open_index(folder)
+    assert len(idx) == 9700 - 100
+    assert idx.search_vectors(X2[:1], k=1)[0][0].id != stable_ids(new_u[:1])[0]
+
 
 def test_new_data_far_from_the_training_sample_prints_a_retrain_warning(tmp_path, capsys):
     store, folder = str(tmp_path / "store"), str(tmp_path / "index")
