@@ -238,7 +238,8 @@ class _ReconcileFn(beam.DoFn):
         _inc(f"to_embed.{why}")
         yield beam.pvalue.TaggedOutput(OUTCOMES, f"to_embed.{why}")
         yield beam.pvalue.TaggedOutput(LIVE_IDS, (stable_id(uri), uri))
-        yield now[0]
+        prev = max(before, key=lambda s: s.run_index) if before else None
+        yield now[0]._replace(replaces=prev is not None and prev.outcome == "embedded")
 
 
 class Reconcile(beam.PTransform):
@@ -434,15 +435,22 @@ class WriteRunTables(beam.PTransform):
          | "DeadLetter" >> WriteParquetShards(d, "dead_letter", DEAD_LETTER_SCHEMA,
                                               lambda r: stable_id(r["uri"]),
                                               shard_rows=4 * self.shard_rows))
-        (tombstones | "Tombstones" >> WriteParquetShards(d, "tombstones", TOMBSTONE_SCHEMA,
-                                                         lambda r: r["id"],
-                                                         shard_rows=4 * self.shard_rows))
+        # a URI embedded earlier that now fails (replaced by a broken object, gone since the
+        # listing) must not keep its stale vector: tombstoned with the deleted ones
+        stale = (dead | "Stale" >> beam.Filter(lambda f: f.replaces)
+                 | "StaleRows" >> beam.Map(lambda f: {"uri": f.uri, "id": stable_id(f.uri),
+                                                      "run_id": run_id}))
+        ((tombstones, stale) | "AllTombstones" >> beam.Flatten()
+         | "Tombstones" >> WriteParquetShards(d, "tombstones", TOMBSTONE_SCHEMA,
+                                              lambda r: r["id"],
+                                              shard_rows=4 * self.shard_rows))
         ((rows, dead) | "SourceItems" >> beam.Flatten()
          | "SourceRows" >> beam.Map(_source_row, run_id)
          | "Sources" >> WriteParquetShards(d, "sources", SOURCE_SCHEMA, lambda r: r["id"],
                                            shard_rows=4 * self.shard_rows))
         dead_outcomes = dead | "DeadOutcomes" >> beam.FlatMap(
-            lambda f: ["dead_lettered", f"dead_letter.{f.reason}"])
+            lambda f: ["dead_lettered", f"dead_letter.{f.reason}"]
+            + (["tombstoned_stale"] if f.replaces else []))
         embedded = rows | "EmbeddedOutcomes" >> beam.Map(lambda r: "embedded")
         return ((outcomes, dead_outcomes, embedded) | "AllOutcomes" >> beam.Flatten()
                 | "Pairs" >> beam.FlatMap(_outcome_pairs)
@@ -510,6 +518,7 @@ def summarize(counts: dict) -> dict:
         "dead_lettered": dead,
         "skipped": skipped,
         "tombstoned": counts.get("tombstoned", 0),
+        "tombstoned_stale": counts.get("tombstoned_stale", 0),
         "duplicates": counts.get("duplicates", 0),
         "accounted": embedded + dead + skipped == read,
         "to_embed_by_reason": {k.split(".", 1)[1]: v for k, v in sorted(counts.items())

@@ -29,6 +29,7 @@ class Failure:
     message: str
     size: int | None = None       # as listed, for the incremental state
     version: str | None = None
+    replaces: bool = False        # an earlier run embedded this URI (its vector is now stale)
 
     def row(self, run_id: str) -> dict:
         return {"uri": self.uri, "stage": self.stage, "error_type": self.error_type,
@@ -98,7 +99,7 @@ def prepare_source(source: Source, max_side: int, multiple: int) -> PreparedImag
     """`fetch_and_prepare` for a listed Source: the result carries its size and version."""
     out = fetch_and_prepare(source.uri, max_side, multiple)
     if isinstance(out, Failure):
-        out.size, out.version = source.size, source.version
+        out.size, out.version, out.replaces = source.size, source.version, source.replaces
     else:
         out.version, out.listed_size = source.version, source.size
     return out

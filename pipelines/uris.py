@@ -116,6 +116,7 @@ class Source(NamedTuple):
     uri: str
     size: int | None = None
     version: str | None = None
+    replaces: bool = False  # an earlier run embedded this URI: a failure now tombstones that
 
     def signature(self) -> str | None:
         """`size:version`, or None when either is unknown (then the object is always re-read)."""

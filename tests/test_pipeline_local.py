@@ -161,9 +161,14 @@ def test_nightly_run_embeds_only_new_and_changed_and_tombstones_deleted(tmp_path
 
     again = embed(images, store, tiny_model_path)  # tombstone is not repeated
     assert (again["embedded"], again["skipped"], again["tombstoned"]) == (0, 6, 0)
+    Path(changed).write_bytes(C.truncated_jpeg())  # replaced by a broken file: old vector goes
+    broken = embed(images, store, tiny_model_path)
+    assert (broken["dead_lettered"], broken["tombstoned_stale"]) == (1, 1) and broken["accounted"]
+    assert changed not in live_embeddings(store)
     Path(deleted).write_bytes(C.jpeg(64, 64, seed=77))  # comes back: embedded as new
     back = embed(images, store, tiny_model_path)
     assert back["to_embed_by_reason"] == {"new": 1} and deleted in live_embeddings(store)
+    assert back["skipped_by_reason"] == {"unchanged": 5, "unchanged_failed": 1}
 
 
 def test_undecodable_unchanged_uri_is_not_retried_but_missing_one_is(tmp_path, tiny_model_path):

@@ -57,7 +57,8 @@ def test_reconcile_transform_dedupes_filters_and_tombstones():
     with test_pipeline.TestPipeline(runner=RUNNER) as p:
         out = ((p | "Now" >> beam.Create(sources), p | "Before" >> beam.Create(before))
                | Reconcile("r1"))
-        assert_that(out.to_embed, equal_to([Source("a", 1, "v"), Source("c", 3, "new")]),
+        assert_that(out.to_embed, equal_to([Source("a", 1, "v"),
+                                            Source("c", 3, "new", replaces=True)]),
                     label="ToEmbed")
         assert_that(out[TOMBSTONES], equal_to([{"uri": "gone", "id": stable_id("gone"),
                                                 "run_id": "r1"}]), label="Tombstones")
