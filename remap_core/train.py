@@ -430,6 +430,9 @@ def train(model: RetrievalNet, images: list[np.ndarray], labels: np.ndarray, opt
     ckpt_path = os.path.join(out_dir, "last.pt")
 
     def emit(record: dict) -> None:
+        # plain JSON types only: numpy scalars (e.g. from metrics) would make the checkpoint
+        # unreadable under torch.load(weights_only=True)
+        record = json.loads(json.dumps(record, default=float))
         history.append(record)
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")

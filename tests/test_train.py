@@ -51,7 +51,7 @@ def test_training_logs_checkpoints_and_resumes(tmp_path, data):
 
     def validate(m):
         calls.append(1)
-        return {"map": float(len(calls))}
+        return {"map": np.float64(len(calls))}       # numpy scalars, as metrics return
 
     opts = TrainOptions(**OPTS)
     history = train(model, images, labels, opts, str(tmp_path), validate=validate,
