@@ -7,7 +7,10 @@ Runs on any Beam runner (Dataflow, Flink through the portable runner, the local 
 local default is the in-process FnApiRunner; `--runner=DirectRunner` is kept off Beam 2.77's
 Prism download. Every listed URI ends in exactly one of: embedded, dead-lettered, skipped
 (unchanged since an earlier run); URIs gone since the last run become tombstones. The counts go
-into run.json, written last, which is what makes a run folder complete.
+into run.json, which is what makes a run folder complete: the pipeline's last step
+(WriteRunSummary) writes it on the workers, after every table and the id-collision check, so a
+run completes on any runner even when nothing waits for the job (Flex Templates,
+--no_wait_until_finish).
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import logging
 import secrets
 import time
 from collections import defaultdict
+from typing import NamedTuple
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
+                                                  StandardOptions, TestOptions)
 from apache_beam.runners.runner import PipelineState
 from apache_beam.transforms.window import GlobalWindows
 
@@ -38,7 +43,6 @@ PIPELINE_VERSION = "0.2.0"
 NAMESPACE = "remap.embed"
 DEAD = "dead_letter"
 LOCAL_RUNNER = "FnApiRunner"
-COUNTS_FILE = "_counts.json"
 log = logging.getLogger(__name__)
 
 
@@ -76,6 +80,18 @@ class EmbedOptions(PipelineOptions):
                                  'e.g. \'{"s3": {"endpoint_url": "http://host:9000"}}\'')
         parser.add_argument("--progress_seconds", type=float, default=15.0,
                             help="log progress per worker at most this often (0: never)")
+
+
+class EmbedWorkerOptions(PipelineOptions):
+    """Worker settings of `remap embed` (kept apart from EmbedOptions, whose flags are the Flex
+    Template's parameters; pass these like any Beam pipeline option)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--torch_threads", type=int, default=None,
+                            help="torch intra-op threads per worker process (default: leave "
+                                 "torch's default, i.e. OMP_NUM_THREADS or the core count); "
+                                 "e.g. the core count for one SDK process per VM")
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -322,14 +338,15 @@ class _EmbedByShapeFn(_StorageDoFn):
     The model is loaded once per worker process and shared by its threads."""
 
     def __init__(self, model_uri, device, fingerprint, batch_size, progress_seconds,
-                 fsspec_config):
+                 fsspec_config, torch_threads=None):
         super().__init__(fsspec_config)
         self.model_uri, self.device, self.fingerprint = model_uri, device, fingerprint
         self.batch_size, self.progress_seconds = batch_size, progress_seconds
+        self.torch_threads = torch_threads
 
     def setup(self):
         super().setup()
-        self.model = shared_model(self.model_uri, self.device)
+        self.model = shared_model(self.model_uri, self.device, self.torch_threads)
         if self.model.fingerprint != self.fingerprint:
             raise RuntimeError(f"worker loaded model {self.model.fingerprint} but the job was "
                                f"launched for {self.fingerprint}; the checkpoint changed mid-run: "
@@ -382,9 +399,10 @@ class EmbedImages(beam.PTransform):
     """PreparedImage -> shard rows (dicts, `embedding` a float32 array) + `dead_letter`."""
 
     def __init__(self, model_uri, fingerprint, batch_size=32, device=None, progress_seconds=15.0,
-                 fsspec_config=None):
+                 fsspec_config=None, torch_threads=None):
         super().__init__()
-        self.args = (model_uri, device, fingerprint, batch_size, progress_seconds, fsspec_config)
+        self.args = (model_uri, device, fingerprint, batch_size, progress_seconds, fsspec_config,
+                     torch_threads)
 
     def expand(self, images):
         return images | beam.ParDo(_EmbedByShapeFn(*self.args)).with_outputs(DEAD, main="rows")
@@ -401,21 +419,51 @@ def _source_row(item, run_id: str) -> dict:
             "version": item["_version"], "outcome": "embedded", "run_id": run_id}
 
 
-def _write_counts(pairs, url: str) -> str:
-    R.write_json_atomic(url, dict(pairs))
-    return url
-
-
-def _outcome_pairs(item):
+def _outcome_items(item):
+    """An outcome (name, or (name, n)) -> ("count", name, n) for RunTotals."""
     if isinstance(item, tuple):
-        yield item
+        yield ("count", *item)
     else:
-        yield item, 1
+        yield "count", item, 1
+
+
+TABLES = ("shards", "dead_letter", "tombstones", "sources")   # run.json keys of file lists
+
+
+class RunTotals(beam.CombineFn):
+    """("count", outcome, n) and ("file", table, name) items -> one dict:
+    {"counts": {outcome: n}, "shards": [names], "dead_letter": [...], ...}. Gives the empty
+    totals when nothing came in (a run with nothing to do still gets its run.json)."""
+
+    def create_accumulator(self):
+        return {"counts": {}, **{t: [] for t in TABLES}}
+
+    def add_input(self, acc, item):
+        kind, key, value = item
+        if kind == "count":
+            acc["counts"][key] = acc["counts"].get(key, 0) + value
+        else:
+            acc[key].append(value)
+        return acc
+
+    def merge_accumulators(self, accs):
+        out = self.create_accumulator()
+        for acc in accs:
+            for k, v in acc["counts"].items():
+                out["counts"][k] = out["counts"].get(k, 0) + v
+            for t in TABLES:
+                out[t] += acc[t]
+        return out
+
+    def extract_output(self, acc):
+        return {"counts": dict(sorted(acc["counts"].items())),
+                **{t: sorted(acc[t]) for t in TABLES}}
 
 
 class WriteRunTables(beam.PTransform):
     """Writes one run's tables under its folder: embedding shards, dead letter, tombstones,
-    sources (incremental state) and `_counts.json` (outcome -> count, for run.json)."""
+    sources (incremental state). Outputs one dict (RunTotals): the outcome counts and the names
+    of the files written, available only once every table is written."""
 
     def __init__(self, run_dir, run_id, schema, num_shards, shard_rows, fsspec_config=None):
         super().__init__()
@@ -428,35 +476,105 @@ class WriteRunTables(beam.PTransform):
                                             pcolls["tombstones"], pcolls["outcomes"])
         run_id, d = self.run_id, self.run_dir
         U.apply_fsspec_config(self.fsspec_config)
-        rows | "Shards" >> WriteParquetShards(
+        written = {}
+        written["shards"] = rows | "Shards" >> WriteParquetShards(
             d, "embeddings", self.schema, lambda r: r["id"], self.num_shards, self.shard_rows,
             to_table=embedding_table)
-        (dead | "DeadRows" >> beam.Map(lambda f: f.row(run_id))
-         | "DeadLetter" >> WriteParquetShards(d, "dead_letter", DEAD_LETTER_SCHEMA,
-                                              lambda r: stable_id(r["uri"]),
-                                              shard_rows=4 * self.shard_rows))
+        written["dead_letter"] = (
+            dead | "DeadRows" >> beam.Map(lambda f: f.row(run_id))
+            | "DeadLetter" >> WriteParquetShards(d, "dead_letter", DEAD_LETTER_SCHEMA,
+                                                 lambda r: stable_id(r["uri"]),
+                                                 shard_rows=4 * self.shard_rows))
         # a URI embedded earlier that now fails (replaced by a broken object, gone since the
         # listing) must not keep its stale vector: tombstoned with the deleted ones
         stale = (dead | "Stale" >> beam.Filter(lambda f: f.replaces)
                  | "StaleRows" >> beam.Map(lambda f: {"uri": f.uri, "id": stable_id(f.uri),
                                                       "run_id": run_id}))
-        ((tombstones, stale) | "AllTombstones" >> beam.Flatten()
-         | "Tombstones" >> WriteParquetShards(d, "tombstones", TOMBSTONE_SCHEMA,
-                                              lambda r: r["id"],
+        written["tombstones"] = (
+            (tombstones, stale) | "AllTombstones" >> beam.Flatten()
+            | "Tombstones" >> WriteParquetShards(d, "tombstones", TOMBSTONE_SCHEMA,
+                                                 lambda r: r["id"],
+                                                 shard_rows=4 * self.shard_rows))
+        written["sources"] = (
+            (rows, dead) | "SourceItems" >> beam.Flatten()
+            | "SourceRows" >> beam.Map(_source_row, run_id)
+            | "Sources" >> WriteParquetShards(d, "sources", SOURCE_SCHEMA, lambda r: r["id"],
                                               shard_rows=4 * self.shard_rows))
-        ((rows, dead) | "SourceItems" >> beam.Flatten()
-         | "SourceRows" >> beam.Map(_source_row, run_id)
-         | "Sources" >> WriteParquetShards(d, "sources", SOURCE_SCHEMA, lambda r: r["id"],
-                                           shard_rows=4 * self.shard_rows))
         dead_outcomes = dead | "DeadOutcomes" >> beam.FlatMap(
             lambda f: ["dead_lettered", f"dead_letter.{f.reason}"]
             + (["tombstoned_stale"] if f.replaces else []))
         embedded = rows | "EmbeddedOutcomes" >> beam.Map(lambda r: "embedded")
-        return ((outcomes, dead_outcomes, embedded) | "AllOutcomes" >> beam.Flatten()
-                | "Pairs" >> beam.FlatMap(_outcome_pairs)
-                | "CountOutcomes" >> beam.CombinePerKey(sum)
-                | "OneList" >> beam.combiners.ToList()
-                | "WriteCounts" >> beam.Map(_write_counts, f"{d}/{TMP_FOLDER}/{COUNTS_FILE}"))
+        counts = ((outcomes, dead_outcomes, embedded) | "AllOutcomes" >> beam.Flatten()
+                  | "CountItems" >> beam.FlatMap(_outcome_items))
+        files = [written[t] | f"{label}Names" >> beam.Map(lambda named, t=t: ("file", t, named[0]))
+                 for t, label in zip(TABLES, ("Shard", "DeadLetter", "Tombstone", "Source"))]
+        return ((counts, *files) | "AllTotals" >> beam.Flatten()
+                | "RunTotals" >> beam.CombineGlobally(RunTotals()))
+
+
+def build_summary(info: dict, totals: dict, now: float | None = None) -> dict:
+    """run.json: the launch-time facts (`info`) + the accounting and file lists (`totals`)."""
+    now = time.time() if now is None else now
+    return {
+        "run_id": info["run_id"],
+        "runner": info["runner"],
+        "model": info["model"],
+        "model_uri": info["model_uri"],
+        "dimension": info["dimension"],
+        "input": info["input"],
+        "incremental": info["incremental"],
+        "previous_runs": list(info["previous_runs"]),
+        **summarize(totals["counts"]),
+        **{t: list(totals[t]) for t in TABLES},
+        "seconds": round(now - info["started"], 3),
+        "pipeline_version": PIPELINE_VERSION,
+        "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+    }
+
+
+class _WriteRunSummaryFn(_StorageDoFn):
+    def __init__(self, run_dir: str, info: dict, fsspec_config: dict | None):
+        super().__init__(fsspec_config)
+        self.run_dir, self.info = run_dir, info
+
+    def process(self, totals, ids_checked):
+        import fsspec
+
+        summary = build_summary(self.info, totals)
+        if not summary["accounted"]:
+            _inc("unaccounted_runs")
+            raise RuntimeError(
+                f"run {summary['run_id']} lost track of URIs: read {summary['read']} but "
+                f"embedded + dead-lettered + skipped = {summary['embedded']} + "
+                f"{summary['dead_lettered']} + {summary['skipped']}; run.json not written, "
+                f"rerun to redo it")
+        fs, root = fsspec.core.url_to_fs(self.run_dir)
+        fs.invalidate_cache(root)   # listings cached in this process predate the tables' writes
+        if fs.exists(f"{root}/{TMP_FOLDER}"):
+            fs.rm(f"{root}/{TMP_FOLDER}", recursive=True)
+        R.write_json_atomic(f"{self.run_dir}/{R.MANIFEST}", summary)
+        log.info("run %s complete: %d read, %d embedded, %d dead-lettered, %d skipped (%d live "
+                 "ids checked)", summary["run_id"], summary["read"], summary["embedded"],
+                 summary["dead_lettered"], summary["skipped"], ids_checked)
+        yield summary
+
+
+class WriteRunSummary(beam.PTransform):
+    """(RunTotals, ids checked by CheckIdCollisions) -> writes `<run>/run.json` (temporary name,
+    then rename) on a worker, as the job's last step: the accounting check (embedded +
+    dead-lettered + skipped == read) fails the job otherwise and no run.json is written. Waits
+    for the collision check through a side input. Outputs the summary."""
+
+    def __init__(self, run_dir: str, info: dict, fsspec_config: dict | None = None):
+        super().__init__()
+        self.run_dir, self.info, self.fsspec_config = run_dir, info, fsspec_config
+
+    def expand(self, inputs):
+        totals, checked = inputs
+        n_checked = checked | "CountChecked" >> beam.combiners.Count.Globally()
+        return totals | "Write" >> beam.ParDo(
+            _WriteRunSummaryFn(self.run_dir, self.info, self.fsspec_config),
+            beam.pvalue.AsSingleton(n_checked))
 
 
 # --------------------------------------------------------------------------- launcher
@@ -488,22 +606,40 @@ def local_defaults(argv: list[str]) -> list[str]:
 
 def build_pipeline(pipeline: beam.Pipeline, opts: EmbedOptions, run_dir: str, run_id: str,
                    fingerprint: str, dim: int, max_side: int, multiple: int,
-                   state_files: list[tuple[int, str, str]]):
+                   state_files: list[tuple[int, str, str]], run_info: dict | None = None):
+    """The whole job, run.json included. `run_info`: the launch-time facts run.json records
+    (make_run_info() builds them; default: a first run of `opts`)."""
     fsconf = json.loads(opts.fsspec_config) if opts.fsspec_config else None
+    if run_info is None:
+        run_info = make_run_info(pipeline.options, run_id, fingerprint, dim, [])
+    torch_threads = pipeline.options.view_as(EmbedWorkerOptions).torch_threads
     schema = embedding_schema(dim, fingerprint, PIPELINE_VERSION)
     sources = pipeline | "ListSources" >> ListSources(opts.input, fsconf)
     before = pipeline | "ReadStoreState" >> ReadStoreState(state_files, fsconf)
     decided = (sources, before) | "Reconcile" >> Reconcile(run_id)
-    decided[LIVE_IDS] | "CheckIdCollisions" >> CheckIdCollisions()
+    checked = decided[LIVE_IDS] | "CheckIdCollisions" >> CheckIdCollisions()
     prepared = (decided.to_embed
                 | "SpreadWork" >> beam.Reshuffle()
                 | "FetchAndDecode" >> FetchAndDecode(max_side, multiple, fsconf))
     embedded = prepared.images | "EmbedImages" >> EmbedImages(
-        opts.model, fingerprint, opts.batch_size, opts.device, opts.progress_seconds, fsconf)
+        opts.model, fingerprint, opts.batch_size, opts.device, opts.progress_seconds, fsconf,
+        torch_threads)
     dead = (prepared[DEAD], embedded[DEAD]) | "AllDead" >> beam.Flatten()
-    {"rows": embedded.rows, "dead": dead, "tombstones": decided[TOMBSTONES],
-     "outcomes": decided[OUTCOMES]} | "WriteRunTables" >> WriteRunTables(
+    totals = {"rows": embedded.rows, "dead": dead, "tombstones": decided[TOMBSTONES],
+              "outcomes": decided[OUTCOMES]} | "WriteRunTables" >> WriteRunTables(
         run_dir, run_id, schema, opts.num_shards, opts.shard_rows, fsconf)
+    return (totals, checked) | "WriteRunSummary" >> WriteRunSummary(run_dir, run_info, fsconf)
+
+
+def make_run_info(options: PipelineOptions, run_id: str, fingerprint: str, dim: int,
+                  previous_runs: list[str], started: float | None = None) -> dict:
+    """What run.json records from the launch: fixed when the graph is built."""
+    opts = options.view_as(EmbedOptions)
+    return {"run_id": run_id, "runner": options.view_as(StandardOptions).runner,
+            "model": fingerprint, "model_uri": opts.model, "dimension": dim,
+            "input": opts.input, "incremental": not opts.full,
+            "previous_runs": list(previous_runs),
+            "started": time.time() if started is None else started}
 
 
 def summarize(counts: dict) -> dict:
@@ -530,10 +666,29 @@ def summarize(counts: dict) -> dict:
     }
 
 
-def run(argv: list[str]) -> dict:
-    """Run the embed pipeline; returns (and writes as run.json, last) the run summary."""
-    import fsspec
+def is_dry_run(options: PipelineOptions) -> bool:
+    """Beam's --dry_run is a string option (`--dry_run=False` is truthy to Beam): read it as a
+    boolean."""
+    value = options.view_as(TestOptions).dry_run
+    if isinstance(value, str):
+        return value.strip().lower() not in ("", "false", "0", "no", "none")
+    return bool(value)
 
+
+class PreparedRun(NamedTuple):
+    pipeline: beam.Pipeline
+    options: PipelineOptions
+    run_id: str
+    run_dir: str
+    info: dict           # run.json's launch-time facts (make_run_info)
+    dry_run: bool
+    wait: bool           # False: a job is submitted and nothing waits for it
+
+
+def prepare_run(argv: list[str]) -> PreparedRun:
+    """Check the options and the store, and build the pipeline (run.json is its last step)
+    without running it. With --dry_run the store is not read or cleaned (nothing over the
+    network but what listing --input and loading --model need): built as for a first run."""
     from remap_core.checkpoint import load_model
 
     argv = local_defaults(list(argv))
@@ -543,58 +698,77 @@ def run(argv: list[str]) -> dict:
         if not getattr(opts, name):
             raise ValueError(f"--{name} is required: remap embed --input <folder|glob|manifest> "
                              f"--output <store>")
+    threads = options.view_as(EmbedWorkerOptions).torch_threads
+    if threads is not None and threads < 1:
+        raise ValueError(f"--torch_threads must be at least 1 (got {threads}); omit it to keep "
+                         f"torch's default")
+    dry_run = is_dry_run(options)
+    options.view_as(TestOptions).dry_run = dry_run   # Beam then agrees with us on "False"
+    std = options.view_as(StandardOptions)
+    wait = not (dry_run or std.no_wait_until_finish
+                or options.view_as(GoogleCloudOptions).template_location)
     fsconf = json.loads(opts.fsspec_config) if opts.fsspec_config else None
     U.apply_fsspec_config(fsconf)
     model = load_model(opts.model, device="cpu")
     cfg = model.config
     store = opts.output.rstrip("/")
-    previous, incomplete = R.scan_store(store)
     run_id = opts.run_id or default_run_id()
-    R.check_new_run([] if opts.full else previous, run_id, model.fingerprint, store)
-    R.remove_incomplete(incomplete)
+    if dry_run:
+        previous, state = [], []
+        log.info("dry run %s: the store %s is not read; graph built as for a first run",
+                 run_id, store)
+    else:
+        previous, incomplete = R.scan_store(store)
+        R.check_new_run([] if opts.full else previous, run_id, model.fingerprint, store)
+        R.remove_incomplete(incomplete)
+        state = [] if opts.full else R.state_files(previous)
+        log.info("run %s: %d earlier runs in %s (%d state files)", run_id, len(previous), store,
+                 len(state))
     run_dir = R.run_folder(store, run_id)
-    state_files = [] if opts.full else R.state_files(previous)
-    log.info("run %s: %d earlier runs in %s (%d state files)", run_id, len(previous), store,
-             len(state_files))
-    started = time.time()
+    info = make_run_info(options, run_id, model.fingerprint, model.dim,
+                         [r.run_id for r in previous])
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, opts, run_dir, run_id, model.fingerprint, model.dim,
-                   cfg["max_side"], cfg["multiple"], state_files)
-    result = pipeline.run()
+                   cfg["max_side"], cfg["multiple"], state, info)
+    return PreparedRun(pipeline, options, run_id, run_dir, info, dry_run, wait)
+
+
+def top_level_transforms(pipeline: beam.Pipeline) -> list[str]:
+    return [t.full_label for t in pipeline.transforms_stack[0].parts]
+
+
+def run(argv: list[str]) -> dict:
+    """Run the embed pipeline. Waits for the job and returns its run summary (run.json, which
+    the job's last step wrote); when nothing waits for a job (--template_location,
+    --no_wait_until_finish, a result without a job) returns {"run_id", "submitted": True};
+    with --dry_run builds the graph (DataflowRunner: translates it, offline), runs nothing and
+    returns {"run_id", "submitted": True, "dry_run": True, "transforms": [...]}."""
+    import fsspec
+
+    p = prepare_run(argv)
+    if p.dry_run:
+        if p.options.view_as(StandardOptions).runner.split(".")[-1] == "DataflowRunner":
+            p.pipeline.run()            # Beam translates the job and submits nothing
+        else:
+            p.pipeline.to_runner_api()  # other runners would run it: only translate
+        log.info("dry run: job graph of run %s built, nothing submitted or written", p.run_id)
+        return {"run_id": p.run_id, "submitted": True, "dry_run": True, "graph_built": True,
+                "run_dir": p.run_dir, "transforms": top_level_transforms(p.pipeline)}
+    result = p.pipeline.run()
+    if not p.wait or getattr(result, "has_job", True) is False:
+        log.info("run %s submitted; its job writes %s/%s when it completes", p.run_id,
+                 p.run_dir, R.MANIFEST)
+        return {"run_id": p.run_id, "submitted": True}
     state = result.wait_until_finish()
     if state not in (None, PipelineState.DONE):
-        raise RuntimeError(f"pipeline ended in state {state}; run {run_id} is incomplete and "
+        raise RuntimeError(f"pipeline ended in state {state}; run {p.run_id} is incomplete and "
                            f"will be redone by the next run")
-    fs, root = fsspec.core.url_to_fs(run_dir)
-    with fs.open(f"{root}/{TMP_FOLDER}/{COUNTS_FILE}", "r") as f:
-        counts = json.load(f)
-
-    def names(prefix):
-        return sorted(p.rsplit("/", 1)[-1] for p in fs.glob(f"{root}/{prefix}-*-of-*.parquet"))
-
-    summary = {
-        "run_id": run_id,
-        "runner": options.view_as(StandardOptions).runner,
-        "model": model.fingerprint,
-        "model_uri": opts.model,
-        "dimension": model.dim,
-        "input": opts.input,
-        "incremental": not opts.full,
-        "previous_runs": [r.run_id for r in previous],
-        **summarize(counts),
-        "shards": names("embeddings"),
-        "dead_letter": names("dead_letter"),
-        "tombstones": names("tombstones"),
-        "sources": names("sources"),
-        "seconds": round(time.time() - started, 3),
-        "pipeline_version": PIPELINE_VERSION,
-        "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-    }
-    if not summary["accounted"]:
-        raise RuntimeError(f"run {run_id} lost track of URIs: read {summary['read']} but "
-                           f"embedded + dead-lettered + skipped = {summary['embedded']} + "
-                           f"{summary['dead_lettered']} + {summary['skipped']}; run.json not "
-                           f"written, rerun to redo it")
-    fs.rm(f"{root}/{TMP_FOLDER}", recursive=True)
-    R.write_json_atomic(f"{run_dir}/{R.MANIFEST}", summary)
-    return summary
+    fs, root = fsspec.core.url_to_fs(p.run_dir)
+    fs.invalidate_cache(root)   # written by a worker: this process's listings may predate it
+    try:
+        with fs.open(f"{root}/{R.MANIFEST}", "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise RuntimeError(f"the job of run {p.run_id} finished but wrote no "
+                           f"{p.run_dir}/{R.MANIFEST}; the run is incomplete and will be redone "
+                           f"by the next run") from None

@@ -7,13 +7,14 @@ import logging
 
 ACCEPTS_EXTRA_ARGS = True  # everything else goes to Beam (--runner, --project, ...)
 OPTIONS = ("input", "output", "model", "run_id", "batch_size", "num_shards", "shard_rows",
-           "device", "fsspec_config", "progress_seconds")
+           "device", "fsspec_config", "progress_seconds", "torch_threads")
 
 
 def add_arguments(parser) -> None:
-    from .embed import EmbedOptions
+    from .embed import EmbedOptions, EmbedWorkerOptions
 
     EmbedOptions._add_argparse_args(parser)
+    EmbedWorkerOptions._add_argparse_args(parser)
     for action in parser._actions:
         if action.dest in ("input", "output"):
             action.required = True
@@ -41,6 +42,9 @@ def main(args) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     summary = run(_to_argv(args))
+    if summary.get("submitted"):   # a dry run (graph built) or a job nothing waits for
+        print(json.dumps(summary))
+        return 0
     keys = ("run_id", "read", "embedded", "dead_lettered", "skipped", "tombstoned",
             "dead_letter_by_reason", "skipped_by_reason", "shards", "seconds")
     print(json.dumps({k: summary[k] for k in keys}))
