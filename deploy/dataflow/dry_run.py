@@ -6,11 +6,14 @@ transforms before a launch costs anything:
         --temp_location gs://my-bucket/tmp --sdk_container_image $WORKER_IMAGE \
         --experiments=use_runner_v2 --number_of_worker_harness_threads=4 --no_auth
 
-Forces `--runner=DataflowRunner --dry_run=True`: the graph is built and translated for Dataflow
-but not submitted. Offline as long as --input is local (the launcher lists it while building
-the graph) and --no_auth is given; the store is not read (the graph is built as for a first
-run). Project, region and bucket must be *valid names* (e.g. a bucket name of 3+ characters),
-or Beam tries to create a default staging bucket over the network.
+Forces `--runner=DataflowRunner --dry_run=True` and builds the job the way `remap embed` does
+(`pipelines.embed.prepare_run`, whose dry run skips the store): the graph is built and
+translated for Dataflow but not submitted. Offline as long as --input and --model are local
+(the launcher lists the input while building the graph) and --no_auth is given; the store is
+not read (the graph is built as for a first run). `remap embed ... --runner=DataflowRunner
+--dry_run=True` does the same and prints the top-level transforms. Project, region and bucket
+must be *valid names* (e.g. a bucket name of 3+ characters), or Beam tries to create a default
+staging bucket over the network.
 Prints one JSON object: top-level transforms, worker images, experiments.
 """
 
@@ -22,22 +25,15 @@ import sys
 
 def build_job(argv: list[str]):
     """-> (Dataflow job object of the dry run, summary dict)."""
-    import apache_beam as beam
-    from apache_beam.options.pipeline_options import DebugOptions, PipelineOptions
+    from apache_beam.options.pipeline_options import DebugOptions
     from apache_beam.portability.api import beam_runner_api_pb2
 
     from pipelines import embed as E
-    from remap_core.checkpoint import load_model
 
     argv = [a for a in argv if not a.startswith(("--runner", "--dry_run"))]
-    options = PipelineOptions([*argv, "--runner=DataflowRunner", "--dry_run=True"])
-    opts = options.view_as(E.EmbedOptions)
-    model = load_model(opts.model, device="cpu")
-    pipeline = beam.Pipeline(options=options)
-    E.build_pipeline(pipeline, opts, opts.output.rstrip("/") + "/run-dry-run", "dry-run",
-                     model.fingerprint, model.dim, model.config["max_side"],
-                     model.config["multiple"], [])
-    job = pipeline.run().job
+    prepared = E.prepare_run([*argv, "--runner=DataflowRunner", "--dry_run=True"])
+    options = prepared.options
+    job = prepared.pipeline.run().job
     proto = job.proto_pipeline
     images = sorted({beam_runner_api_pb2.DockerPayload.FromString(env.payload).container_image
                      for env in proto.components.environments.values()
@@ -45,7 +41,7 @@ def build_job(argv: list[str]):
     top = sorted({t.unique_name for t in proto.components.transforms.values()
                   if t.unique_name and "/" not in t.unique_name
                   and not t.unique_name.startswith("ref_")})
-    return job, {"transforms": top, "worker_images": images, "model": model.fingerprint,
+    return job, {"transforms": top, "worker_images": images, "model": prepared.info["model"],
                  "experiments": sorted(options.view_as(DebugOptions).experiments or [])}
 
 
