@@ -299,11 +299,7 @@ def run(args) -> dict:
 
     t2 = time.time()
     images = _prepare(evalb, args.max_side)
-    desc = {m.name: np.zeros((len(images), m.model.dim), np.float32) for m in methods}
-    for chunk, feats_by_scale in iter_features(base, images, scales, args.batch_size,
-                                               desc="eval split"):
-        for m in methods:
-            desc[m.name][chunk] = describe_multiscale(m, feats_by_scale)
+    desc = describe_all(methods, base, images, scales, args.batch_size, "eval split")
     t_embed = time.time() - t2
 
     category = None
@@ -317,11 +313,7 @@ def run(args) -> dict:
                   file=sys.stderr)
         else:
             cimages = _prepare(cb, args.max_side)
-            cdesc = {m.name: np.zeros((len(cimages), m.model.dim), np.float32) for m in methods}
-            for chunk, feats_by_scale in iter_features(base, cimages, scales, args.batch_size,
-                                                       desc="category"):
-                for m in methods:
-                    cdesc[m.name][chunk] = describe_multiscale(m, feats_by_scale)
+            cdesc = describe_all(methods, base, cimages, scales, args.batch_size, "category")
             cres = {m.name: {"dim": int(m.model.dim), **score(cdesc[m.name], cb)}
                     for m in methods}
             compare_to(cres, "R-MAC", cb)
@@ -415,6 +407,16 @@ def format_table(report: dict) -> str:
                  f"{report['machine']}; {report['seconds']['total']} s")
     return "\n".join(lines)
 
+
+
+def describe_all(methods, base, images, scales, batch_size, desc) -> dict:
+    """Every method's multi-scale descriptors of `images`, sharing one backbone pass per chunk:
+    name -> (N, D_method) float32."""
+    out = {m.name: np.zeros((len(images), m.model.dim), np.float32) for m in methods}
+    for chunk, feats_by_scale in iter_features(base, images, scales, batch_size, desc=desc):
+        for m in methods:
+            out[m.name][chunk] = describe_multiscale(m, feats_by_scale)
+    return out
 
 def main(args) -> int:
     report = run(args)

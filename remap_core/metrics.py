@@ -72,27 +72,27 @@ def compute_map(ranks: np.ndarray, gnd: Sequence[dict], kappas: Sequence[int] = 
     return m, aps, mpr, prs
 
 
-def precision_at_k(ranks: np.ndarray, gnd: Sequence[dict], k: int) -> float:
-    """Mean over queries of (positives among the first k results, junk removed) / k."""
-    vals = []
+def _hits_at_k(ranks: np.ndarray, gnd: Sequence[dict], k: int) -> list[tuple[int, int]]:
+    """Per query with positives: (positives among the first k results, junk removed; positives)."""
+    out = []
     for q, g in enumerate(gnd):
         ok = np.asarray(g.get("ok", []), dtype=np.int64)
         if len(ok) == 0:
             continue
         pos = _positive_positions(ranks[q], ok, np.asarray(g.get("junk", []), dtype=np.int64))
-        vals.append(float((pos < k).sum()) / k)
+        out.append((int((pos < k).sum()), len(ok)))
+    return out
+
+
+def precision_at_k(ranks: np.ndarray, gnd: Sequence[dict], k: int) -> float:
+    """Mean over queries of (positives among the first k results, junk removed) / k."""
+    vals = [hits / k for hits, _ in _hits_at_k(ranks, gnd, k)]
     return float(np.mean(vals)) if vals else float("nan")
 
 
 def recall_at_k(ranks: np.ndarray, gnd: Sequence[dict], k: int) -> float:
     """Mean over queries of (positives among the first k results, junk removed) / positives."""
-    vals = []
-    for q, g in enumerate(gnd):
-        ok = np.asarray(g.get("ok", []), dtype=np.int64)
-        if len(ok) == 0:
-            continue
-        pos = _positive_positions(ranks[q], ok, np.asarray(g.get("junk", []), dtype=np.int64))
-        vals.append(float((pos < k).sum()) / len(ok))
+    vals = [hits / n_ok for hits, n_ok in _hits_at_k(ranks, gnd, k)]
     return float(np.mean(vals)) if vals else float("nan")
 
 
