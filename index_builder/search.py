@@ -194,6 +194,24 @@ def read_faiss_index(folder: str, manifest: dict, tmp: str) -> faiss.Index:
                      f"does not read; upgrade remap")
 
 
+POINTER = "CURRENT"
+
+
+def resolve_index_folder(folder: str) -> str:
+    """The index folder `folder` names: itself when it holds a manifest, else the index its
+    `CURRENT` pointer file names (one line, the published index's URL, as the nightly re-index
+    writes it at an index root). Resolved once per open, so a reader sees one whole index."""
+    fs, root = fsspec.core.url_to_fs(folder)
+    root = root.rstrip("/")
+    if fs.exists(f"{root}/manifest.json") or not fs.exists(f"{root}/{POINTER}"):
+        return folder
+    target = fs.cat_file(f"{root}/{POINTER}").decode("utf-8").strip()
+    if not target:
+        raise ValueError(f"{folder}/{POINTER} is empty: no index has been published there yet")
+    return target
+
+
 def open_index(folder: str, verify: bool = True) -> RemapIndex:
-    """Open a built index from a local folder or an fsspec URL."""
-    return RemapIndex.open(folder, verify)
+    """Open a built index from a local folder or an fsspec URL, or the index that an index
+    root's `CURRENT` pointer names."""
+    return RemapIndex.open(resolve_index_folder(folder), verify)

@@ -143,3 +143,18 @@ def test_wrong_dimension_query_vectors_get_a_clear_error(built):
     idx = open_index(str(index))
     with pytest.raises(ValueError, match=r"this index takes \(Q, 1280\)"):
         idx.search_vectors(np.zeros((1, 7), np.float32))
+
+
+def test_open_index_follows_a_current_pointer_at_an_index_root(built, tmp_path):
+    _, index = built
+    root = tmp_path / "indexes"
+    root.mkdir()
+    (root / "CURRENT").write_text(str(index) + "\n")
+    via_pointer = open_index(str(root))
+    assert via_pointer.folder == str(index)
+    vec = np.eye(1, via_pointer.dimension, dtype=np.float32)
+    assert [h.id for h in via_pointer.search_vectors(vec, 3)[0]] == \
+        [h.id for h in open_index(str(index)).search_vectors(vec, 3)[0]]
+    (root / "CURRENT").write_text("")
+    with pytest.raises(ValueError, match="no index has been published"):
+        open_index(str(root))
