@@ -56,15 +56,6 @@ def shard_metadata(path: str) -> tuple[str, int]:
     return meta[META_MODEL].decode(), int(meta[META_DIM])
 
 
-def read_shard(path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """One shard -> (ids (N,) int64, embeddings (N, D) float32, uris)."""
-    with fsspec.open(path, "rb") as f:
-        table = pq.read_table(f, columns=["id", "uri", "embedding"])
-    return (table.column("id").to_numpy().astype(np.int64),
-            embeddings_to_numpy(table.column("embedding")),
-            table.column("uri").to_pylist())
-
-
 def load_embeddings(store: str) -> tuple[np.ndarray, np.ndarray, list[str], str, list[str]]:
     """All current embeddings of a store, in memory -> (ids, X, uris, model fingerprint, run ids).
 

@@ -31,3 +31,15 @@ def tiny_model_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "tiny.pt"
     save_checkpoint(build_model({"max_side": 64}), str(path))
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """FAISS's OpenMP spin-waits badly on a shared 2-core CI box; one thread is faster there.
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_faiss_thread")`."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)

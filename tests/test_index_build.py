@@ -20,13 +20,7 @@ N, DIM, SHARDS = 24_000, 32, 6
 IVF = "IVF64,PQ16x4"  # 16-centroid sub-quantizers: trains in seconds on 2 cores
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """FAISS's OpenMP spin-waits badly on a shared 2-core CI box; one thread is faster here."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 @pytest.fixture(scope="module")

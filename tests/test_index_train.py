@@ -12,12 +12,7 @@ from index_builder.train import (choose_factory, nlist_for, parse_bytes, quantiz
                                  reservoir_sample, train_index, training_size)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def test_index_choice_follows_collection_size_and_memory_budget():
