@@ -43,7 +43,7 @@ def _read_local(folder: str, name: str, tmp: str) -> str:
     """A local path for `folder/name`: the file itself when local, else a downloaded copy."""
     src = f"{folder.rstrip('/')}/{name}"
     fs, path = fsspec.core.url_to_fs(src)
-    if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
+    if "file" in fs.protocol:  # a str or a tuple of names, e.g. ("file", "local")
         return path
     local = os.path.join(tmp, name.replace("/", "_"))
     fs.get_file(path, local)
