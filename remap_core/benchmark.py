@@ -64,6 +64,24 @@ DEBIAN_PHOTOS: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# Photos only ever used for training (`remap train --benchmark-views` adds them to the train
+# split unless --no-extra-photos): wallpaper packages the benchmark does not draw from, so they
+# can never be evaluation photos. Photographs only (the packages' digital art is left out).
+TRAINING_ONLY_PHOTOS: dict[str, tuple[str, ...]] = {
+    "lomiri-wallpapers-16.04": ("./usr/share/backgrounds/*_by_*.jpg",),
+    "lomiri-wallpapers-20.04": ("./usr/share/backgrounds/*_by_*.jpg",),
+    "ukui-wallpapers": tuple(f"./usr/share/backgrounds/{n}" for n in (
+        "2004default.jpg", "calla.png", "city.png", "desert.png", "firstgeneration.jpg",
+        "goldfish.png", "string.jpg", "the-mouse.jpg")),
+    "plasma-workspace-wallpapers": tuple(
+        f"./usr/share/wallpapers/{n}/contents/images/{size}.jpg" for n, size in (
+            ("Autumn", "2560x1600"), ("BytheWater", "2560x1600"), ("ColdRipple", "2560x1600"),
+            ("ColorfulCups", "2560x1600"), ("DarkestHour", "2560x1600"),
+            ("EveningGlow", "2560x1600"), ("FallenLeaf", "2560x1600"), ("Grey", "2560x1600"),
+            ("Kite", "2560x1600"), ("OneStandsOut", "2560x1600"), ("PastelHills", "3200x2000"),
+            ("Path", "2560x1600"), ("SafeLanding", "1622x2880"), ("summer_1am", "2560x1600"))),
+}
+
 SPLITS = ("train", "eval")
 PhotoLoader = Callable[[], Image.Image]
 
@@ -138,18 +156,22 @@ def fetch_debian_package(cache_dir: str, pkg: str, members: tuple[str, ...],
     return root
 
 
-def fetch_debian_photos(cache_dir: str, packages: tuple[str, ...] = tuple(DEBIAN_PHOTOS)
+def fetch_debian_photos(cache_dir: str, packages: dict[str, tuple[str, ...]] | None = None
                         ) -> dict[str, str]:
-    """The photos of `DEBIAN_PHOTOS` packages, fetched once into `cache_dir/debian/<package>/`:
-    {name: file path}. Packages that cannot be fetched are skipped (see fetch_debian_package)."""
+    """The photos of Debian packages ({package: tar wildcards}, default `DEBIAN_PHOTOS`),
+    fetched once into `cache_dir/debian/<package>/`: {name: file path}. Packages that cannot be
+    fetched are skipped (see fetch_debian_package)."""
     out: dict[str, str] = {}
-    for pkg in packages:
-        root = fetch_debian_package(cache_dir, pkg, DEBIAN_PHOTOS[pkg])
+    for pkg, members in (DEBIAN_PHOTOS if packages is None else packages).items():
+        root = fetch_debian_package(cache_dir, pkg, members)
         if root is None:
             continue
-        for pattern in DEBIAN_PHOTOS[pkg]:
+        for pattern in members:
             for path in sorted(glob.glob(os.path.join(root, pattern))):
-                stem = os.path.splitext(os.path.basename(path))[0]
+                rel = os.path.relpath(path, root)
+                # plasma wallpapers are <name>/contents/images/<size>.jpg: name them by folder
+                stem = (rel.split(os.sep)[3] if "/contents/images/" in path
+                        else os.path.splitext(os.path.basename(path))[0])
                 out[f"debian/{pkg}/{stem}"] = path
     return out
 
@@ -176,6 +198,13 @@ def benchmark_photos(split: str = "eval", cache_dir: str | None = None, debian: 
     names = [n for n in cat if split == "all" or photo_split(n) == split]
     names = names[:max_photos] if max_photos else names
     return {n: _fit(cat[n](), max_side) for n in names}
+
+
+def training_only_photos(cache_dir: str, max_side: int = 512) -> dict[str, Image.Image]:
+    """The `TRAINING_ONLY_PHOTOS` ({name: RGB PIL image, long side at most `max_side`}); empty
+    when apt cannot fetch them. Never part of a benchmark split."""
+    return {n: _fit(Image.open(p), max_side)
+            for n, p in fetch_debian_photos(cache_dir, TRAINING_ONLY_PHOTOS).items()}
 
 
 # --------------------------------------------------------------------------- the benchmark

@@ -92,6 +92,10 @@ def add_arguments(parser) -> None:
                    help="whitening learned on the train split (default: Radenović's learned)")
     m.add_argument("--whiten-dim", type=int, default=256)
     m.add_argument("--batch-size", type=int, default=16)
+    m.add_argument("--model", action="append", default=[], metavar="CHECKPOINT",
+                   help="also score this checkpoint (e.g. `remap train`'s init.pt and model.pt) "
+                   "as it embeds in the product (`embed_arrays`: its own input size and "
+                   "scales); repeatable; the first is the reference the others are compared to")
     m.add_argument("--save-model", default=None,
                    help="also save the REMAP model (KLW + whitening) as a checkpoint here")
     o = parser.add_argument_group("output")
@@ -329,8 +333,14 @@ def run(args) -> dict:
 
     results = {m.name: {"dim": int(m.model.dim), "taps": m.model.config["taps"],
                         **score(desc[m.name], evalb)} for m in methods}
+    models = score_checkpoints(args.model, evalb)
+    results.update(models)
     compare_to(results, "R-MAC", evalb)
     key_comparisons = {}
+    for name in list(models)[1:]:
+        c = {k: dict(v) for k, v in results.items()}
+        compare_to(c, next(iter(models)), evalb)
+        key_comparisons[f"{name} vs {next(iter(models))}"] = c[name][f"vs {next(iter(models))}"]
     for other in (f"R-MAC + {WHITEN_LABEL[args.whiten]}", "REMAP uniform weights"):
         c = {k: dict(v) for k, v in results.items()}
         compare_to(c, other, evalb)
@@ -407,6 +417,30 @@ def format_table(report: dict) -> str:
                  f"{report['machine']}; {report['seconds']['total']} s")
     return "\n".join(lines)
 
+
+
+def score_checkpoints(paths: list[str], bench) -> dict:
+    """Scores of saved models on `bench`, embedded as the product embeds (`embed_arrays`):
+    {"<folder>/<file>": result (with the checkpoint's path and fingerprint)}."""
+    from PIL import Image
+
+    from .checkpoint import load_model, model_fingerprint
+    from .preprocess import resize_for_model
+
+    out = {}
+    for path in paths:
+        model = load_model(path, device="cpu")
+        max_side, multiple = int(model.config["max_side"]), int(model.config["multiple"])
+        images = [resize_for_model(Image.fromarray(im), max_side, multiple)
+                  for im in bench.images]
+        name = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))),
+                            os.path.basename(path))
+        if name in out:
+            raise ValueError(f"--model {path}: two checkpoints named {name}")
+        out[name] = {"dim": int(model.dim), "taps": model.config["taps"], "checkpoint": path,
+                     "fingerprint": model_fingerprint(model),
+                     **score(model.embed_arrays(images), bench)}
+    return out
 
 
 def describe_all(methods, base, images, scales, batch_size, desc) -> dict:

@@ -404,12 +404,15 @@ def train(model: RetrievalNet, images: list[np.ndarray], labels: np.ndarray, opt
           out_dir: str, validate: Validate | None = None,
           optimizer: torch.optim.Optimizer | None = None, start_epoch: int = 1,
           history: list[dict] | None = None, scaler_state: dict | None = None,
-          progress: bool = True, cache: FrozenTrunkCache | None = None) -> list[dict]:
+          progress: bool = True, cache: FrozenTrunkCache | None = None,
+          groups: np.ndarray | None = None) -> list[dict]:
     """Train `model` in place for epochs start_epoch..opts.epochs; returns the log records.
 
     Writes out_dir/last.pt (resumable) and out_dir/log.jsonl every epoch. With `validate`, an
     epoch-0 record of the initial model is logged first (when starting from epoch 1). `cache`:
     a FrozenTrunkCache of `images` at scale 1 built with `opts.freeze` (built here if absent).
+    `groups`: (N,) source of each image's class; no anchor takes a negative from its own group
+    (see `tuples.hardest_negatives`).
     """
     from tqdm import tqdm
 
@@ -448,7 +451,7 @@ def train(model: RetrievalNet, images: list[np.ndarray], labels: np.ndarray, opt
         rng = _epoch_rng(opts.seed, epoch)
         vecs = embed_images(model, images, cache=cache)        # mine with the current model
         tuples = build_tuples(vecs, labels, opts.tuples_per_epoch, opts.negatives, rng,
-                              opts.pool_size)
+                              opts.pool_size, groups)
         mine_s = time.time() - t0
         losses, actives = [], []
         bar = tqdm(range(steps), desc=f"epoch {epoch}/{opts.epochs}", unit="step",

@@ -18,6 +18,7 @@ state) and, at the end, OUT/model.pt, a plain checkpoint for `remap embed --mode
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import os
@@ -40,6 +41,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "benchmark's training photos (disjoint from its evaluation photos)")
     src.add_argument("--views-per-photo", type=int, default=10,
                      help="generated views per photo (default 10), each 1-2 chained nuisances")
+    src.add_argument("--tiles", type=int, default=1, metavar="G",
+                     help="cut every photo into G x G tiles, each a class of its own (default 1: "
+                     "whole photos); photos are read at G times the side, so tiles keep detail")
+    src.add_argument("--no-extra-photos", action="store_true",
+                     help="--benchmark-views without the training-only wallpaper photos (Debian "
+                     "packages the benchmark never evaluates on): only the train split")
+    src.add_argument("--clutter-backgrounds", type=int, default=16, metavar="N",
+                     help="clutter views of every class share N generated backgrounds (default "
+                     "16), so the background never identifies a class; 0: a new background per "
+                     "view")
     src.add_argument("--view-seed", type=int, default=None,
                      help="seed of the generated views (default: derived from --seed, and "
                      "different from every benchmark seed)")
@@ -148,8 +159,8 @@ def _photo_files(spec: str) -> list[str]:
 
 def load_training_set(args, max_side: int, multiple: int = 32):
     """The TrainingSet the arguments ask for, with a one-line description of it."""
-    from .train_data import (compound_view, load_labelled, read_image, read_labelled_layout,
-                             view_families)
+    from .train_data import (clutter_pool, compound_view, load_labelled, photo_tiles,
+                             read_image, read_labelled_layout, view_families)
 
     chosen = [bool(args.data), bool(args.photos), bool(args.benchmark_views)]
     if sum(chosen) != 1:
@@ -170,13 +181,22 @@ def load_training_set(args, max_side: int, multiple: int = 32):
                 print(f"skipping unreadable photo {f}: {e}")
         source = f"view families of {len(photos)} photos from {args.photos}"
     else:
-        photos = benchmark_training_photos(args)
-        source = f"view families of the benchmark's {len(photos)} training photos"
+        photos = benchmark_training_photos(args, args.side * args.tiles)
+        source = f"view families of {len(photos)} training photos (benchmark train split"
+        source += ")" if args.no_extra_photos else " + training-only wallpapers)"
+    if args.tiles > 1:
+        photos = photo_tiles(photos, args.tiles)
+        source += f" cut into {args.tiles}x{args.tiles} tiles ({len(photos)} classes)"
     if len(photos) < args.negatives + 1:
         raise ValueError(f"{len(photos)} photos give {len(photos)} classes, but each tuple "
                          f"needs {args.negatives} negatives from other classes; add photos or "
                          f"lower --negatives")
-    ts = view_families(photos, args.views_per_photo, view_seed, compound_view, max_side, multiple,
+    make_view = compound_view
+    if args.clutter_backgrounds > 0:
+        pool = clutter_pool(args.clutter_backgrounds, view_seed)
+        make_view = functools.partial(compound_view, backgrounds=pool)
+        source += f", clutter on {args.clutter_backgrounds} shared backgrounds"
+    ts = view_families(photos, args.views_per_photo, view_seed, make_view, max_side, multiple,
                        progress=progress)
     return ts, f"{source}, {args.views_per_photo} views each, view seed {view_seed}"
 
@@ -184,7 +204,8 @@ def load_training_set(args, max_side: int, multiple: int = 32):
 # --------------------------------------------------------------------------- main
 
 RUN_KEYS = ("data", "photos", "benchmark_views", "views_per_photo", "view_seed", "max_side",
-            "val_seed", "views_per_nuisance", "side", "no_debian", "max_photos")
+            "val_seed", "views_per_nuisance", "side", "no_debian", "max_photos", "tiles",
+            "no_extra_photos", "clutter_backgrounds")
 
 
 def _run_record(args, max_side: int) -> dict:
@@ -199,7 +220,9 @@ def _check_same_run(out: str, record: dict) -> None:
         return
     with open(path) as f:
         before = json.load(f)
-    diff = {k: (before.get(k), record.get(k)) for k in RUN_KEYS if before.get(k) != record.get(k)}
+    # keys a run folder written by an older version lacks are not compared
+    diff = {k: (before[k], record.get(k)) for k in RUN_KEYS
+            if k in before and before[k] != record.get(k)}
     if diff:
         changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"--resume with different training data than the run in {out} "
@@ -305,7 +328,8 @@ def main(args) -> int:
     validate = None if args.no_val else make_validator(args, model, n_cached, progress)
     history = train(model, ts.images, ts.labels, opts, out, validate=validate,
                     optimizer=optimizer, start_epoch=start_epoch, history=history,
-                    scaler_state=scaler_state, progress=progress, cache=caches.get(1.0))
+                    scaler_state=scaler_state, progress=progress, cache=caches.get(1.0),
+                    groups=ts.groups)
     final = os.path.join(out, "model.pt")
     fp = save_checkpoint(model, final, extra={"trained": {"epochs": opts.epochs,
                                                           "source": source,
@@ -338,15 +362,20 @@ def training_view_seed(seed: int) -> int:
     return int(np.random.SeedSequence([TRAIN_VIEW_NAMESPACE, seed]).generate_state(1)[0])
 
 
-def benchmark_training_photos(args) -> dict:
-    """The benchmark's train-split photos ({name: PIL image}), never an evaluation photo."""
-    from .benchmark import benchmark_photos
+def benchmark_training_photos(args, side: int) -> dict:
+    """The benchmark's train-split photos plus, unless --no-extra-photos (or --no-debian), the
+    training-only wallpapers ({name: PIL image, long side at most `side`}): never an evaluation
+    photo."""
+    from .benchmark import benchmark_photos, training_only_photos
 
-    photos = benchmark_photos("train", args.cache, debian=not args.no_debian, max_side=args.side,
+    photos = benchmark_photos("train", args.cache, debian=not args.no_debian, max_side=side,
                               max_photos=args.max_photos)
     if not photos:
         raise ValueError("the benchmark's train split holds no photos: is scikit-image "
                          "installed? (or drop --no-debian)")
+    if not (args.no_extra_photos or args.no_debian):
+        extra = training_only_photos(args.cache, side)
+        photos.update(dict(list(extra.items())[:args.max_photos]) if args.max_photos else extra)
     return photos
 
 

@@ -53,6 +53,8 @@ class TrainingSet:
     classes: list[str]
     sources: list[str] = field(default_factory=list)   # where each image came from
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (uri, reason)
+    # (N,) source of each image's class (tiles of one photo share it); None: one per class
+    groups: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -211,17 +213,65 @@ def view_families(photos: dict[str, Image.Image], views_per_photo: int, seed: in
             images.append(resize_for_model(view, max_side, multiple))
             labels.append(c)
             sources.append(f"{name}#view{v}")
-    return TrainingSet(images, np.asarray(labels, dtype=np.int64), names, sources)
+    _, groups = np.unique([source_photo(names[c]) for c in labels], return_inverse=True)
+    return TrainingSet(images, np.asarray(labels, dtype=np.int64), names, sources,
+                       groups=groups.astype(np.int64))
 
 
-def compound_view(photo: Image.Image, seed: int, max_nuisances: int = 2) -> Image.Image:
+TILE_MARK = "#tile"
+
+
+def source_photo(name: str) -> str:
+    """The photo a class was cut from: "photo#tile01" -> "photo"; any other name unchanged."""
+    return name.split(TILE_MARK, 1)[0]
+
+
+def photo_tiles(photos: dict[str, Image.Image], grid: int) -> dict[str, Image.Image]:
+    """Each photo cut into a grid x grid of non-overlapping tiles, each tile a photo (a class)
+    of its own: {"name#tile<row><col>": tile}. More, and harder, classes from the same photos:
+    tiles of one photo share its colours and light, so telling them apart takes the content.
+    grid 1 returns the photos unchanged."""
+    if grid < 1:
+        raise ValueError(f"tile grid must be 1 or more, got {grid}")
+    if grid == 1:
+        return dict(photos)
+    out: dict[str, Image.Image] = {}
+    for name, photo in photos.items():
+        w, h = photo.size
+        xs = [round(w * k / grid) for k in range(grid + 1)]
+        ys = [round(h * k / grid) for k in range(grid + 1)]
+        for r in range(grid):
+            for c in range(grid):
+                out[f"{name}{TILE_MARK}{r}{c}"] = photo.crop((xs[c], ys[r], xs[c + 1], ys[r + 1]))
+    return out
+
+
+def clutter_pool(n: int, seed: int, size: tuple[int, int] = (512, 384)) -> list[Image.Image]:
+    """`n` cluttered backgrounds (`views.clutter_background`) drawn from `seed`, to be shared by
+    the clutter views of every class (see `compound_view`)."""
+    from .views import clutter_background
+
+    seeds = np.random.SeedSequence([seed, 0xC1]).generate_state(n, dtype=np.uint32)
+    return [clutter_background(size, int(s)) for s in seeds]
+
+
+def compound_view(photo: Image.Image, seed: int, max_nuisances: int = 2,
+                  backgrounds: Sequence[Image.Image] | None = None) -> Image.Image:
     """A training view: 1..max_nuisances distinct nuisances of `views.py` chained in a random
     order (e.g. a perspective warp of a darker crop), all drawn from `seed`. Harder and more
-    varied than the benchmark's single-nuisance views, so training tuples keep a signal."""
-    from .views import NUISANCES, make_view
+    varied than the benchmark's single-nuisance views, so training tuples keep a signal.
+
+    `backgrounds`: clutter views paste the photo onto one of these (shared by all classes)
+    instead of a background of their own. With a background per view, the background is itself
+    a signature of the view, and hard negatives (other classes' clutter views) teach the model
+    to tell backgrounds apart; shared backgrounds teach it to look past them."""
+    from .views import NUISANCES, clutter, make_view
 
     rng = np.random.RandomState(seed % 2 ** 32)
     k = int(rng.randint(1, max_nuisances + 1))
     for nuisance in rng.choice(NUISANCES, size=k, replace=False):
-        photo = make_view(photo, str(nuisance), rng)
+        if nuisance == "clutter" and backgrounds:
+            photo = clutter(photo, rng, background=backgrounds[rng.randint(len(backgrounds))])
+        else:
+            photo = make_view(photo, str(nuisance), rng)
     return photo

@@ -39,17 +39,27 @@ def pairwise_squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def hardest_negatives(anchor_vecs: np.ndarray, anchor_labels: np.ndarray, pool_vecs: np.ndarray,
-                      pool_labels: np.ndarray, k: int) -> np.ndarray:
+                      pool_labels: np.ndarray, k: int, anchor_groups: np.ndarray | None = None,
+                      pool_groups: np.ndarray | None = None) -> np.ndarray:
     """The k hardest negatives of each anchor, at most one per class: -> (A, k) pool indices.
 
     Hardest means closest to the anchor (smallest squared distance) among pool images whose
     label differs from the anchor's; once a class has given a negative to an anchor, its other
     images are skipped for that anchor. Negatives are ordered hardest first.
+
+    Groups (optional, one per image): classes cut from one source (tiles of one photo) share a
+    group, and an anchor takes no negative from its own group: neighbouring tiles can show the
+    same sky or wall, and such a "negative" would be a mislabelled positive.
     """
     anchor_labels = np.asarray(anchor_labels)
     pool_labels = np.asarray(pool_labels)
     if len(anchor_vecs) != len(anchor_labels) or len(pool_vecs) != len(pool_labels):
         raise ValueError("each vector needs exactly one label")
+    if (anchor_groups is None) != (pool_groups is None):
+        raise ValueError("give groups for both the anchors and the pool, or for neither")
+    if anchor_groups is None:
+        anchor_groups, pool_groups = anchor_labels, pool_labels
+    anchor_groups, pool_groups = np.asarray(anchor_groups), np.asarray(pool_groups)
     if k < 1:
         raise ValueError(f"need at least one negative per tuple, got k={k}")
     dist = pairwise_squared_distances(anchor_vecs, pool_vecs)
@@ -60,7 +70,7 @@ def hardest_negatives(anchor_vecs: np.ndarray, anchor_labels: np.ndarray, pool_v
         n = 0
         for j in order[i]:
             lj = pool_labels[j]
-            if lj in seen:
+            if lj in seen or pool_groups[j] == anchor_groups[i]:
                 continue
             seen.add(lj)
             out[i, n] = j
@@ -68,8 +78,9 @@ def hardest_negatives(anchor_vecs: np.ndarray, anchor_labels: np.ndarray, pool_v
             if n == k:
                 break
         if n < k:
-            raise ValueError(f"the negative pool holds only {n} class(es) other than anchor "
-                             f"{i}'s; need {k}: lower --negatives or enlarge --pool-size")
+            raise ValueError(f"the negative pool holds only {n} class(es) outside anchor "
+                             f"{i}'s class (and group); need {k}: lower --negatives or enlarge "
+                             f"--pool-size")
     return out
 
 
@@ -97,10 +108,12 @@ def sample_anchor_positive(labels: np.ndarray, n: int, rng: np.random.Generator
 
 
 def build_tuples(vectors: np.ndarray, labels: np.ndarray, n_tuples: int, negatives: int,
-                 rng: np.random.Generator, pool_size: int | None = None) -> Tuples:
+                 rng: np.random.Generator, pool_size: int | None = None,
+                 groups: np.ndarray | None = None) -> Tuples:
     """One epoch of tuples mined with the current descriptors.
 
-    vectors: (N, D) descriptors of every training image from the current model; labels: (N,).
+    vectors: (N, D) descriptors of every training image from the current model; labels: (N,);
+    groups: (N,) or None, see `hardest_negatives`.
     The negative pool is a random subset of `pool_size` images (all images when None), redrawn
     on every call, from which each anchor takes its `negatives` hardest, one per class.
     """
@@ -113,6 +126,8 @@ def build_tuples(vectors: np.ndarray, labels: np.ndarray, n_tuples: int, negativ
         pool = np.arange(len(labels))
     else:
         pool = np.sort(rng.choice(len(labels), size=pool_size, replace=False))
+    g = None if groups is None else np.asarray(groups)
     neg = hardest_negatives(vectors[anchors], labels[anchors], vectors[pool], labels[pool],
-                            negatives)
+                            negatives, None if g is None else g[anchors],
+                            None if g is None else g[pool])
     return Tuples(anchors, positives, pool[neg])

@@ -143,3 +143,24 @@ def test_eval_scores_equal_an_independent_embedding_of_the_same_images(tiny_repo
         desc = model.embed_arrays(images)
         m, *_ = compute_map(rank_by_similarity(desc[q], desc), bench.ground_truth(q))
         assert m == pytest.approx(report["results"][name]["mAP"], abs=1e-6), name
+
+
+def test_eval_scores_saved_checkpoints_against_the_first_one(tiny_report, tmp_path):
+    import shutil
+
+    report, args, cache = tiny_report
+    for folder in ("init", "trained"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(cache / "remap.pt", tmp_path / folder / "model.pt")
+    args = argparse.Namespace(**{**vars(args), "category": False, "save_model": None,
+                                 "model": [str(tmp_path / "init" / "model.pt"),
+                                           str(tmp_path / "trained" / "model.pt")]})
+    again = eval_cli.run(args)
+    for name in ("init/model.pt", "trained/model.pt"):
+        r = again["results"][name]
+        # the saved REMAP, embedded as the product embeds it, scores what its row scored
+        assert r["mAP"] == pytest.approx(report["results"]["REMAP"]["mAP"], abs=1e-6)
+        assert r["fingerprint"].startswith("efficientnet_lite0.remap.d8.")
+    c = again["key_comparisons"]["trained/model.pt vs init/model.pt"]
+    assert c["dmAP"] == 0 and c["ci95"] == [0, 0]
+    assert "trained/model.pt vs init/model.pt" in eval_cli.format_table(again)

@@ -174,3 +174,24 @@ def test_remap_train_end_to_end_on_a_folder_layout_gives_a_loadable_model(tmp_pa
     log = [json.loads(s) for s in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1]
     assert load_model(str(tmp_path / "run" / "init.pt"), device="cpu").dim == 8
+
+
+def test_remap_train_on_tiles_of_unlabelled_photos(tmp_path, capsys):
+    from PIL import Image
+
+    from remap_core.cli import main
+
+    images, _ = _images(n_classes=3, per_class=1, seed=8)
+    (tmp_path / "photos").mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im).resize((128, 96)).save(tmp_path / "photos" / f"{i}.png")
+    rc = main(["train", "--photos", str(tmp_path / "photos"), "--tiles", "2",
+               "--views-per-photo", "1", "--out", str(tmp_path / "run"), "--taps", "stage7,head",
+               "--max-side", "64", "--scales", "1", "--whiten-dim", "8", "--klw-pairs", "10",
+               "--epochs", "1", "--tuples", "2", "--batch", "2", "--negatives", "2",
+               "--freeze", "15", "--no-val", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    # 3 photos x 4 tiles = 12 classes of (tile + 1 view)
+    assert "cut into 2x2 tiles (12 classes)" in out and "24 images in 12 classes" in out
+    assert load_model(str(tmp_path / "run" / "model.pt"), device="cpu").dim == 8

@@ -96,3 +96,73 @@ def test_compound_views_are_deterministic_per_seed():
     photo = _photo(3, size=(120, 90))
     a, b, c = (np.asarray(compound_view(photo, s)) for s in (11, 11, 12))
     assert np.array_equal(a, b) and not (a.shape == c.shape and np.array_equal(a, c))
+
+
+def test_photo_tiles_cut_each_photo_into_non_overlapping_classes():
+    from remap_core.train_data import photo_tiles
+
+    photo = _photo(4, size=(97, 73))
+    tiles = photo_tiles({"p": photo, "q": _photo(5)}, 2)
+    assert sorted(tiles)[:4] == ["p#tile00", "p#tile01", "p#tile10", "p#tile11"]
+    assert len(tiles) == 8
+    # the four tiles put back together are the photo, pixel for pixel
+    top = np.concatenate([np.asarray(tiles["p#tile00"]), np.asarray(tiles["p#tile01"])], axis=1)
+    bottom = np.concatenate([np.asarray(tiles["p#tile10"]), np.asarray(tiles["p#tile11"])], axis=1)
+    assert np.array_equal(np.concatenate([top, bottom], axis=0), np.asarray(photo))
+    assert photo_tiles({"p": photo}, 1) == {"p": photo}
+    with pytest.raises(ValueError, match="1 or more"):
+        photo_tiles({"p": photo}, 0)
+
+
+def test_training_only_photos_come_from_packages_the_benchmark_never_uses(tmp_path):
+    from remap_core.benchmark import (DEBIAN_PHOTOS, TRAINING_ONLY_PHOTOS, fetch_debian_photos,
+                                      training_only_photos)
+
+    assert not set(TRAINING_ONLY_PHOTOS) & set(DEBIAN_PHOTOS)
+    # an already fetched package (as fetch_debian_package leaves it): no apt call is made
+    root = tmp_path / "debian" / "plasma-workspace-wallpapers"
+    folder = root / "usr/share/wallpapers/Autumn/contents/images"
+    folder.mkdir(parents=True)
+    _photo(7, size=(400, 250)).save(folder / "2560x1600.jpg")
+    (root / ".complete").touch()
+    pkg = {"plasma-workspace-wallpapers": TRAINING_ONLY_PHOTOS["plasma-workspace-wallpapers"]}
+    found = fetch_debian_photos(str(tmp_path), pkg)
+    assert list(found) == ["debian/plasma-workspace-wallpapers/Autumn"]
+    for other in set(TRAINING_ONLY_PHOTOS) - set(pkg):      # the other packages: present, empty
+        os.makedirs(tmp_path / "debian" / other)
+        (tmp_path / "debian" / other / ".complete").touch()
+    photos = training_only_photos(str(tmp_path), max_side=200)
+    assert list(photos) == ["debian/plasma-workspace-wallpapers/Autumn"]
+    assert max(photos["debian/plasma-workspace-wallpapers/Autumn"].size) == 200
+
+
+def test_clutter_views_can_share_backgrounds_across_classes():
+    from remap_core.train_data import clutter_pool, compound_view
+
+    pool = [Image.new("RGB", (64, 48), (255, 0, 0)), Image.new("RGB", (64, 48), (0, 255, 0))]
+    photo = _photo(6, size=(120, 90))
+    corners = set()
+    for seed in range(40):
+        view = np.asarray(compound_view(photo, seed, max_nuisances=1, backgrounds=pool))
+        assert np.array_equal(view, np.asarray(compound_view(photo, seed, 1, backgrounds=pool)))
+        h, w = view.shape[:2]
+        corners |= {tuple(view[y, x]) for y in (0, h - 1) for x in (0, w - 1)}
+    assert {(255, 0, 0), (0, 255, 0)} <= corners      # clutter views land on the pool's colours
+    a, b = clutter_pool(3, seed=1), clutter_pool(3, seed=1)
+    assert len(a) == 3 and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    assert not np.array_equal(np.asarray(a[0]), np.asarray(a[1]))
+
+
+def test_tiles_of_one_photo_share_a_group_and_whole_photos_have_their_own():
+    from remap_core.train_data import photo_tiles
+
+    def same(img, seed):
+        return img
+
+    tiles = photo_tiles({"a": _photo(1, (64, 48)), "b": _photo(2, (64, 48))}, 2)
+    ts = view_families(tiles, 1, seed=0, make_view=same, max_side=32)
+    assert ts.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7]
+    assert ts.groups.tolist() == [0] * 8 + [1] * 8
+    whole = view_families({"a": _photo(1), "b": _photo(2)}, 1, seed=0, make_view=same,
+                          max_side=32)
+    assert whole.groups.tolist() == whole.labels.tolist()

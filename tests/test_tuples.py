@@ -78,3 +78,24 @@ def test_build_tuples_mines_from_a_pool_and_is_seeded():
     for a, negs in zip(t1.anchors, t1.negatives):
         assert labels[a] not in labels[negs] and len(set(labels[negs])) == 3
     assert set(t1.images()) >= set(t1.anchors) | set(t1.positives)
+
+
+def test_negatives_never_come_from_the_anchor_s_group():
+    anchor = np.array([[0.0, 0.0]])
+    pool = np.array([[0.1, 0.0],    # class 1, group 0 (a tile of the anchor's photo): skipped
+                     [0.2, 0.0],    # class 2, group 1: hardest allowed negative
+                     [0.3, 0.0],    # class 3, group 0: skipped
+                     [0.5, 0.0]])   # class 4, group 2
+    labels = np.array([1, 2, 3, 4])
+    got = hardest_negatives(anchor, np.array([0]), pool, labels, k=2,
+                            anchor_groups=np.array([0]), pool_groups=np.array([0, 1, 0, 2]))
+    assert got.tolist() == [[1, 3]]
+    assert hardest_negatives(anchor, np.array([0]), pool, labels, k=2).tolist() == [[0, 1]]
+    with pytest.raises(ValueError, match="for both"):
+        hardest_negatives(anchor, np.array([0]), pool, labels, k=2, anchor_groups=np.array([0]))
+    # build_tuples passes groups through
+    vecs = np.concatenate([pool, pool + 5.0])
+    t = build_tuples(vecs, np.concatenate([labels, labels]), 6, 1, np.random.default_rng(0),
+                     groups=np.concatenate([[0, 1, 0, 2]] * 2))
+    g = np.array([0, 1, 0, 2] * 2)
+    assert np.all(g[t.negatives[:, 0]] != g[t.anchors])
