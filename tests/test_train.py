@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from remap_core.checkpoint import load_model, read_checkpoint
 from remap_core.model import build_model
@@ -195,3 +196,31 @@ def test_remap_train_on_tiles_of_unlabelled_photos(tmp_path, capsys):
     # 3 photos x 4 tiles = 12 classes of (tile + 1 view)
     assert "cut into 2x2 tiles (12 classes)" in out and "24 images in 12 classes" in out
     assert load_model(str(tmp_path / "run" / "model.pt"), device="cpu").dim == 8
+
+
+def test_a_trained_checkpoint_works_unchanged_in_embed_index_and_search(tmp_path, sample_dir):
+    from remap_core.checkpoint import model_fingerprint
+    from remap_core.cli import main
+    from index_builder.search import open_index
+
+    images, labels = _images(n_classes=3, per_class=2, seed=9)
+    for i, (im, lab) in enumerate(zip(images, labels)):
+        (tmp_path / "data" / f"c{lab}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(tmp_path / "data" / f"c{lab}" / f"{i}.png")
+    assert main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+                 "--taps", "stage7,head", "--max-side", "64", "--scales", "1",
+                 "--whiten-dim", "4", "--klw-pairs", "5", "--epochs", "1", "--tuples", "2",
+                 "--batch", "2", "--negatives", "1", "--freeze", "15", "--no-val",
+                 "--quiet"]) == 0
+    ckpt = str(tmp_path / "run" / "model.pt")
+    store, index = tmp_path / "store", tmp_path / "index"
+    assert main(["embed", "--input", str(sample_dir / "images" / "c*.jpg"), "--output",
+                 str(store), "--model", ckpt]) == 0
+    assert main(["index", "--embeddings", str(store), "--output", str(index)]) == 0
+    idx = open_index(str(index))
+    assert idx.manifest["model"] == model_fingerprint(load_model(ckpt, "cpu"))
+    assert idx.manifest["dimension"] == 4
+    query = str(sample_dir / "queries" / "coffee__bright.jpg")
+    hits = idx.search_images([query], k=3, model_uri=ckpt)[0]
+    assert len(hits) == 3 and all(h.uri.endswith(".jpg") for h in hits)
+    assert main(["search", "--index", str(index), "--model", ckpt, query]) == 0
