@@ -39,11 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "class of generated views (self-supervised)")
     src.add_argument("--benchmark-views", action="store_true", help="view families of the "
                      "benchmark's training photos (disjoint from its evaluation photos)")
-    src.add_argument("--views-per-photo", type=int, default=10,
-                     help="generated views per photo (default 10), each 1-2 chained nuisances")
-    src.add_argument("--tiles", type=int, default=1, metavar="G",
-                     help="cut every photo into G x G tiles, each a class of its own (default 1: "
-                     "whole photos); photos are read at G times the side, so tiles keep detail")
+    src.add_argument("--views-per-photo", type=int, default=5,
+                     help="generated views per photo (default 5), each 1-2 chained nuisances")
+    src.add_argument("--tiles", type=int, default=2, metavar="G",
+                     help="view families: cut every photo into G x G tiles, each a class of its "
+                     "own (default 2; 1: whole photos); --benchmark-views reads photos at G "
+                     "times the side, so tiles keep their detail")
     src.add_argument("--no-extra-photos", action="store_true",
                      help="--benchmark-views without the training-only wallpaper photos (Debian "
                      "packages the benchmark never evaluates on): only the train split")
