@@ -182,9 +182,9 @@ def load_training_set(args, max_side: int, multiple: int = 32):
                 print(f"skipping unreadable photo {f}: {e}")
         source = f"view families of {len(photos)} photos from {args.photos}"
     else:
-        photos = benchmark_training_photos(args, args.side * args.tiles)
-        source = f"view families of {len(photos)} training photos (benchmark train split"
-        source += ")" if args.no_extra_photos else " + training-only wallpapers)"
+        photos, n_extra = benchmark_training_photos(args, args.side * args.tiles)
+        source = (f"view families of {len(photos)} training photos (benchmark train split + "
+                  f"{n_extra} training-only wallpapers)")
     if args.tiles > 1:
         photos = photo_tiles(photos, args.tiles)
         source += f" cut into {args.tiles}x{args.tiles} tiles ({len(photos)} classes)"
@@ -363,10 +363,10 @@ def training_view_seed(seed: int) -> int:
     return int(np.random.SeedSequence([TRAIN_VIEW_NAMESPACE, seed]).generate_state(1)[0])
 
 
-def benchmark_training_photos(args, side: int) -> dict:
+def benchmark_training_photos(args, side: int) -> tuple[dict, int]:
     """The benchmark's train-split photos plus, unless --no-extra-photos (or --no-debian), the
     training-only wallpapers ({name: PIL image, long side at most `side`}): never an evaluation
-    photo."""
+    photo. Returns (photos, how many of them are training-only wallpapers)."""
     from .benchmark import benchmark_photos, training_only_photos
 
     photos = benchmark_photos("train", args.cache, debian=not args.no_debian, max_side=side,
@@ -374,10 +374,11 @@ def benchmark_training_photos(args, side: int) -> dict:
     if not photos:
         raise ValueError("the benchmark's train split holds no photos: is scikit-image "
                          "installed? (or drop --no-debian)")
+    extra = {}
     if not (args.no_extra_photos or args.no_debian):
         extra = training_only_photos(args.cache, side)
-        photos.update(dict(list(extra.items())[:args.max_photos]) if args.max_photos else extra)
-    return photos
+        extra = dict(list(extra.items())[:args.max_photos]) if args.max_photos else extra
+    return {**photos, **extra}, len(extra)
 
 
 def make_validator(args, model, n_frozen: int, progress: bool = True):

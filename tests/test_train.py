@@ -224,3 +224,22 @@ def test_a_trained_checkpoint_works_unchanged_in_embed_index_and_search(tmp_path
     hits = idx.search_images([query], k=3, model_uri=ckpt)[0]
     assert len(hits) == 3 and all(h.uri.endswith(".jpg") for h in hits)
     assert main(["search", "--index", str(index), "--model", ckpt, query]) == 0
+
+
+def test_remap_train_on_benchmark_views_tiles_the_train_split_photos(tmp_path, capsys):
+    from remap_core.cli import main
+
+    rc = main(["train", "--benchmark-views", "--no-debian", "--max-photos", "3", "--tiles", "2",
+               "--views-per-photo", "1", "--cache", str(tmp_path / "cache"),
+               "--out", str(tmp_path / "run"), "--taps", "stage7,head", "--max-side", "64",
+               "--scales", "1", "--whiten-dim", "8", "--klw-pairs", "10", "--epochs", "1",
+               "--tuples", "2", "--batch", "2", "--negatives", "2", "--freeze", "15", "--no-val",
+               "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert ("3 training photos (benchmark train split + 0 training-only wallpapers) cut into "
+            "2x2 tiles (12 classes)") in out
+    trained = read_checkpoint(str(tmp_path / "run" / "model.pt"))["extra"]["trained"]
+    assert "12 classes" in trained["source"]
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["tiles"] == 2 and run["clutter_backgrounds"] == 16
