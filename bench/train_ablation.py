@@ -21,15 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from remap_core import train_cli  # noqa: E402
-from remap_core.train import (FrozenTrunkCache, freeze_backbone, initialise_klw,  # noqa: E402
-                              initialise_whitening, train)
+from remap_core.train import train  # noqa: E402
 
 VARIANTS = {
     "backbone only": {"lr_head": 0.0, "lr_whiten": 0.0},
@@ -56,13 +54,8 @@ def main() -> None:
     t0 = time.time()
     model = train_cli._new_model(args, torch.device("cpu"))
     ts, source = train_cli.load_training_set(args, int(model.config["max_side"]))
-    freeze_backbone(model, args.freeze)
-    scales = sorted(set(model.config["scales"]) | {1.0}, reverse=True)
-    caches = {s: FrozenTrunkCache(model, ts.images, args.freeze, scale=s) for s in scales}
-    rng = np.random.default_rng([args.seed, 2024])
-    initialise_klw(model, ts.images, ts.labels, args.klw_pairs, rng, cache=caches[1.0])
-    initialise_whitening(model, ts.images, ts.labels, args.whiten_dim, args.whiten, rng=rng,
-                         caches=caches)
+    caches = train_cli.cache_frozen_trunk(model, ts, train_cli._options(args), progress=False)
+    train_cli.initialise_model(model, ts, args, caches)
     validate = train_cli.make_validator(args, model, args.freeze, progress=False)
     init = validate(model)
     state0 = copy.deepcopy(model.state_dict())
@@ -75,7 +68,7 @@ def main() -> None:
         out = os.path.join(args.out, name.split(" (")[0].replace(" ", "_"))
         tv = time.time()
         rec = train(model, ts.images, ts.labels, opts, out, validate=validate, progress=False,
-                    cache=caches[1.0], groups=ts.groups, history=[{"epoch": 0}])[-1]
+                    cache=caches.get(1.0), groups=ts.groups, history=[{"epoch": 0}])[-1]
         row = {"bench": "train_ablation", "variant": name,
                "lr": {"backbone": opts.lr, "head": opts.lr_head, "whiten": opts.lr_whiten},
                "tuples": opts.tuples_per_epoch, "loss": rec["loss"],

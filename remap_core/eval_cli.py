@@ -176,16 +176,20 @@ def score(desc: np.ndarray, bench) -> dict:
             "aps": [round(float(a), 6) for a in aps]}
 
 
-def compare_to(results: dict, reference: str, bench) -> None:
-    """Add to each result its mAP difference to `reference` with a 95 % bootstrap interval over
-    photos (a photo's views are resampled together)."""
+def paired_difference(result: dict, reference: dict, bench) -> dict:
+    """mAP of `result` minus that of `reference` with a 95 % bootstrap interval over photos (a
+    photo's views are resampled together): {"dmAP": d, "ci95": [lo, hi]}."""
     from .metrics import paired_bootstrap
 
-    groups = bench.family[bench.queries]
-    ref = np.array(results[reference]["aps"])
+    d, lo, hi = paired_bootstrap(np.array(result["aps"]), np.array(reference["aps"]),
+                                 bench.family[bench.queries])
+    return {"dmAP": d, "ci95": [lo, hi]}
+
+
+def compare_to(results: dict, reference: str, bench) -> None:
+    """Add to each result its `paired_difference` to `reference`, as "vs <reference>"."""
     for r in results.values():
-        d, lo, hi = paired_bootstrap(np.array(r["aps"]), ref, groups)
-        r[f"vs {reference}"] = {"dmAP": d, "ci95": [lo, hi]}
+        r[f"vs {reference}"] = paired_difference(r, results[reference], bench)
 
 
 # --------------------------------------------------------------------------- learning on train
@@ -336,15 +340,11 @@ def run(args) -> dict:
     models = score_checkpoints(args.model, evalb)
     results.update(models)
     compare_to(results, "R-MAC", evalb)
-    key_comparisons = {}
-    for name in list(models)[1:]:
-        c = {k: dict(v) for k, v in results.items()}
-        compare_to(c, next(iter(models)), evalb)
-        key_comparisons[f"{name} vs {next(iter(models))}"] = c[name][f"vs {next(iter(models))}"]
-    for other in (f"R-MAC + {WHITEN_LABEL[args.whiten]}", "REMAP uniform weights"):
-        c = {k: dict(v) for k, v in results.items()}
-        compare_to(c, other, evalb)
-        key_comparisons[f"REMAP vs {other}"] = c["REMAP"][f"vs {other}"]
+    pairs = [(name, next(iter(models))) for name in list(models)[1:]]
+    pairs += [("REMAP", other) for other in (f"R-MAC + {WHITEN_LABEL[args.whiten]}",
+                                            "REMAP uniform weights")]
+    key_comparisons = {f"{name} vs {ref}": paired_difference(results[name], results[ref], evalb)
+                       for name, ref in pairs}
     return {
         "command": ("remap eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"]
                     else "remap eval"),

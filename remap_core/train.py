@@ -38,7 +38,7 @@ TRAIN_STATE_KEY = "train_state"
 class TrainOptions:
     """Everything that shapes a training run (stored in every checkpoint, so --resume agrees)."""
 
-    # defaults: the recipe measured in bench/RESULTS.md ("Training"), ~25 min on 2 CPU cores
+    # defaults: the recipe measured in bench/RESULTS.md ("Training"), ~18 min on 2 CPU cores
     epochs: int = 5
     tuples_per_epoch: int = 800
     negatives: int = 5            # hard negatives per tuple, at most one per class
@@ -47,8 +47,9 @@ class TrainOptions:
     margin: float = 0.1           # on squared distances of L2-normalised descriptors (0..4)
     lr: float = 1e-5              # trainable backbone blocks
     lr_head: float = 1e-2         # head parameters (KLW, softplus-parametrised)
-    # whitening: barely moved. Trained at 1e-4 it trades clutter for the other nuisances (an
-    # ablation: -3.5 clutter mAP after 400 tuples) while the backbone tail gains on all five
+    # whitening: barely moved. Trained at 1e-4 it trades clutter for the other nuisances
+    # (bench/train_ablation.py: -2.5 clutter mAP after 400 tuples) while the backbone tail
+    # gains on all five
     lr_whiten: float = 1e-6
     weight_decay: float = 1e-6
     freeze: int = 0               # leading backbone units (stem, blocks / stages) kept frozen

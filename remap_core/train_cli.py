@@ -252,8 +252,7 @@ def main(args) -> int:
     import torch
 
     from .checkpoint import save_checkpoint
-    from .train import (FrozenTrunkCache, freeze_backbone, initialise_klw, initialise_whitening,
-                        resume_training, train)
+    from .train import resume_training, train
 
     t_start = time.time()
     if args.cache is None:
@@ -295,30 +294,10 @@ def main(args) -> int:
     with open(os.path.join(out, "run.json"), "w") as f:
         json.dump(record, f, indent=1)
 
-    # frozen units run once per training image and test-time scale (init, mining and steps)
-    caches: dict[float, FrozenTrunkCache] = {}
-    if opts.cache and opts.freeze > 0:
-        freeze_backbone(model, opts.freeze)
-        t0 = time.time()
-        scales = [1.0] if args.resume else sorted(set(model.config["scales"]) | {1.0},
-                                                    reverse=True)
-        caches = {s: FrozenTrunkCache(model, ts.images, opts.freeze, progress=progress, scale=s)
-                  for s in scales}
-        print(f"cached the {opts.freeze} frozen backbone units for {len(ts.images)} images x "
-              f"{len(scales)} scale(s) in {time.time() - t0:.1f}s")
-
+    caches = cache_frozen_trunk(model, ts, opts, args.resume, progress)
     if not args.resume:
-        rng = np.random.default_rng([args.seed, 2024])
         t0 = time.time()
-        if not args.no_klw_init:
-            w = initialise_klw(model, ts.images, ts.labels, args.klw_pairs, rng,
-                               cache=caches.get(1.0))
-            print(f"KLW initialised from {args.klw_pairs} matching / non-matching pairs: weights "
-                  f"{w.min():.3f}..{w.max():.3f} (layers x regions {w.shape[0]}x{w.shape[1]})")
-        if args.whiten != "none":
-            initialise_whitening(model, ts.images, ts.labels, args.whiten_dim, args.whiten,
-                                 n_pairs=max(args.klw_pairs, 1000), rng=rng, caches=caches)
-            print(f"{args.whiten} whitening initialised: {model.head.out_dim} -> {model.dim}")
+        initialise_model(model, ts, args, caches)
         os.makedirs(out, exist_ok=True)
         fp0 = save_checkpoint(model, os.path.join(out, "init.pt"),
                               extra={"untrained": "KLW + whitening initialised, no SGD"})
@@ -337,6 +316,42 @@ def main(args) -> int:
                                                           "history": history}})
     _print_summary(history, final, fp, time.time() - t_start)
     return 0
+
+
+def cache_frozen_trunk(model, ts, opts: TrainOptions, resume: bool = False,
+                       progress: bool = True) -> dict:
+    """Freeze `opts.freeze` backbone units and run them once per training image and scale:
+    {scale: FrozenTrunkCache}, every test-time scale of the model (the whitening is learned on
+    them) plus 1 (KLW, mining, steps); only scale 1 when resuming. Empty without a cache."""
+    from .train import FrozenTrunkCache, freeze_backbone
+
+    if not (opts.cache and opts.freeze > 0):
+        return {}
+    freeze_backbone(model, opts.freeze)
+    t0 = time.time()
+    scales = [1.0] if resume else sorted(set(model.config["scales"]) | {1.0}, reverse=True)
+    caches = {s: FrozenTrunkCache(model, ts.images, opts.freeze, progress=progress, scale=s)
+              for s in scales}
+    print(f"cached the {opts.freeze} frozen backbone units for {len(ts.images)} images x "
+          f"{len(scales)} scale(s) in {time.time() - t0:.1f}s")
+    return caches
+
+
+def initialise_model(model, ts, args, caches: dict) -> None:
+    """The untrained starting point: KLW from matching / non-matching pairs of the training
+    set and whitening from its descriptors (unless --no-klw-init / --whiten none)."""
+    from .train import initialise_klw, initialise_whitening
+
+    rng = np.random.default_rng([args.seed, 2024])
+    if not args.no_klw_init:
+        w = initialise_klw(model, ts.images, ts.labels, args.klw_pairs, rng,
+                           cache=caches.get(1.0))
+        print(f"KLW initialised from {args.klw_pairs} matching / non-matching pairs: weights "
+              f"{w.min():.3f}..{w.max():.3f} (layers x regions {w.shape[0]}x{w.shape[1]})")
+    if args.whiten != "none":
+        initialise_whitening(model, ts.images, ts.labels, args.whiten_dim, args.whiten,
+                             n_pairs=max(args.klw_pairs, 1000), rng=rng, caches=caches)
+        print(f"{args.whiten} whitening initialised: {model.head.out_dim} -> {model.dim}")
 
 
 def _print_summary(history: list[dict], final: str, fingerprint: str, wall_s: float) -> None:

@@ -126,8 +126,9 @@ def build_tuples(vectors: np.ndarray, labels: np.ndarray, n_tuples: int, negativ
         pool = np.arange(len(labels))
     else:
         pool = np.sort(rng.choice(len(labels), size=pool_size, replace=False))
-    g = None if groups is None else np.asarray(groups)
+    anchor_groups = pool_groups = None
+    if groups is not None:
+        anchor_groups, pool_groups = np.asarray(groups)[anchors], np.asarray(groups)[pool]
     neg = hardest_negatives(vectors[anchors], labels[anchors], vectors[pool], labels[pool],
-                            negatives, None if g is None else g[anchors],
-                            None if g is None else g[pool])
+                            negatives, anchor_groups, pool_groups)
     return Tuples(anchors, positives, pool[neg])
