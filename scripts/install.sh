@@ -4,6 +4,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
+# A new venv with torch takes about 7 GB; pip also unpacks into $TMPDIR. Say so before pip
+# fails half-way with "No space left on device".
+need_gb="${REMAP_INSTALL_MIN_FREE_GB:-9}"
+if ! { [ -x .venv/bin/python ] && .venv/bin/python -c "import torch, torchvision" 2>/dev/null; }; then
+  for dir in . "${TMPDIR:-/tmp}"; do
+    free_gb=$(df -Pk "$dir" | awk 'NR==2 {print int($4 / 1048576)}')
+    if [ "$free_gb" -lt "$need_gb" ]; then
+      echo "install needs about ${need_gb} GB free in $(cd "$dir" && pwd) (torch, torchvision and their" \
+        "CUDA libraries); only ${free_gb} GB is free. Free some space, or set" \
+        "REMAP_INSTALL_MIN_FREE_GB to override." >&2
+      exit 1
+    fi
+  done
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 LOG=.venv/install.log
