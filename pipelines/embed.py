@@ -33,6 +33,7 @@ from apache_beam.transforms.window import GlobalWindows
 from remap_core.shard_schema import (DEAD_LETTER_SCHEMA, SOURCE_SCHEMA, TOMBSTONE_SCHEMA,
                                      embedding_schema, embedding_table, stable_id)
 
+from . import lease as L
 from . import runs as R
 from . import uris as U
 from .model_cache import shared_model
@@ -43,6 +44,9 @@ PIPELINE_VERSION = "0.2.0"
 NAMESPACE = "remap.embed"
 DEAD = "dead_letter"
 LOCAL_RUNNER = "FnApiRunner"
+# Runners whose job runs inside the launcher's process: a dead launcher is a dead job.
+IN_PROCESS_RUNNERS = ("FnApiRunner", "DirectRunner", "direct", "BundleBasedDirectRunner",
+                      "SwitchingDirectRunner")
 log = logging.getLogger(__name__)
 
 
@@ -80,6 +84,16 @@ class EmbedOptions(PipelineOptions):
                                  'e.g. \'{"s3": {"endpoint_url": "http://host:9000"}}\'')
         parser.add_argument("--progress_seconds", type=float, default=15.0,
                             help="log progress per worker at most this often (0: never)")
+        parser.add_argument("--lease_minutes", type=float, default=10.0,
+                            help="a run holds the store's lease (one writer at a time); while "
+                                 "the launcher waits for the job it renews it, and it lapses "
+                                 "this long after the launcher dies")
+        parser.add_argument("--unattended_lease_hours", type=float, default=20.0,
+                            help="the lease of a job nobody waits for (Flex Template, "
+                                 "--no_wait_until_finish): its job must end within it")
+        parser.add_argument("--break_lease", action="store_true", default=False,
+                            help="take over the store's lease from a run that holds it (only "
+                                 "when that run is dead: its job failed or was cancelled)")
 
 
 class EmbedWorkerOptions(PipelineOptions):
@@ -548,15 +562,37 @@ class _WriteRunSummaryFn(_StorageDoFn):
                 f"embedded + dead-lettered + skipped = {summary['embedded']} + "
                 f"{summary['dead_lettered']} + {summary['skipped']}; run.json not written, "
                 f"rerun to redo it")
+        store, run_id = self.run_dir.rsplit("/", 1)[0], summary["run_id"]
+        leased = self.info.get("lease", False)
+        if leased:
+            L.check_held(store, run_id)
         fs, root = fsspec.core.url_to_fs(self.run_dir)
         fs.invalidate_cache(root)   # listings cached in this process predate the tables' writes
         if fs.exists(f"{root}/{TMP_FOLDER}"):
             fs.rm(f"{root}/{TMP_FOLDER}", recursive=True)
+        check_tables_present(fs, root, summary)
         R.write_json_atomic(f"{self.run_dir}/{R.MANIFEST}", summary)
+        if leased:
+            try:        # taken over between the check and the write: the run is not complete
+                L.check_held(store, run_id)
+            except L.LeaseLost:
+                fs.rm(f"{root}/{R.MANIFEST}")
+                raise
+            L.release(store, run_id)
         log.info("run %s complete: %d read, %d embedded, %d dead-lettered, %d skipped (%d live "
                  "ids checked)", summary["run_id"], summary["read"], summary["embedded"],
                  summary["dead_lettered"], summary["skipped"], ids_checked)
         yield summary
+
+
+def check_tables_present(fs, root: str, summary: dict) -> None:
+    """Every file run.json is about to list exists (nothing removed the run's files under it)."""
+    present = {p[len(root):].lstrip("/") for p in fs.find(root)}
+    missing = [f for t in TABLES for f in summary.get(t, []) if f not in present]
+    if missing:
+        raise RuntimeError(f"run {summary['run_id']}: {len(missing)} of its files are gone from "
+                           f"{root} (e.g. {missing[0]}); run.json not written, the next run "
+                           f"redoes this work")
 
 
 class WriteRunSummary(beam.PTransform):
@@ -683,11 +719,15 @@ class PreparedRun(NamedTuple):
     info: dict           # run.json's launch-time facts (make_run_info)
     dry_run: bool
     wait: bool           # False: a job is submitted and nothing waits for it
+    store: str
+    lease: dict | None   # the store lease this run holds (None: dry run)
+    in_process: bool     # the job runs in this process (a local runner)
 
 
 def prepare_run(argv: list[str]) -> PreparedRun:
-    """Check the options and the store, and build the pipeline (run.json is its last step)
-    without running it. With --dry_run the store is not read or cleaned (nothing over the
+    """Take the store's lease, check the options and the store, and build the pipeline
+    (run.json is its last step) without running it; the caller runs it or gives the lease back
+    (`lease.release`). With --dry_run the store is not read, leased or cleaned (nothing over the
     network but what listing --input and loading --model need): built as for a first run."""
     from remap_core.checkpoint import load_model
 
@@ -707,34 +747,57 @@ def prepare_run(argv: list[str]) -> PreparedRun:
     std = options.view_as(StandardOptions)
     wait = not (dry_run or std.no_wait_until_finish
                 or options.view_as(GoogleCloudOptions).template_location)
+    in_process = std.runner.split(".")[-1] in IN_PROCESS_RUNNERS
+    for name in ("lease_minutes", "unattended_lease_hours"):
+        if getattr(opts, name) <= 0:
+            raise ValueError(f"--{name} must be positive (got {getattr(opts, name)})")
     fsconf = json.loads(opts.fsspec_config) if opts.fsspec_config else None
     U.apply_fsspec_config(fsconf)
     model = load_model(opts.model, device="cpu")
     cfg = model.config
     store = opts.output.rstrip("/")
     run_id = opts.run_id or default_run_id()
+    lease = None
     if dry_run:
         previous, state = [], []
         log.info("dry run %s: the store %s is not read; graph built as for a first run",
                  run_id, store)
     else:
-        previous, incomplete = R.scan_store(store)
-        R.check_new_run([] if opts.full else previous, run_id, model.fingerprint, store)
-        R.remove_incomplete(incomplete)
-        state = [] if opts.full else R.state_files(previous)
-        log.info("run %s: %d earlier runs in %s (%d state files)", run_id, len(previous), store,
-                 len(state))
-    run_dir = R.run_folder(store, run_id)
-    info = make_run_info(options, run_id, model.fingerprint, model.dim,
-                         [r.run_id for r in previous])
-    pipeline = beam.Pipeline(options=options)
-    build_pipeline(pipeline, opts, run_dir, run_id, model.fingerprint, model.dim,
-                   cfg["max_side"], cfg["multiple"], state, info)
-    return PreparedRun(pipeline, options, run_id, run_dir, info, dry_run, wait)
+        seconds = opts.lease_minutes * 60 if wait else opts.unattended_lease_hours * 3600
+        lease = L.acquire(store, L.new_lease(run_id, seconds, local=in_process, renewed=wait),
+                          break_lease=opts.break_lease)
+    try:
+        if not dry_run:
+            previous, incomplete = R.scan_store(store)
+            R.check_new_run([] if opts.full else previous, run_id, model.fingerprint, store)
+            R.remove_incomplete(incomplete)
+            state = [] if opts.full else R.state_files(previous)
+            log.info("run %s: %d earlier runs in %s (%d state files)", run_id, len(previous),
+                     store, len(state))
+        run_dir = R.run_folder(store, run_id)
+        info = make_run_info(options, run_id, model.fingerprint, model.dim,
+                             [r.run_id for r in previous])
+        info["lease"] = lease is not None
+        pipeline = beam.Pipeline(options=options)
+        build_pipeline(pipeline, opts, run_dir, run_id, model.fingerprint, model.dim,
+                       cfg["max_side"], cfg["multiple"], state, info)
+    except BaseException:
+        if lease is not None:
+            L.release(store, run_id)
+        raise
+    return PreparedRun(pipeline, options, run_id, run_dir, info, dry_run, wait, store, lease,
+                       in_process)
 
 
 def top_level_transforms(pipeline: beam.Pipeline) -> list[str]:
     return [t.full_label for t in pipeline.transforms_stack[0].parts]
+
+
+def _job_ended(result) -> bool:
+    try:
+        return PipelineState.is_terminal(result.state)
+    except Exception:       # the runner could not be asked: assume the job may still run
+        return False
 
 
 def run(argv: list[str]) -> dict:
@@ -754,13 +817,35 @@ def run(argv: list[str]) -> dict:
         log.info("dry run: job graph of run %s built, nothing submitted or written", p.run_id)
         return {"run_id": p.run_id, "submitted": True, "dry_run": True, "graph_built": True,
                 "run_dir": p.run_dir, "transforms": top_level_transforms(p.pipeline)}
-    result = p.pipeline.run()
-    if not p.wait or getattr(result, "has_job", True) is False:
-        log.info("run %s submitted; its job writes %s/%s when it completes", p.run_id,
-                 p.run_dir, R.MANIFEST)
+    if not p.wait:
+        try:
+            result = p.pipeline.run()
+        except BaseException:
+            L.release(p.store, p.run_id)        # nothing was submitted
+            raise
+        if getattr(result, "has_job", True) is False:
+            L.release(p.store, p.run_id)
+        log.info("run %s submitted; its job writes %s/%s and gives the store's lease back when "
+                 "it completes (else the lease lapses after --unattended_lease_hours)",
+                 p.run_id, p.run_dir, R.MANIFEST)
         return {"run_id": p.run_id, "submitted": True}
-    state = result.wait_until_finish()
+    result = None
+    with L.Renewer(p.store, p.lease):
+        try:
+            result = p.pipeline.run()
+            if getattr(result, "has_job", True) is False:
+                L.release(p.store, p.run_id)
+                return {"run_id": p.run_id, "submitted": True}
+            state = result.wait_until_finish()
+        except BaseException:
+            # The job is over if it ran in this process, was never submitted, or reached a
+            # terminal state; otherwise (Ctrl-C while waiting on a remote runner) it may still
+            # run, and its lease lapses --lease_minutes after the last renewal.
+            if p.in_process or result is None or _job_ended(result):
+                L.release(p.store, p.run_id)
+            raise
     if state not in (None, PipelineState.DONE):
+        L.release(p.store, p.run_id)
         raise RuntimeError(f"pipeline ended in state {state}; run {p.run_id} is incomplete and "
                            f"will be redone by the next run")
     fs, root = fsspec.core.url_to_fs(p.run_dir)

@@ -3,7 +3,9 @@ earlier runs left (what was embedded, at which object version; what was deleted)
 
 A store holds `run-<id>/` folders. A run is complete once its `run.json` exists (written last,
 through a temporary name); a folder without it is the remains of a killed run and is removed
-before a new run starts, so its work is redone and nothing it half-wrote is ever read.
+before a new run starts, so its work is redone and nothing it half-wrote is ever read. (Only the
+holder of the store's lease, `lease.py`, scans and cleans: a live run's folder is never taken for
+remains.)
 Run ids sort in time order (the default id is a UTC timestamp): the newest run wins.
 """
 

@@ -54,6 +54,7 @@ def test_gcs_folder_to_gcs_store_then_incremental(fake_gcs, tiny_model_path):  #
     assert _read(fake_gcs, f"{folder}/{first['shards'][0]}").schema.metadata[META_MODEL] \
         .decode() == first["model"]
     assert not fake_gcs.fs.exists(f"{folder}/_tmp")
+    assert not fake_gcs.fs.exists(f"{out}/_lease.json")   # the job gave the store's lease back
 
     # nightly: one object rewritten (new generation), one deleted. Run in worker processes,
     # which reach the server only through --fsspec_config (as Dataflow workers would).
@@ -69,6 +70,8 @@ def test_gcs_folder_to_gcs_store_then_incremental(fake_gcs, tiny_model_path):  #
     folder2 = f"{out}/run-{second['run_id']}"
     assert read_tombstone_uris([f"{folder2}/{n}" for n in second["tombstones"]]) == \
         {f"{bucket}/cams/b/img_1.jpg"}
+    fake_gcs.fs.invalidate_cache()
+    assert not fake_gcs.fs.exists(f"{out}/_lease.json")   # released by a worker process
 
 
 def test_s3_parquet_manifests_to_s3_store(moto_s3, tiny_model_path):  # noqa: F811

@@ -11,6 +11,7 @@ import pytest
 
 import image_cases as C
 from pipelines import embed as E
+from pipelines import lease as L
 from pipelines import runs as R
 
 
@@ -77,6 +78,9 @@ def test_a_run_that_loses_a_uri_fails_and_writes_no_run_json(images, tmp_path, t
     with pytest.raises(Exception, match="lost track of URIs: read 5 but"):
         prepared.pipeline.run().wait_until_finish()
     assert Path(prepared.run_dir).exists() and not (Path(prepared.run_dir) / "run.json").exists()
+    # the failed job kept the store's lease; whoever runs a prepared pipeline gives it back
+    assert L.read_lease(str(store))["run_id"] == prepared.run_id
+    assert L.release(str(store), prepared.run_id)
     with pytest.raises(Exception, match="run.json not written"):
         E.run(argv(images, store, tiny_model_path))
     complete, incomplete = R.scan_store(str(store))

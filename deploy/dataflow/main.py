@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 
-SWITCHES = ("full",)          # EmbedOptions flags declared with action="store_true"
+SWITCHES = ("full", "break_lease")   # EmbedOptions flags declared action="store_true"
 TRUE = ("true", "1", "yes")
 
 
