@@ -20,6 +20,7 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
+from .id_map import IdMap
 from .manifest import read_manifest, verify_files
 from .merge import read_ondisk, set_search_params, sharded_index
 
@@ -53,10 +54,9 @@ def _read_local(folder: str, name: str, tmp: str) -> str:
 class RemapIndex:
     """A built index: FAISS index + id->URI map + manifest."""
 
-    def __init__(self, folder: str, manifest: dict, index: faiss.Index, ids: np.ndarray,
-                 uris: np.ndarray):
+    def __init__(self, folder: str, manifest: dict, index: faiss.Index, id_map: IdMap):
         self.folder, self.manifest, self.index = folder, manifest, index
-        self._ids, self._uris = ids, uris  # sorted by id
+        self.id_map = id_map
         self._model = None
 
     # ---------------------------------------------------------------- opening
@@ -70,15 +70,12 @@ class RemapIndex:
             index = read_faiss_index(folder, manifest, tmp)
             tables = [pq.read_table(_read_local(folder, e["path"], tmp))
                       for e in manifest["id_files"]]
-        ids = np.concatenate([t.column("id").to_numpy() for t in tables]).astype(np.int64)
-        uris = np.concatenate([np.asarray(t.column("uri").to_pylist(), dtype=object)
-                               for t in tables])
-        order = np.argsort(ids)
+        id_map = IdMap.from_tables(tables)
         if index.d != manifest["dimension"]:
             raise ValueError(f"index at {folder} has dimension {index.d} but its manifest says "
                              f"{manifest['dimension']}; the index is damaged, rebuild it")
         set_search_params(index, manifest.get("search_params") or {})
-        return cls(folder, manifest, index, ids[order], uris[order])
+        return cls(folder, manifest, index, id_map)
 
     @property
     def fingerprint(self) -> str:
@@ -93,10 +90,7 @@ class RemapIndex:
 
     # ---------------------------------------------------------------- searching
     def uri_of(self, ids: np.ndarray) -> list[str | None]:
-        pos = np.clip(np.searchsorted(self._ids, ids), 0, max(len(self._ids) - 1, 0))
-        ok = (len(self._ids) > 0) & (self._ids[pos] == ids) if len(self._ids) else \
-            np.zeros(len(ids), bool)
-        return [self._uris[p] if good else None for p, good in zip(pos, ok)]
+        return self.id_map.lookup(ids)
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
         """(Q, D) query descriptors -> for each query, up to k hits, best first."""
