@@ -40,7 +40,10 @@ log = logging.getLogger(__name__)
 
 
 class LeaseHeld(RuntimeError):
-    """Another live run holds the store's lease."""
+    """Another live run holds the store's lease. `remap embed` exits with 75 (EX_TEMPFAIL: try
+    again later), which a scheduler can treat as retryable."""
+
+    exit_status = 75
 
 
 class LeaseLost(RuntimeError):

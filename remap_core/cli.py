@@ -52,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, PermissionError) as e:
         print(f"remap {name}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        status = getattr(e, "exit_status", None)     # refusals that carry their own status
+        if status is None:
+            raise
+        print(f"remap {name}: error: {e}", file=sys.stderr)
+        return int(status)
 
 
 if __name__ == "__main__":

@@ -348,6 +348,28 @@ def test_nightly_reindex_publishes_then_keeps_current_when_nothing_is_new(nightl
     assert [p.name for p in (tmp / "indexes").iterdir() if p.is_dir()] == ["2026-11-20"]
 
 
+def test_nightly_reports_a_busy_store_and_keeps_current(nightly):
+    """Another embed holds the store's lease: reindex.sh exits 14 (retry later), touching
+    neither the store nor CURRENT."""
+    from pipelines import lease as L
+
+    tmp, first, built, again = nightly
+    assert first.returncode == 0, first.stderr
+    store = str(tmp / "store")
+    current = (tmp / "indexes" / "CURRENT").read_text()
+    L.acquire(store, L.new_lease("29990101T000000000Z-busy00", 600, local=False, renewed=True))
+    try:
+        busy = _reindex(["--input", str(tmp / "images"), "--store", store, "--index-root",
+                         str(tmp / "indexes"), "--min-recall", "0.9", "--model",
+                         built["model_uri"], "--date", "2026-11-21"], tmp)
+    finally:
+        L.release(store, "29990101T000000000Z-busy00")
+    assert busy.returncode == 14, busy.stderr
+    assert "store busy" in busy.stderr and "29990101T000000000Z-busy00" in busy.stderr
+    assert (tmp / "indexes" / "CURRENT").read_text() == current
+    assert not (tmp / "indexes" / "2026-11-21").exists()
+
+
 @pytest.mark.slow
 def test_nightly_publishes_to_object_storage(nightly, fake_gcs, tmp_path):
     """An INDEX_ROOT on gs:// (fake-gcs-server on 127.0.0.1): built locally, uploaded manifest

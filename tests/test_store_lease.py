@@ -194,3 +194,16 @@ def test_lease_options_are_checked(tmp_path, tiny_model_path):
     with pytest.raises(ValueError, match="--lease_minutes must be positive"):
         embed(tmp_path, tmp_path / "store", tiny_model_path, "--lease_minutes=0")
     assert not (tmp_path / "store").exists()         # refused before the store was touched
+
+
+def test_remap_embed_refusal_is_one_line_with_a_retryable_exit_status(tmp_path, tiny_model_path,
+                                                                      capsys):
+    from remap_core.cli import main
+
+    store = tmp_path / "store"
+    L.acquire(str(store), lease_for("20260101T000000000Z-live00", local=False))
+    rc = main(["embed", f"--input={tmp_path}", f"--output={store}", f"--model={tiny_model_path}"])
+    err = capsys.readouterr().err
+    assert rc == 75                                  # EX_TEMPFAIL: a scheduler may retry later
+    assert err.startswith("remap embed: error: store ") and "20260101T000000000Z-live00" in err
+    assert "Traceback" not in err

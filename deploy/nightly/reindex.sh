@@ -19,7 +19,8 @@
 # Cloud Scheduler -> Flex Template); only runs complete by then (run.json) are indexed.
 #
 # Exit status: 0 published or nothing to do; 1 bad usage; 10 embed failed; 11 index build
-# failed; 12 index refused by the gate (CURRENT unchanged); 13 publish/prune failed.
+# failed; 12 index refused by the gate (CURRENT unchanged); 13 publish/prune failed; 14 store
+# busy (another embed run holds the store's lease: retry later).
 # Safe to rerun: the embed step redoes only what is missing (an unfinished run folder is
 # removed and redone, URIs already embedded are skipped), the index is rebuilt from the store,
 # and CURRENT moves only at the end.
@@ -88,11 +89,17 @@ model_args=()
 [ -n "$MODEL" ] && model_args=(--model "$MODEL")
 if [ "$SKIP_EMBED" = 1 ]; then
   log "embed skipped (--skip-embed): indexing the store's completed runs"
-elif ! embed_out="$("$REMAP" embed --input "$INPUT" --output "$STORE" "${model_args[@]}" \
-                    "${embed_args[@]}")"; then
-  log "embed failed: CURRENT unchanged; rerun to complete (already embedded URIs are skipped)"
-  exit 10
 else
+  rc=0
+  embed_out="$("$REMAP" embed --input "$INPUT" --output "$STORE" "${model_args[@]}" \
+               "${embed_args[@]}")" || rc=$?
+  if [ "$rc" = 75 ]; then   # another run holds the store's lease (remap embed said which)
+    log "store busy: another embed run is writing $STORE; CURRENT unchanged, retry later"
+    exit 14
+  elif [ "$rc" != 0 ]; then
+    log "embed failed: CURRENT unchanged; rerun to complete (already embedded URIs are skipped)"
+    exit 10
+  fi
   log "embed: $(printf '%s\n' "$embed_out" | tail -n 1)"
 fi
 
