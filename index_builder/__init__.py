@@ -10,6 +10,8 @@ Modules, each a few functions over numpy arrays and FAISS indexes (the FAISS con
     recall      exact k-NN over a stream, leave-one-out recall, nprobe/efSearch tuning
     manifest    the manifest (DESIGN.md section 4): checksums, atomic write, verification
     build       the train / add / merge steps over an index folder, and the one-shot build
+    publish     upload a built index folder to object storage, manifest.json last
     search      open_index / RemapIndex: the query library
+    id_map      the query library's id -> URI map (sorted ids + one Arrow string buffer)
     synthetic   clustered synthetic embedding runs for tests and benchmarks
 """

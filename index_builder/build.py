@@ -53,10 +53,10 @@ def log(msg: str) -> None:
 
 def _local(folder: str) -> str:
     if "://" in folder and not folder.startswith("file://"):
-        raise ValueError(f"the index is built in a local folder, not {folder}; build locally, "
-                         f"then copy the folder to object storage with manifest.json last "
-                         f"(e.g. gsutil -m rsync -x 'manifest.json' ... then gsutil cp "
-                         f"manifest.json)")
+        raise ValueError(f"the index steps work in a local folder, not {folder}: run "
+                         f"`remap index --embeddings STORE --output {folder}` (no step), which "
+                         f"builds in a local staging folder and uploads it, manifest.json last; "
+                         f"or build locally and upload with index_builder.publish.upload_index")
     folder = folder.removeprefix("file://")
     os.makedirs(folder, exist_ok=True)
     return folder

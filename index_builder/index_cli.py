@@ -1,6 +1,8 @@
 """`remap index`: build a FAISS index from an embedding store.
 
     remap index --embeddings STORE --output DIR            train, add, merge in one go
+    remap index --embeddings STORE --output gs://b/idx     ... in a local staging folder, then
+                                                           uploaded, manifest.json last
     remap index train --embeddings STORE --output DIR      sample + train the empty index
     remap index add   --embeddings STORE --output DIR      add new runs (parallel), apply deletes
     remap index merge --output DIR [--layout ...]          merge / keep shards, recall, manifest
@@ -48,7 +50,7 @@ def _common(p, embeddings: bool = True) -> None:
     if embeddings:
         p.add_argument("--embeddings", required=True,
                        help="embedding store written by remap embed (local, gs://, s3://)")
-    p.add_argument("--output", required=True, help="local index folder")
+    p.add_argument("--output", required=True, help="local index folder (steps resume in it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -56,7 +58,11 @@ def _common(p, embeddings: bool = True) -> None:
 def add_arguments(parser) -> None:
     # one-shot form (no subcommand): every option of the three steps
     parser.add_argument("--embeddings", help="embedding store written by remap embed")
-    parser.add_argument("--output", help="local index folder")
+    parser.add_argument("--output", help="index folder: local, or gs:// / s3:// (built in a "
+                                         "local staging folder, then uploaded, manifest last)")
+    parser.add_argument("--staging", default=None,
+                        help="local folder to build in when --output is object storage "
+                             "(default: a temporary folder, removed afterwards)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     _train_args(parser)
@@ -86,10 +92,17 @@ def main(args) -> int:
         if not args.embeddings or not args.output:
             raise ValueError("give --embeddings STORE and --output DIR (or a step: "
                              "remap index train|add|merge --help)")
-        m = build_index(args.embeddings, args.output, args.factory, args.train_sample,
-                        args.recall_queries, args.seed, args.max_index_memory, args.layout,
-                        args.target_recall, args.workers, progress, args.opq)
-        print(json.dumps(_summary(args.output, m)))
+
+        def build(folder: str) -> dict:
+            return build_index(args.embeddings, folder, args.factory, args.train_sample,
+                               args.recall_queries, args.seed, args.max_index_memory,
+                               args.layout, args.target_recall, args.workers, progress, args.opq)
+
+        if is_remote(args.output):
+            m, upload = build_and_upload(build, args.output, args.staging)
+            print(json.dumps({**_summary(args.output, m), "uploaded_bytes": upload["bytes"]}))
+        else:
+            print(json.dumps(_summary(args.output, build(args.output))))
     elif step == "train":
         info = train_step(args.embeddings, args.output, args.factory, args.max_index_memory,
                           args.train_sample, seed=args.seed, opq=args.opq)
@@ -106,6 +119,32 @@ def main(args) -> int:
                        recall_queries=args.recall_queries, seed=args.seed)
         print(json.dumps(_summary(args.output, m)))
     return 0
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def build_and_upload(build, dest: str, staging: str | None = None) -> tuple[dict, dict]:
+    """Run `build(local_folder)` in `staging` (default: a temporary folder, removed after),
+    then upload the folder's index to `dest`, manifest last. -> (manifest, upload summary)"""
+    import shutil
+    import sys
+    import tempfile
+
+    from .publish import upload_index
+
+    folder = staging or tempfile.mkdtemp(prefix="remap-index-")
+    try:
+        m = build(folder)
+        print(f"upload: {folder} -> {dest} (manifest.json last)", file=sys.stderr)
+        up = upload_index(folder, dest)
+        print(f"upload: {up['uploaded']} files, {up['bytes'] / 2**20:.1f} MiB, "
+              f"{up['removed']} stale files of an earlier index removed", file=sys.stderr)
+        return m, up
+    finally:
+        if staging is None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _summary(output: str, m: dict) -> dict:

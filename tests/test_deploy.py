@@ -279,8 +279,12 @@ def test_upload_writes_the_manifest_last(tmp_path, monkeypatch):
 
     local = tmp_path / "built"
     (local / "shards").mkdir(parents=True)
-    for name in ("index.faiss", "shards/a.faiss", "manifest.json", "recall_queries.npz"):
+    files = ("index.faiss", "shards/a.faiss", "shards/a.ids.parquet")
+    for name in (*files, "recall_queries.npz"):
         (local / name).write_text(name)
+    entries = [{"path": n, "bytes": len(n), "sha256": "x"} for n in files]
+    (local / "manifest.json").write_text(json.dumps(
+        {"format_version": 1, "index_files": entries[:2], "id_files": entries[2:]}))
     order = []
     fs = fsspec.filesystem("memory")
     real_put = fs.put_file
@@ -289,6 +293,7 @@ def test_upload_writes_the_manifest_last(tmp_path, monkeypatch):
     out = P.upload(str(local), "memory://bucket/indexes/2026-11-20")
     assert out["uploaded"] == 4 and order[-1].endswith("/2026-11-20/manifest.json")
     assert fs.cat("/bucket/indexes/2026-11-20/shards/a.faiss") == b"shards/a.faiss"
+    assert not fs.exists("/bucket/indexes/2026-11-20/recall_queries.npz")   # readers need none
 
 
 # --------------------------------------------------------------------------- nightly: end to end

@@ -181,20 +181,12 @@ def check(index_url: str, index_root: str, min_recall: float, recall_k: int,
 
 
 def upload(local: str, dest: str) -> dict:
-    """Copy a locally built index folder to object storage, manifest.json last: a reader (and
-    `check`) that sees the manifest sees every file it names. `remap index` builds in a local
-    folder; this is how an index reaches gs:// or s3://."""
-    import os
+    """Copy a locally built index folder to object storage, manifest.json last (the old one
+    removed first): a reader (and `check`) that sees the manifest sees every file it names.
+    `index_builder.publish.upload_index`, which `remap index --output gs://...` uses too."""
+    from index_builder.publish import upload_index
 
-    fs, root = fsspec.core.url_to_fs(dest)
-    files = sorted(os.path.relpath(os.path.join(d, f), local)
-                   for d, _, names in os.walk(local) for f in names)
-    if MANIFEST not in files:
-        raise FileNotFoundError(f"{local} has no {MANIFEST}: the build did not finish")
-    files.remove(MANIFEST)
-    for rel in files + [MANIFEST]:
-        fs.put_file(os.path.join(local, rel), _join(root, rel.replace(os.sep, "/")))
-    return {"uploaded": len(files) + 1, "to": dest}
+    return upload_index(local, dest)
 
 
 def publish(index_root: str, index_url: str) -> dict:

@@ -1,0 +1,66 @@
+"""Copy a locally built index folder to object storage (gs://, s3://, any fsspec URL).
+
+FAISS builds and merges in local files, so `remap index --output gs://...` builds in a local
+staging folder and then uploads it here. The order is what keeps readers safe:
+
+1. the destination's old `manifest.json` (if any) is deleted first: from then on a reader finds
+   no index there (a clear "no index" error), never an old manifest over new files;
+2. the files the new manifest lists are uploaded, and each uploaded size checked;
+3. files of an earlier index that the new manifest does not list are deleted;
+4. `manifest.json` is uploaded last: a reader that sees it sees every file it names.
+
+A failed upload leaves no manifest at the destination; running it again completes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import fsspec
+
+from .manifest import MANIFEST_NAME
+
+
+def listed_files(manifest: dict) -> list[str]:
+    """The relative paths a manifest names (index files, then id files), once each."""
+    seen: dict[str, None] = {}
+    for e in manifest["index_files"] + manifest["id_files"]:
+        seen.setdefault(e["path"], None)
+    return list(seen)
+
+
+def upload_index(local: str, dest: str) -> dict:
+    """Upload the index built in the local folder `local` to `dest`, manifest last.
+    -> {"to", "uploaded" (files), "bytes", "removed" (stale files of an earlier index)}"""
+    manifest_path = os.path.join(local, MANIFEST_NAME)
+    if not os.path.exists(manifest_path):
+        raise FileNotFoundError(f"{local} has no {MANIFEST_NAME}: the build did not finish")
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    sizes = {e["path"]: e["bytes"] for e in manifest["index_files"] + manifest["id_files"]}
+    files = listed_files(manifest)
+    fs, root = fsspec.core.url_to_fs(dest)
+    root = root.rstrip("/")
+    fs.invalidate_cache(root)
+    if fs.exists(f"{root}/{MANIFEST_NAME}"):
+        fs.rm(f"{root}/{MANIFEST_NAME}")
+    total = 0
+    for rel in files:
+        target = f"{root}/{rel}"
+        fs.put_file(os.path.join(local, rel), target)
+        fs.invalidate_cache(target)
+        got = fs.info(target)["size"]
+        if got != sizes[rel]:
+            raise OSError(f"uploaded {target} has {got} bytes, the manifest says {sizes[rel]}; "
+                          f"the upload was cut short: run it again")
+        total += got
+    fs.invalidate_cache(root)
+    stale = sorted({p[len(root):].lstrip("/") for p in fs.find(root)} - set(files)
+                   - {MANIFEST_NAME})
+    for rel in stale:
+        fs.rm(f"{root}/{rel}")
+    fs.put_file(manifest_path, f"{root}/{MANIFEST_NAME}")
+    fs.invalidate_cache(root)
+    return {"to": dest, "uploaded": len(files) + 1,
+            "bytes": total + os.path.getsize(manifest_path), "removed": len(stale)}
