@@ -35,7 +35,7 @@ def built_folder(tmp_path, files: dict[str, bytes]):
 def test_upload_replaces_an_index_manifest_first_and_last(tmp_path, monkeypatch):
     local = built_folder(tmp_path, {"index.faiss": b"I" * 10, "shards/a.ids.parquet": b"P" * 7})
     fs = fsspec.filesystem("memory")
-    dest = "memory://bucket/indexes/2026-11-20"
+    dest = f"memory://{tmp_path.name}/indexes/2026-11-20"   # the memory fs is process-wide
     fs.pipe({f"{dest}/{MANIFEST_NAME}": b"{}", f"{dest}/old/shard.faiss": b"old"})
     ops = []
     real_put, real_rm = fs.put_file, fs.rm
@@ -55,7 +55,7 @@ def test_upload_replaces_an_index_manifest_first_and_last(tmp_path, monkeypatch)
 def test_a_cut_upload_leaves_no_index_and_a_rerun_completes_it(tmp_path, monkeypatch):
     local = built_folder(tmp_path, {"index.faiss": b"I" * 10, "ids.parquet": b"P" * 7})
     fs = fsspec.filesystem("memory")
-    dest = "memory://bucket/indexes/cut"
+    dest = f"memory://{tmp_path.name}/indexes/cut"
     fs.pipe({f"{dest}/{MANIFEST_NAME}": b'{"format_version": 1}'})   # yesterday's index
     real_put = fs.put_file
 

@@ -96,7 +96,12 @@ def test_shards_follow_the_contract_and_match_the_model(collection, tmp_path, ti
     images, cases = collection
     store = tmp_path / "store"
     s = embed(images, store, tiny_model_path, "--num_shards=3", "--batch_size=4")
-    assert s["shards"] == [f"embeddings-{i:05d}-of-00003.parquet" for i in range(3)]
+    # shard = stable id mod 3, and the ids hash this test's tmp path: with 15 rows a shard is
+    # empty in ~0.7% of tmp paths, and an empty shard is not written
+    expected = [f"embeddings-{i:05d}-of-00003.parquet" for i in range(3)]
+    good = [*cases["good"], *cases["odd"]]
+    assert s["shards"] == [n for i, n in enumerate(expected)
+                           if any(stable_id(u) % 3 == i for u in good)]
     folder = run_dir(store, s)
     model = load_model(tiny_model_path, device="cpu")
     seen = []
