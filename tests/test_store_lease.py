@@ -114,7 +114,13 @@ def test_renewal_extends_the_lease_and_notices_a_takeover(tmp_path):
     assert L.renew(store, mine) == "renewed"
     assert L.read_lease(store)["expires_at"] > before + 25
 
-    with L.Renewer(store, mine, every=0.02) as renewer:
+    with L.Renewer(store, mine, every=0.5) as renewer:
+        # take over right after a renewal, while the renewer sleeps (renewal is read-then-write:
+        # a takeover inside that window would be overwritten, and caught at the job's end)
+        last = L.read_lease(store)["renewed_at"]
+        deadline = time.monotonic() + 10
+        while L.read_lease(store)["renewed_at"] == last and time.monotonic() < deadline:
+            time.sleep(0.01)
         L.acquire(store, lease_for("thief"), break_lease=True)
         deadline = time.monotonic() + 10
         while renewer.outcome != "taken" and time.monotonic() < deadline:
