@@ -22,14 +22,6 @@ import fsspec
 from .manifest import MANIFEST_NAME
 
 
-def listed_files(manifest: dict) -> list[str]:
-    """The relative paths a manifest names (index files, then id files), once each."""
-    seen: dict[str, None] = {}
-    for e in manifest["index_files"] + manifest["id_files"]:
-        seen.setdefault(e["path"], None)
-    return list(seen)
-
-
 def upload_index(local: str, dest: str) -> dict:
     """Upload the index built in the local folder `local` to `dest`, manifest last.
     -> {"to", "uploaded" (files), "bytes", "removed" (stale files of an earlier index)}"""
@@ -38,8 +30,9 @@ def upload_index(local: str, dest: str) -> dict:
         raise FileNotFoundError(f"{local} has no {MANIFEST_NAME}: the build did not finish")
     with open(manifest_path) as f:
         manifest = json.load(f)
+    # the files the manifest names (index files, then id files, once each) and their sizes
     sizes = {e["path"]: e["bytes"] for e in manifest["index_files"] + manifest["id_files"]}
-    files = listed_files(manifest)
+    files = list(sizes)
     fs, root = fsspec.core.url_to_fs(dest)
     root = root.rstrip("/")
     fs.invalidate_cache(root)

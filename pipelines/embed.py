@@ -15,6 +15,7 @@ run completes on any runner even when nothing waits for the job (Flex Templates,
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -758,16 +759,16 @@ def prepare_run(argv: list[str]) -> PreparedRun:
     store = opts.output.rstrip("/")
     run_id = opts.run_id or default_run_id()
     lease = None
-    if dry_run:
-        previous, state = [], []
-        log.info("dry run %s: the store %s is not read; graph built as for a first run",
-                 run_id, store)
-    else:
+    if not dry_run:
         seconds = opts.lease_minutes * 60 if wait else opts.unattended_lease_hours * 3600
         lease = L.acquire(store, L.new_lease(run_id, seconds, local=in_process, renewed=wait),
                           break_lease=opts.break_lease)
     try:
-        if not dry_run:
+        if dry_run:
+            previous, state = [], []
+            log.info("dry run %s: the store %s is not read; graph built as for a first run",
+                     run_id, store)
+        else:
             previous, incomplete = R.scan_store(store)
             R.check_new_run([] if opts.full else previous, run_id, model.fingerprint, store)
             R.remove_incomplete(incomplete)
@@ -817,24 +818,18 @@ def run(argv: list[str]) -> dict:
         log.info("dry run: job graph of run %s built, nothing submitted or written", p.run_id)
         return {"run_id": p.run_id, "submitted": True, "dry_run": True, "graph_built": True,
                 "run_dir": p.run_dir, "transforms": top_level_transforms(p.pipeline)}
-    if not p.wait:
-        try:
-            result = p.pipeline.run()
-        except BaseException:
-            L.release(p.store, p.run_id)        # nothing was submitted
-            raise
-        if getattr(result, "has_job", True) is False:
-            L.release(p.store, p.run_id)
-        log.info("run %s submitted; its job writes %s/%s and gives the store's lease back when "
-                 "it completes (else the lease lapses after --unattended_lease_hours)",
-                 p.run_id, p.run_dir, R.MANIFEST)
-        return {"run_id": p.run_id, "submitted": True}
     result = None
-    with L.Renewer(p.store, p.lease):
+    # a launcher that waits renews the lease; a job nobody waits for holds it for its own time
+    with L.Renewer(p.store, p.lease) if p.wait else contextlib.nullcontext():
         try:
             result = p.pipeline.run()
-            if getattr(result, "has_job", True) is False:
+            no_job = getattr(result, "has_job", True) is False
+            if no_job:
                 L.release(p.store, p.run_id)
+            if no_job or not p.wait:
+                log.info("run %s submitted; its job writes %s/%s and gives the store's lease "
+                         "back when it completes (else the lease lapses)", p.run_id, p.run_dir,
+                         R.MANIFEST)
                 return {"run_id": p.run_id, "submitted": True}
             state = result.wait_until_finish()
         except BaseException:

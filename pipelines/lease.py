@@ -78,16 +78,22 @@ def describe(lease: dict) -> str:
 
 # --------------------------------------------------------------------------- storage
 
+def _local_tmp(path: str, data: bytes) -> str:
+    """`data` written whole to a new temporary file beside local `path`: -> its path."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{secrets.token_hex(4)}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    return tmp
+
+
 def _create_exclusive(url: str, data: bytes) -> bool:
     """Write `data` at `url` unless something is there; False if something was."""
     fs, path = fsspec.core.url_to_fs(url)
     if isinstance(fs, LocalFileSystem):
         # fsspec's local mode="create" checks, then writes: not atomic. A hard link is, and
         # readers never see a half-written lease.
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{secrets.token_hex(4)}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
+        tmp = _local_tmp(path, data)
         try:
             os.link(tmp, path)
         except FileExistsError:
@@ -107,10 +113,7 @@ def _create_exclusive(url: str, data: bytes) -> bool:
 def _overwrite(url: str, data: bytes) -> None:
     fs, path = fsspec.core.url_to_fs(url)
     if isinstance(fs, LocalFileSystem):
-        tmp = f"{path}.{secrets.token_hex(4)}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        os.replace(_local_tmp(path, data), path)
     else:
         fs.pipe_file(path, data)
         fs.invalidate_cache(path)
