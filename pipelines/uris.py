@@ -7,6 +7,7 @@ without a pipeline.
 from __future__ import annotations
 
 import csv
+import os
 from typing import Iterable, Iterator, NamedTuple
 
 import fsspec
@@ -26,31 +27,78 @@ def is_manifest(path: str) -> bool:
     return path.lower().endswith(MANIFEST_EXTENSIONS)
 
 
+def is_image_name(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+LOCAL_PROTOCOLS = ("file", "local")
+
+
+def normalize_uri(uri: str) -> str:
+    """One spelling per local file: a local path (plain, or `file://`) is made absolute and
+    normalised (`dir/./x.jpg`, `dir//x.jpg` and `/cwd/dir/x.jpg` are one URI), keeping the
+    protocol prefix as written. Object-store URIs are left alone (`./` is a valid key there)."""
+    if "://" not in uri:
+        return os.path.abspath(uri)
+    proto, rest = uri.split("://", 1)
+    if proto in LOCAL_PROTOCOLS:
+        return f"{proto}://{os.path.abspath(rest)}"
+    return uri
+
+
+def _is_glob(fs, path: str) -> bool:
+    """A path with `*`, `?` or `[` is a glob unless it exists: a path that exists is a path
+    (`photos [2024]`, `what?`)."""
+    return any(c in path for c in "*?[") and not fs.exists(path)
+
+
 def expand_input(spec: str) -> tuple[str, list[str]]:
     """Classify an --input: ("images", [uris]) for a folder/glob of images, or
-    ("manifests", [paths]) for one or more manifest files (a glob of manifests is allowed)."""
+    ("manifests", [paths]) for one or more manifest files (a glob of manifests is allowed).
+    An existing path is taken literally even when its name has `*`, `?` or `[`."""
     fs, path = fsspec.core.url_to_fs(spec)
-    if any(c in path for c in "*?["):
+    if _is_glob(fs, path):
         matches = sorted(fs.glob(path))
         if not matches:
             raise FileNotFoundError(f"--input {spec!r} matched nothing")
         if all(is_manifest(m) for m in matches):
             return "manifests", [_unstrip(fs, m, spec) for m in matches]
-        return "images", [_unstrip(fs, m, spec) for m in matches
-                          if m.lower().endswith(IMAGE_EXTENSIONS)]
+        return "images", [normalize_uri(_unstrip(fs, m, spec)) for m in matches
+                          if is_image_name(m)]
     if not fs.exists(path):
         raise FileNotFoundError(f"--input {spec!r} does not exist")
     if fs.isdir(path):
-        files = sorted(f for f in fs.find(path) if f.lower().endswith(IMAGE_EXTENSIONS))
-        return "images", [_unstrip(fs, f, spec) for f in files]
+        files = sorted(f for f in fs.find(path) if is_image_name(f))
+        return "images", [normalize_uri(_unstrip(fs, f, spec)) for f in files]
     if is_manifest(path):
         return "manifests", [spec]
-    return "images", [spec]
+    return "images", [normalize_uri(spec)]
+
+
+def input_key(spec: str) -> str:
+    """The --input as a store remembers it (run.json `input_key`): local paths absolute and
+    normalised, no trailing '/' (so `photos`, `./photos/` and `/abs/photos` are one source)."""
+    key = normalize_uri(spec)
+    return key.rstrip("/") or key
+
+
+def input_is_folder(spec: str) -> bool:
+    """True when the --input is an existing folder (which its listing covers completely)."""
+    fs, path = fsspec.core.url_to_fs(spec)
+    return fs.isdir(path)
+
+
+def comparable_uri(uri: str) -> str:
+    """A URI spelt for comparison with another: `file://` dropped from local paths."""
+    if "://" in uri and uri.split("://", 1)[0] in LOCAL_PROTOCOLS:
+        return uri.split("://", 1)[1]
+    return uri
 
 
 def read_manifest(path: str) -> Iterator[str]:
-    """URIs listed in one manifest: .txt/.lst (one per line), .csv (a `uri` column, or the first
-    column), .parquet (a `uri` column). Blank lines and '#' comments are skipped."""
+    """URIs listed in one manifest, as written: .txt/.lst (one per line; blank lines and '#'
+    comments skipped), .csv (a header row with a `uri` column), .parquet (a `uri` column).
+    A .csv or .parquet manifest without a `uri` column is refused (ValueError)."""
     low = path.lower()
     if low.endswith(".parquet"):
         import pyarrow.parquet as pq
@@ -63,15 +111,18 @@ def read_manifest(path: str) -> Iterator[str]:
             for batch in pf.iter_batches(columns=["uri"], batch_size=65536):
                 yield from (u for u in batch.column(0).to_pylist() if u)
         return
-    with fsspec.open(path, "rt", encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first column's name
+    with fsspec.open(path, "rt", encoding="utf-8-sig") as f:
         if low.endswith(".csv"):
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None:
                 return
-            col = header.index("uri") if "uri" in header else 0
-            if "uri" not in header and header[0].strip():
-                yield header[0].strip()
+            names = [h.strip() for h in header]
+            if "uri" not in names:
+                raise ValueError(f"manifest {path} has no 'uri' column (header: {names}); a "
+                                 f".csv manifest starts with a header row naming a 'uri' column")
+            col = names.index("uri")
             for row in reader:
                 if len(row) > col and row[col].strip():
                     yield row[col].strip()
@@ -88,7 +139,7 @@ def list_uris(spec: str) -> list[str]:
     kind, items = expand_input(spec)
     if kind == "images":
         return items
-    return [u for m in items for u in read_manifest(m)]
+    return [normalize_uri(u) for m in items for u in read_manifest(m)]
 
 
 def read_bytes(uri: str) -> bytes:
@@ -139,20 +190,33 @@ def version_of(info: dict) -> str | None:
     return None
 
 
+class NotAnImage(NamedTuple):
+    """A file a folder or glob listing met whose name has no image extension: not read, counted
+    (`listed_not_images` in run.json)."""
+
+    uri: str
+
+
 def source_from_info(info: dict, like: str) -> Source:
-    return Source(_unstrip(None, info["name"], like), info.get("size"), version_of(info))
+    return Source(normalize_uri(_unstrip(None, info["name"], like)), info.get("size"),
+                  version_of(info))
 
 
 def list_partitions(spec: str) -> list[tuple[str, str]]:
     """Split an --input into independent listing tasks, so listing spreads across workers:
     ("manifest", path) per manifest file, ("dir", path) per top-level sub-folder,
-    ("file", uri) per top-level image, ("glob", pattern) for a glob of images."""
+    ("file", uri) per top-level image, ("glob", pattern) for a glob of images, ("other", uri)
+    per top-level file that is not an image (counted, not read). No task names an image when
+    the input holds none (e.g. `[]` for an empty folder). An existing path is never a glob."""
     fs, path = fsspec.core.url_to_fs(spec)
-    if any(c in path for c in "*?["):
+    if _is_glob(fs, path):
         kind, items = expand_input(spec)
         if kind == "manifests":
             return [("manifest", m) for m in items]
-        return [("glob", spec)]
+        if items:
+            return [("glob", spec)]
+        return [("other", _unstrip(fs, m, spec)) for m in sorted(fs.glob(path))
+                if fs.isfile(m)]
     if not fs.exists(path):
         raise FileNotFoundError(f"--input {spec!r} does not exist; pass a folder, a glob or "
                                 f"manifest file(s) of image URIs")
@@ -163,9 +227,15 @@ def list_partitions(spec: str) -> list[tuple[str, str]]:
         name = _unstrip(fs, entry["name"].rstrip("/"), spec)
         if entry["type"] == "directory":
             parts.append(("dir", name))
-        elif name.lower().endswith(IMAGE_EXTENSIONS):
-            parts.append(("file", name))
+        else:
+            parts.append(("file" if is_image_name(name) else "other", name))
     return parts
+
+
+def lists_no_image(parts: list[tuple]) -> bool:
+    """True when listing tasks from `list_partitions` can yield no image at all (an empty
+    folder, one of only non-image files): known before anything runs."""
+    return all(p[0] == "other" for p in parts)
 
 
 def split_partition(kind: str, arg: str, *rest) -> list[tuple]:
@@ -193,15 +263,22 @@ def read_manifest_row_group(path: str, index: int) -> list[str]:
         return [u for u in pf.read_row_group(index, columns=["uri"]).column(0).to_pylist() if u]
 
 
-def expand_partition(kind: str, arg: str, *rest) -> Iterator[Source]:
-    """The image Sources of one listing task from `list_partitions` / `split_partition`."""
+def expand_partition(kind: str, arg: str, *rest,
+                     with_others: bool = False) -> Iterator[Source | NotAnImage]:
+    """The image Sources of one listing task from `list_partitions` / `split_partition`, local
+    paths normalised (`normalize_uri`). `with_others`: also a NotAnImage for each file of a
+    folder or glob whose name is not an image's."""
     if kind == "manifest":
         for uri in read_manifest(arg):
-            yield Source(uri)
+            yield Source(normalize_uri(uri))
         return
     if kind == "manifest_row_group":
         for uri in read_manifest_row_group(arg, *rest):
-            yield Source(uri)
+            yield Source(normalize_uri(uri))
+        return
+    if kind == "other":
+        if with_others:
+            yield NotAnImage(normalize_uri(arg))
         return
     fs, path = fsspec.core.url_to_fs(arg)
     if kind == "file":
@@ -210,8 +287,12 @@ def expand_partition(kind: str, arg: str, *rest) -> Iterator[Source]:
     found = fs.glob(path, detail=True) if kind == "glob" else fs.find(path, detail=True)
     for name in sorted(found):
         info = found[name]
-        if info.get("type", "file") == "file" and name.lower().endswith(IMAGE_EXTENSIONS):
+        if info.get("type", "file") != "file":
+            continue
+        if is_image_name(name):
             yield source_from_info({**info, "name": name}, arg)
+        elif with_others:
+            yield NotAnImage(normalize_uri(_unstrip(None, name, arg)))
 
 
 def stat(source: Source) -> Source:

@@ -20,13 +20,17 @@ def test_txt_manifest_skips_blanks_and_comments(tmp_path):
     assert list(read_manifest(str(m))) == ["gs://b/a.jpg", "s3://c/d.png"]
 
 
-def test_csv_manifest_uses_uri_column_or_first_column(tmp_path):
+def test_csv_manifest_needs_a_uri_column(tmp_path):
     with_header = tmp_path / "h.csv"
     with_header.write_text("label,uri\ncat,gs://b/1.jpg\ndog,gs://b/2.jpg\n,\n")
     assert list(read_manifest(str(with_header))) == ["gs://b/1.jpg", "gs://b/2.jpg"]
-    no_header = tmp_path / "n.csv"
+    exported = tmp_path / "bom.csv"            # a spreadsheet export: byte-order mark, spaces
+    exported.write_bytes("\ufeff uri ,label\ngs://b/3.jpg,x\n".encode("utf-8"))
+    assert list(read_manifest(str(exported))) == ["gs://b/3.jpg"]
+    no_header = tmp_path / "n.csv"             # was read as URIs (header and first column)
     no_header.write_text("gs://b/1.jpg,x\ngs://b/2.jpg,y\n")
-    assert list(read_manifest(str(no_header))) == ["gs://b/1.jpg", "gs://b/2.jpg"]
+    with pytest.raises(ValueError, match=r"no 'uri' column \(header: \['gs://b/1.jpg', 'x'\]\)"):
+        list(read_manifest(str(no_header)))
 
 
 def test_parquet_manifest_needs_a_uri_column(tmp_path):
@@ -110,3 +114,56 @@ def test_parquet_manifest_splits_into_row_group_tasks(tmp_path):
     assert split_partition("manifest", str(tmp_path / "list.txt")) == \
         [("manifest", str(tmp_path / "list.txt"))]
     assert split_partition("dir", "gs://b/x") == [("dir", "gs://b/x")]
+
+
+@pytest.mark.parametrize("name", ["photos [2024]", "what?", "star*"])
+def test_an_existing_path_with_glob_characters_is_a_path(tmp_path, name):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(C.jpeg(8, 8))
+    (tmp_path / "whatX.jpg").write_bytes(C.jpeg(8, 8))   # what the glob "what?" would match
+    (tmp_path / "photos 2.jpg").write_bytes(C.jpeg(8, 8))   # ... and "photos [2024]"
+    assert expand_input(str(folder)) == ("images", [str(folder / "a.jpg")])
+    assert list_partitions(str(folder)) == [("file", str(folder / "a.jpg"))]
+    assert list_uris(str(folder / "a.jpg")) == [str(folder / "a.jpg")]
+    assert list_partitions(str(tmp_path / "wha?X.jpg")) == [("glob", str(tmp_path / "wha?X.jpg"))]
+
+
+def test_an_existing_object_store_prefix_with_glob_characters_is_a_path(moto_s3):  # noqa: F811
+    bucket = moto_s3.bucket("uris-globchars")
+    for key in ("photos [2024]/a.jpg", "photos [2024]/sub/b.jpg", "photos 2/c.jpg",
+                "what?/d.jpg", "whatX/e.jpg"):
+        with moto_s3.fs.open(f"{bucket}/{key}", "wb") as f:
+            f.write(C.jpeg(8, 8))
+    moto_s3.fs.invalidate_cache()
+    kind, uris = expand_input(f"{bucket}/photos [2024]")
+    assert (kind, uris) == ("images", [f"{bucket}/photos [2024]/a.jpg",
+                                       f"{bucket}/photos [2024]/sub/b.jpg"])
+    parts = list_partitions(f"{bucket}/photos [2024]")
+    assert parts == [("file", f"{bucket}/photos [2024]/a.jpg"),
+                     ("dir", f"{bucket}/photos [2024]/sub")]
+    assert sorted(s.uri for p in parts for s in expand_partition(*p)) == uris
+    parts = list_partitions(f"{bucket}/what?")
+    assert [s.uri for p in parts for s in expand_partition(*p)] == [f"{bucket}/what?/d.jpg"]
+    # a pattern that names no existing prefix is still a glob
+    assert expand_input(f"{bucket}/wha?X/*.jpg") == ("images", [f"{bucket}/whatX/e.jpg"])
+
+
+def test_local_uris_are_normalised_and_other_files_reported(tmp_path, monkeypatch):
+    from pipelines.uris import NotAnImage, normalize_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert normalize_uri("dir/./x.jpg") == normalize_uri(f"{tmp_path}//dir/x.jpg") == \
+        str(tmp_path / "dir" / "x.jpg")
+    assert normalize_uri("file:///a/./b/../x.jpg") == "file:///a/x.jpg"
+    assert normalize_uri("gs://b/./x.jpg") == "gs://b/./x.jpg"      # a valid object key there
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.jpg").write_bytes(C.jpeg(8, 8))
+    (tmp_path / "d" / "x.txt").write_text("x")
+    items = list(expand_partition("dir", "d/.", with_others=True))
+    assert [type(i).__name__ for i in items] == ["Source", "NotAnImage"]
+    assert items[0].uri == str(tmp_path / "d" / "x.jpg")
+    assert items[1] == NotAnImage(str(tmp_path / "d" / "x.txt"))
+    assert [i.uri for i in expand_partition("dir", "d/.")] == [items[0].uri]
+    assert list_partitions(str(tmp_path / "d")) == [("file", str(tmp_path / "d" / "x.jpg")),
+                                                     ("other", str(tmp_path / "d" / "x.txt"))]
