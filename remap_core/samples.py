@@ -77,7 +77,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--output", default="samples", help="folder to write (default: samples)")
 
 
+def check_output_folder(out_dir: str) -> None:
+    """Refuse an --output that is a file or lies under one (ValueError), before writing."""
+    path = Path(out_dir)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "is a file" if p == path else f"lies under {p}, which is a file"
+                raise ValueError(f"--output {out_dir} {where}; pass a folder to write the "
+                                 f"samples into")
+            return
+
+
 def main(args) -> int:
+    check_output_folder(args.output)
     images, queries = write_samples(args.output)
     print(f"wrote {len(images)} images to {os.path.join(args.output, 'images')} and "
           f"{len(queries)} altered queries to {os.path.join(args.output, 'queries')}")
