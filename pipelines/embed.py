@@ -6,11 +6,12 @@
 Runs on any Beam runner (Dataflow, Flink through the portable runner, the local runners). The
 local default is the in-process FnApiRunner; `--runner=DirectRunner` is kept off Beam 2.77's
 Prism download. Every listed URI ends in exactly one of: embedded, dead-lettered, skipped
-(unchanged since an earlier run); URIs gone since the last run become tombstones. The counts go
-into run.json, which is what makes a run folder complete: the pipeline's last step
-(WriteRunSummary) writes it on the workers, after every table and the id-collision check, so a
-run completes on any runner even when nothing waits for the job (Flex Templates,
---no_wait_until_finish).
+(unchanged since an earlier run); URIs of this run's input gone since the last run become
+tombstones (URIs of other inputs are kept: runs.InputScope). The counts go into run.json, which
+is what makes a run folder complete: the pipeline's last step (WriteRunSummary) writes it on the
+workers, after every table, the id-collision check and the store's guards (--min_listed,
+--max_tombstone_fraction), so a run completes on any runner even when nothing waits for the job
+(Flex Templates, --no_wait_until_finish).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import contextlib
 import datetime as _dt
 import json
 import logging
+import math
 import secrets
 import time
 from collections import defaultdict
@@ -59,8 +61,9 @@ class EmbedOptions(PipelineOptions):
         # Not argparse-required: Beam parses every registered options class for every pipeline
         # in the process; `run` checks them instead.
         parser.add_argument("--input", default=None,
-                            help="folder, glob, or manifest file(s) (.txt/.csv/.parquet, a glob "
-                                 "of them allowed) of image URIs; local, gs:// or s3://")
+                            help="folder, glob, or manifest file(s) (.txt, .csv or .parquet "
+                                 "with a 'uri' column; a glob of them allowed) of image URIs; "
+                                 "local, gs:// or s3://. A path that exists is never a glob")
         parser.add_argument("--output", default=None,
                             help="embedding store (local, gs://, s3://): each run writes "
                                  "run-<id>/ with shards, dead letter, tombstones and run.json")
@@ -68,8 +71,9 @@ class EmbedOptions(PipelineOptions):
                             help="checkpoint path or fsspec URL (default: bundled EfficientNet-"
                                  "Lite0 + GeM)")
         parser.add_argument("--run_id", default=None,
-                            help="run id, must sort after the store's earlier runs "
-                                 "(default: UTC timestamp)")
+                            help="run id: letters, digits, '.', '_', '-' (at most 128, no '..'); "
+                                 "must sort after the store's earlier runs (default: UTC "
+                                 "timestamp)")
         parser.add_argument("--batch_size", type=int, default=32,
                             help="images of one shape per forward pass")
         parser.add_argument("--num_shards", type=int, default=0,
@@ -80,6 +84,14 @@ class EmbedOptions(PipelineOptions):
         parser.add_argument("--full", action="store_true", default=False,
                             help="embed every URI, ignoring what earlier runs in --output did "
                                  "(default: only new or changed URIs; deleted ones tombstoned)")
+        parser.add_argument("--min_listed", type=int, default=1,
+                            help="refuse the run (nothing tombstoned, no run.json) when --input "
+                                 "lists fewer images than this (default 1: an empty listing is "
+                                 "refused; 0 accepts one)")
+        parser.add_argument("--max_tombstone_fraction", type=float, default=0.5,
+                            help="refuse the run (nothing tombstoned, no run.json) when it would "
+                                 "tombstone more than this share of the live URIs its input "
+                                 "covers (default 0.5; 1: no bound)")
         parser.add_argument("--fsspec_config", default=None,
                             help='JSON of per-protocol fsspec options applied on every worker, '
                                  'e.g. \'{"s3": {"endpoint_url": "http://host:9000"}}\'')
@@ -107,6 +119,27 @@ class EmbedWorkerOptions(PipelineOptions):
                             help="torch intra-op threads per worker process (default: leave "
                                  "torch's default, i.e. OMP_NUM_THREADS or the core count); "
                                  "e.g. the core count for one SDK process per VM")
+
+
+# Numeric options of EmbedOptions: the values each accepts, and how to say so.
+OPTION_RANGES = {
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "num_shards": (lambda v: v >= 0, "at least 0 (0: one shard per --shard_rows rows)"),
+    "shard_rows": (lambda v: v >= 1, "at least 1"),
+    "progress_seconds": (lambda v: v >= 0, "at least 0 (0: no progress lines)"),
+    "lease_minutes": (lambda v: v > 0, "positive"),
+    "unattended_lease_hours": (lambda v: v > 0, "positive"),
+    "min_listed": (lambda v: v >= 0, "at least 0"),
+    "max_tombstone_fraction": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+}
+
+
+def check_option_ranges(opts: EmbedOptions) -> None:
+    """Refuse a numeric option out of its range (e.g. --batch_size 0), naming it."""
+    for name, (ok, want) in OPTION_RANGES.items():
+        value = getattr(opts, name)
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise ValueError(f"--{name} must be {want} (got {value})")
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -149,10 +182,16 @@ class _SplitPartitionFn(_StorageDoFn):
         yield from U.split_partition(*part)
 
 
+NOT_IMAGES = "not_images"
+
+
 class _ExpandPartitionFn(_StorageDoFn):
     def process(self, part):
-        for source in U.expand_partition(*part):
-            yield source
+        for item in U.expand_partition(*part, with_others=True):
+            if isinstance(item, U.NotAnImage):
+                yield beam.pvalue.TaggedOutput(NOT_IMAGES, item.uri)
+            else:
+                yield item
 
 
 class _StatFn(_StorageDoFn):
@@ -168,25 +207,31 @@ class _StatFn(_StorageDoFn):
 
 
 class ListSources(beam.PTransform):
-    """--input -> PCollection[Source] (may repeat a URI), listing spread across workers:
-    one task per manifest (per row group of a Parquet manifest) / top-level sub-folder, then a
-    Reshuffle before the per-URI stat."""
+    """--input -> {"sources": PCollection[Source] (may repeat a URI), "not_images": URIs of
+    listed files without an image extension (counted, not read)}, listing spread across
+    workers: one task per manifest (per row group of a Parquet manifest) / top-level
+    sub-folder, then a Reshuffle before the per-URI stat. `partitions`: the listing tasks when
+    the launcher already has them (uris.list_partitions)."""
 
-    def __init__(self, spec: str, fsspec_config: dict | None = None):
+    def __init__(self, spec: str, fsspec_config: dict | None = None,
+                 partitions: list[tuple] | None = None):
         super().__init__()
-        self.spec, self.fsspec_config = spec, fsspec_config
+        self.spec, self.fsspec_config, self.partitions = spec, fsspec_config, partitions
 
     def expand(self, pbegin):
         U.apply_fsspec_config(self.fsspec_config)
-        parts = U.list_partitions(self.spec)
-        return (pbegin
-                | "Partitions" >> beam.Create(parts)
-                | "SpreadPartitions" >> beam.Reshuffle()
-                | "Split" >> beam.ParDo(_SplitPartitionFn(self.fsspec_config))
-                | "SpreadSplits" >> beam.Reshuffle()
-                | "Expand" >> beam.ParDo(_ExpandPartitionFn(self.fsspec_config))
-                | "SpreadSources" >> beam.Reshuffle()
-                | "Stat" >> beam.ParDo(_StatFn(self.fsspec_config)))
+        parts = U.list_partitions(self.spec) if self.partitions is None else self.partitions
+        listed = (pbegin
+                  | "Partitions" >> beam.Create(parts)
+                  | "SpreadPartitions" >> beam.Reshuffle()
+                  | "Split" >> beam.ParDo(_SplitPartitionFn(self.fsspec_config))
+                  | "SpreadSplits" >> beam.Reshuffle()
+                  | "Expand" >> beam.ParDo(_ExpandPartitionFn(self.fsspec_config)).with_outputs(
+                      NOT_IMAGES, main="sources"))
+        sources = (listed.sources
+                   | "SpreadSources" >> beam.Reshuffle()
+                   | "Stat" >> beam.ParDo(_StatFn(self.fsspec_config)))
+        return {"sources": sources, NOT_IMAGES: listed[NOT_IMAGES]}
 
 
 class _ReadStateFn(_StorageDoFn):
@@ -214,17 +259,22 @@ SKIPPED, TOMBSTONES, LIVE_IDS, OUTCOMES = "skipped", "tombstones", "live_ids", "
 RETRY_OUTCOMES = ("dead_letter:fetch", "dead_letter:list", "dead_letter:embed")
 
 
-def reconcile(uri: str, now: list, before: list) -> tuple[str, object]:
+def reconcile(uri: str, now: list, before: list,
+              scope: R.InputScope | None = None) -> tuple[str, object]:
     """What to do with one URI given its listings now and the earlier runs' states of it.
 
-    Returns ("embed", reason) | ("skip", reason) | ("tombstone", PreviousState) | ("none", "").
+    Returns ("embed", reason) | ("skip", reason) | ("tombstone", PreviousState) |
+    ("keep", PreviousState) | ("none", ""). A URI not listed now is tombstoned only when this
+    run's input covers it (`scope`; None: every URI), else kept (another input's URI).
     An unchanged URI is skipped when its size and version match the newest earlier state and
     that state is an embedding or a decode failure (fetch failures are retried)."""
     prev = max(before, key=lambda s: s.run_index) if before else None
     if not now:
-        if prev is not None and prev.outcome != "deleted":
-            return "tombstone", prev
-        return "none", ""
+        if prev is None or prev.outcome == "deleted":
+            return "none", ""
+        if scope is not None and not scope.covers(uri, prev.run_index):
+            return "keep", prev
+        return "tombstone", prev
     if prev is None or prev.outcome == "deleted":
         return "embed", "new"
     sig = now[0].signature()
@@ -238,15 +288,24 @@ def reconcile(uri: str, now: list, before: list) -> tuple[str, object]:
 
 
 class _ReconcileFn(beam.DoFn):
-    def __init__(self, run_id: str):
-        self.run_id = run_id
+    def __init__(self, run_id: str, scope: R.InputScope | None):
+        self.run_id, self.scope = run_id, scope
 
     def process(self, keyed):
         uri, groups = keyed
         now, before = list(groups["now"]), list(groups["before"])
-        action, why = reconcile(uri, now, before)
+        action, why = reconcile(uri, now, before, self.scope)
         if action == "none":
             return
+        if action == "keep":
+            _inc("kept_other_sources")
+            yield beam.pvalue.TaggedOutput(OUTCOMES, "kept_other_sources")
+            return
+        prev = max(before, key=lambda s: s.run_index) if before else None
+        if prev is not None and prev.outcome != "deleted":
+            # an earlier run left it live and this run's input covers it: the tombstone bound's
+            # denominator (runs.check_store_guards)
+            yield beam.pvalue.TaggedOutput(OUTCOMES, "covered_before")
         if action == "tombstone":
             _inc("tombstoned")
             yield beam.pvalue.TaggedOutput(OUTCOMES, "tombstoned")
@@ -263,31 +322,30 @@ class _ReconcileFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(OUTCOMES, "skipped")
             yield beam.pvalue.TaggedOutput(OUTCOMES, f"skipped.{why}")
             if why == "unchanged":
-                yield beam.pvalue.TaggedOutput(LIVE_IDS, (max(before, key=lambda s:
-                                                              s.run_index).id, uri))
+                yield beam.pvalue.TaggedOutput(LIVE_IDS, (prev.id, uri))
             return
         _inc(f"to_embed.{why}")
         yield beam.pvalue.TaggedOutput(OUTCOMES, f"to_embed.{why}")
         yield beam.pvalue.TaggedOutput(LIVE_IDS, (stable_id(uri), uri))
-        prev = max(before, key=lambda s: s.run_index) if before else None
         yield now[0]._replace(replaces=prev is not None and prev.outcome == "embedded")
 
 
 class Reconcile(beam.PTransform):
     """(Sources now, earlier states) -> Sources to embed, plus `skipped`, `tombstones`,
     `live_ids` (id, uri) and `outcomes` outputs. One shuffle keyed by URI does the dedupe and
-    the incremental filter at once."""
+    the incremental filter at once. `scope`: which unlisted URIs this run may tombstone
+    (runs.InputScope; None: all of them)."""
 
-    def __init__(self, run_id: str):
+    def __init__(self, run_id: str, scope: R.InputScope | None = None):
         super().__init__()
-        self.run_id = run_id
+        self.run_id, self.scope = run_id, scope
 
     def expand(self, inputs):
         sources, before = inputs
         now = sources | "KeyByUri" >> beam.Map(lambda s: (s.uri, s))
         return ({"now": now, "before": before}
                 | "GroupByUri" >> beam.CoGroupByKey()
-                | "Decide" >> beam.ParDo(_ReconcileFn(self.run_id)).with_outputs(
+                | "Decide" >> beam.ParDo(_ReconcileFn(self.run_id, self.scope)).with_outputs(
                     SKIPPED, TOMBSTONES, LIVE_IDS, OUTCOMES, main="to_embed"))
 
 
@@ -537,8 +595,11 @@ def build_summary(info: dict, totals: dict, now: float | None = None) -> dict:
         "model_uri": info["model_uri"],
         "dimension": info["dimension"],
         "input": info["input"],
+        "input_key": info["input_key"],
         "incremental": info["incremental"],
         "previous_runs": list(info["previous_runs"]),
+        "min_listed": info["min_listed"],
+        "max_tombstone_fraction": info["max_tombstone_fraction"],
         **summarize(totals["counts"]),
         **{t: list(totals[t]) for t in TABLES},
         "seconds": round(now - info["started"], 3),
@@ -565,6 +626,14 @@ class _WriteRunSummaryFn(_StorageDoFn):
                 f"rerun to redo it")
         store, run_id = self.run_dir.rsplit("/", 1)[0], summary["run_id"]
         leased = self.info.get("lease", False)
+        try:
+            R.check_store_guards(summary, self.info["min_listed"],
+                                 self.info["max_tombstone_fraction"])
+        except R.RunRefused:
+            _inc("refused_runs")
+            if leased:      # a refusal is final (a retry refuses again): free the store now
+                L.release(store, run_id)
+            raise
         if leased:
             L.check_held(store, run_id)
         fs, root = fsspec.core.url_to_fs(self.run_dir)
@@ -643,17 +712,20 @@ def local_defaults(argv: list[str]) -> list[str]:
 
 def build_pipeline(pipeline: beam.Pipeline, opts: EmbedOptions, run_dir: str, run_id: str,
                    fingerprint: str, dim: int, max_side: int, multiple: int,
-                   state_files: list[tuple[int, str, str]], run_info: dict | None = None):
+                   state_files: list[tuple[int, str, str]], run_info: dict | None = None,
+                   scope: R.InputScope | None = None, partitions: list[tuple] | None = None):
     """The whole job, run.json included. `run_info`: the launch-time facts run.json records
-    (make_run_info() builds them; default: a first run of `opts`)."""
+    (make_run_info() builds them; default: a first run of `opts`). `scope`: which earlier URIs
+    this run's listing speaks for (None: all). `partitions`: --input's listing tasks, when
+    already listed."""
     fsconf = json.loads(opts.fsspec_config) if opts.fsspec_config else None
     if run_info is None:
         run_info = make_run_info(pipeline.options, run_id, fingerprint, dim, [])
     torch_threads = pipeline.options.view_as(EmbedWorkerOptions).torch_threads
     schema = embedding_schema(dim, fingerprint, PIPELINE_VERSION)
-    sources = pipeline | "ListSources" >> ListSources(opts.input, fsconf)
+    listed = pipeline | "ListSources" >> ListSources(opts.input, fsconf, partitions)
     before = pipeline | "ReadStoreState" >> ReadStoreState(state_files, fsconf)
-    decided = (sources, before) | "Reconcile" >> Reconcile(run_id)
+    decided = (listed["sources"], before) | "Reconcile" >> Reconcile(run_id, scope)
     checked = decided[LIVE_IDS] | "CheckIdCollisions" >> CheckIdCollisions()
     prepared = (decided.to_embed
                 | "SpreadWork" >> beam.Reshuffle()
@@ -662,8 +734,11 @@ def build_pipeline(pipeline: beam.Pipeline, opts: EmbedOptions, run_dir: str, ru
         opts.model, fingerprint, opts.batch_size, opts.device, opts.progress_seconds, fsconf,
         torch_threads)
     dead = (prepared[DEAD], embedded[DEAD]) | "AllDead" >> beam.Flatten()
+    not_images = listed[NOT_IMAGES] | "NotImageOutcomes" >> beam.Map(
+        lambda _: "listed_not_images")
+    outcomes = (decided[OUTCOMES], not_images) | "ListedOutcomes" >> beam.Flatten()
     totals = {"rows": embedded.rows, "dead": dead, "tombstones": decided[TOMBSTONES],
-              "outcomes": decided[OUTCOMES]} | "WriteRunTables" >> WriteRunTables(
+              "outcomes": outcomes} | "WriteRunTables" >> WriteRunTables(
         run_dir, run_id, schema, opts.num_shards, opts.shard_rows, fsconf)
     return (totals, checked) | "WriteRunSummary" >> WriteRunSummary(run_dir, run_info, fsconf)
 
@@ -674,14 +749,21 @@ def make_run_info(options: PipelineOptions, run_id: str, fingerprint: str, dim: 
     opts = options.view_as(EmbedOptions)
     return {"run_id": run_id, "runner": options.view_as(StandardOptions).runner,
             "model": fingerprint, "model_uri": opts.model, "dimension": dim,
-            "input": opts.input, "incremental": not opts.full,
+            "input": opts.input, "input_key": U.input_key(opts.input),
+            "incremental": not opts.full,
             "previous_runs": list(previous_runs),
+            "min_listed": opts.min_listed,
+            "max_tombstone_fraction": opts.max_tombstone_fraction,
             "started": time.time() if started is None else started}
 
 
 def summarize(counts: dict) -> dict:
     """run.json's accounting from the outcome counts; `accounted` says every URI read ended
-    embedded, dead-lettered or skipped."""
+    embedded, dead-lettered or skipped. Not in `read` (and not in the identity):
+    `listed_not_images` (files of a folder/glob without an image extension, never read),
+    `kept_other_sources` (URIs of other inputs, not listed and kept) and `covered_before`
+    (URIs an earlier run left live that this run's input covers: what tombstones are a share
+    of)."""
     read = counts.get("read", 0)
     embedded, dead, skipped = (counts.get("embedded", 0), counts.get("dead_lettered", 0),
                                counts.get("skipped", 0))
@@ -692,6 +774,9 @@ def summarize(counts: dict) -> dict:
         "skipped": skipped,
         "tombstoned": counts.get("tombstoned", 0),
         "tombstoned_stale": counts.get("tombstoned_stale", 0),
+        "kept_other_sources": counts.get("kept_other_sources", 0),
+        "covered_before": counts.get("covered_before", 0),
+        "listed_not_images": counts.get("listed_not_images", 0),
         "duplicates": counts.get("duplicates", 0),
         "accounted": embedded + dead + skipped == read,
         "to_embed_by_reason": {k.split(".", 1)[1]: v for k, v in sorted(counts.items())
@@ -726,9 +811,11 @@ class PreparedRun(NamedTuple):
 
 
 def prepare_run(argv: list[str]) -> PreparedRun:
-    """Take the store's lease, check the options and the store, and build the pipeline
-    (run.json is its last step) without running it; the caller runs it or gives the lease back
-    (`lease.release`). With --dry_run the store is not read, leased or cleaned (nothing over the
+    """Check the options, the input and the store, take the store's lease, and build the
+    pipeline (run.json is its last step) without running it; the caller runs it or gives the
+    lease back (`lease.release`). Nothing is written before the lease, and a refusal (a bad
+    option or run id, an --output that is a file, an --input without images) leaves the store
+    as it was. With --dry_run the store is not read, leased or cleaned (nothing over the
     network but what listing --input and loading --model need): built as for a first run."""
     from remap_core.checkpoint import load_model
 
@@ -743,21 +830,28 @@ def prepare_run(argv: list[str]) -> PreparedRun:
     if threads is not None and threads < 1:
         raise ValueError(f"--torch_threads must be at least 1 (got {threads}); omit it to keep "
                          f"torch's default")
+    check_option_ranges(opts)
+    run_id = opts.run_id or default_run_id()
+    R.check_run_id(run_id)
     dry_run = is_dry_run(options)
     options.view_as(TestOptions).dry_run = dry_run   # Beam then agrees with us on "False"
     std = options.view_as(StandardOptions)
     wait = not (dry_run or std.no_wait_until_finish
                 or options.view_as(GoogleCloudOptions).template_location)
     in_process = std.runner.split(".")[-1] in IN_PROCESS_RUNNERS
-    for name in ("lease_minutes", "unattended_lease_hours"):
-        if getattr(opts, name) <= 0:
-            raise ValueError(f"--{name} must be positive (got {getattr(opts, name)})")
     fsconf = json.loads(opts.fsspec_config) if opts.fsspec_config else None
     U.apply_fsspec_config(fsconf)
+    store = opts.output.rstrip("/")
+    if not dry_run:
+        R.check_store_path(store)
+    partitions = U.list_partitions(opts.input)
+    if opts.min_listed > 0 and U.lists_no_image(partitions):
+        others = f" (only {len(partitions)} other files)" if partitions else ""
+        raise ValueError(f"--input {opts.input!r} holds no images{others}; nothing was run. "
+                         f"Check --input (an unmounted folder, a mistyped prefix); pass "
+                         f"--min_listed=0 to run on an empty listing")
     model = load_model(opts.model, device="cpu")
     cfg = model.config
-    store = opts.output.rstrip("/")
-    run_id = opts.run_id or default_run_id()
     lease = None
     if not dry_run:
         seconds = opts.lease_minutes * 60 if wait else opts.unattended_lease_hours * 3600
@@ -775,13 +869,14 @@ def prepare_run(argv: list[str]) -> PreparedRun:
             state = [] if opts.full else R.state_files(previous)
             log.info("run %s: %d earlier runs in %s (%d state files)", run_id, len(previous),
                      store, len(state))
+        scope = R.input_scope(opts.input, previous)
         run_dir = R.run_folder(store, run_id)
         info = make_run_info(options, run_id, model.fingerprint, model.dim,
                              [r.run_id for r in previous])
         info["lease"] = lease is not None
         pipeline = beam.Pipeline(options=options)
         build_pipeline(pipeline, opts, run_dir, run_id, model.fingerprint, model.dim,
-                       cfg["max_side"], cfg["multiple"], state, info)
+                       cfg["max_side"], cfg["multiple"], state, info, scope, partitions)
     except BaseException:
         if lease is not None:
             L.release(store, run_id)

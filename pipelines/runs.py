@@ -6,20 +6,32 @@ through a temporary name); a folder without it is the remains of a killed run an
 before a new run starts, so its work is redone and nothing it half-wrote is ever read. (Only the
 holder of the store's lease, `lease.py`, scans and cleans: a live run's folder is never taken for
 remains.)
-Run ids sort in time order (the default id is a UTC timestamp): the newest run wins.
+Run ids sort in time order (the default id is a UTC timestamp): the newest run wins; a run id
+names one folder directly inside the store (`check_run_id`).
+
+A store never loses images silently. Each run records the --input it listed (`input_key`); a
+URI missing from this run's listing is tombstoned only when the listing speaks for it
+(`InputScope`): its newest earlier state came from a run of the same input, or the input is a
+folder holding its path. URIs of other inputs are kept. The job's last step refuses (no
+run.json) a listing of fewer than --min_listed images or tombstones beyond
+--max_tombstone_fraction (`check_store_guards`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
 import fsspec
 
+from . import uris as U
+
 RUN_PREFIX = "run-"
 MANIFEST = "run.json"
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 log = logging.getLogger(__name__)
 
 
@@ -43,6 +55,91 @@ class PreviousState(NamedTuple):
         if self.size is None or self.version is None:
             return None
         return f"{self.size}:{self.version}"
+
+
+class InputScope(NamedTuple):
+    """Which URIs of earlier runs this run's listing speaks for: a URI it does not list is gone
+    (tombstoned) only when `covers` it, else it belongs to another input and is kept."""
+
+    key: str                    # this run's input_key (uris.input_key)
+    folder: bool                # the input is a folder: its listing covers every URI under it
+    run_keys: tuple = ()        # input_key of each earlier run, by run index (oldest first)
+
+    def covers(self, uri: str, run_index: int) -> bool:
+        if 0 <= run_index < len(self.run_keys) and self.run_keys[run_index] == self.key:
+            return True
+        if self.folder:
+            prefix = U.comparable_uri(self.key).rstrip("/") + "/"
+            return U.comparable_uri(uri).startswith(prefix)
+        return False
+
+
+def run_input_key(summary: dict) -> str | None:
+    """The input_key a completed run listed (runs written before it was recorded: their
+    --input, normalised now)."""
+    if summary.get("input_key"):
+        return summary["input_key"]
+    return U.input_key(summary["input"]) if summary.get("input") else None
+
+
+def input_scope(spec: str, runs: list["CompletedRun"]) -> InputScope:
+    """This run's InputScope over the store's completed `runs` (oldest first). Asks storage
+    whether --input is a folder only when there are earlier runs (a dry run has none)."""
+    return InputScope(U.input_key(spec), bool(runs) and U.input_is_folder(spec),
+                      tuple(run_input_key(r.summary) for r in runs))
+
+
+class RunRefused(ValueError):
+    """The job's last step refused to complete a run that would lose images (no run.json)."""
+
+
+def check_store_guards(summary: dict, min_listed: int, max_tombstone_fraction: float) -> None:
+    """Refuse (RunRefused) a run that listed fewer than `min_listed` images, or that would
+    tombstone more than `max_tombstone_fraction` of the live URIs its input covers."""
+    run_id, spec = summary["run_id"], summary["input"]
+    after = ("; nothing was tombstoned and run.json was not written (the next run removes "
+             "this incomplete run)")
+    if summary["read"] < min_listed:
+        raise RunRefused(
+            f"run {run_id}: --input {spec!r} listed {summary['read']} images, fewer than "
+            f"--min_listed={min_listed}{after}. Check --input (an unmounted folder, a mistyped "
+            f"prefix or a glob that matches nothing lists nothing); pass --min_listed=0 to "
+            f"accept an empty listing")
+    gone = summary["tombstoned"] + summary["tombstoned_stale"]
+    covered = summary["covered_before"]
+    if gone and covered and gone / covered > max_tombstone_fraction:
+        raise RunRefused(
+            f"run {run_id} would tombstone {gone} of the {covered} live URIs its --input "
+            f"{spec!r} covers ({gone / covered:.0%}), more than --max_tombstone_fraction="
+            f"{max_tombstone_fraction:g}{after}. Check --input and the store's access; if those "
+            f"images really are gone, rerun with --max_tombstone_fraction=1")
+
+
+def check_run_id(run_id: str) -> None:
+    """A run id names the folder run-<id> directly inside the store: 1 to 128 letters, digits,
+    '.', '_' or '-', starting with a letter or digit, no '..'."""
+    if not RUN_ID.fullmatch(run_id) or ".." in run_id:
+        raise ValueError(f"--run_id {run_id!r} is not a valid run id: use 1 to 128 letters, "
+                         f"digits, '.', '_' or '-', starting with a letter or digit, without "
+                         f"'..' (it names the folder run-<id> inside the store); or omit "
+                         f"--run_id (default: a UTC timestamp)")
+
+
+def check_store_path(store: str) -> None:
+    """Refuse an --output that is a file, or (local) lies under a file: a store is a folder."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, root = fsspec.core.url_to_fs(store)
+    if fs.isfile(root):
+        raise ValueError(f"--output {store} is a file, not a folder; pass a folder for the "
+                         f"embedding store (an existing store or a new path)")
+    if isinstance(fs, LocalFileSystem):
+        parent = root
+        while parent and not fs.exists(parent):
+            parent = parent.rsplit("/", 1)[0]
+        if parent and parent != root and not fs.isdir(parent):
+            raise ValueError(f"--output {store} lies under {parent}, which is a file; pass a "
+                             f"folder for the embedding store")
 
 
 def _url(store: str, path: str) -> str:

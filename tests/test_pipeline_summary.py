@@ -91,8 +91,9 @@ def test_summary_step_with_nothing_to_do_still_writes_run_json(tmp_path, tiny_mo
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("no images here")
-    s = E.run(argv(empty, tmp_path / "store", tiny_model_path))
+    s = E.run(argv(empty, tmp_path / "store", tiny_model_path, "--min_listed=0"))
     assert (s["read"], s["embedded"], s["accounted"], s["shards"]) == (0, 0, True, [])
+    assert s["listed_not_images"] == 1
 
 
 def test_dry_run_reads_nothing_from_the_store_and_runs_nothing(images, tmp_path, tiny_model_path,

@@ -48,6 +48,42 @@ def test_reconcile_tombstones_a_uri_gone_from_the_input():
     assert action == "tombstone" and state.run_index == 2
 
 
+def test_reconcile_tombstones_only_within_the_input_listed_again():
+    from pipelines.runs import InputScope
+
+    same = InputScope("/in/b", folder=False, run_keys=("/in/a", "/in/b"))
+    assert reconcile("u", [], [_prev(0)], same) == ("keep", _prev(0))        # listed by /in/a
+    assert reconcile("u", [], [_prev(0), _prev(1)], same) == ("tombstone", _prev(1))
+    assert reconcile("u", [], [_prev(1, "deleted", None, None)], same) == ("none", "")
+    assert reconcile("u", [Source("u", 10, "v1")], [_prev(0)], same) == ("skip", "unchanged")
+    folder = InputScope("/in", folder=True, run_keys=("/in/a", "/x"))
+    assert reconcile("/in/a/u.jpg", [], [_prev(1)], folder)[0] == "tombstone"    # under /in
+    assert reconcile("file:///in/u.jpg", [], [_prev(1)], folder)[0] == "tombstone"
+    assert reconcile("/in2/u.jpg", [], [_prev(1)], folder)[0] == "keep"          # not under
+    assert reconcile("/x/u.jpg", [], [_prev(1)], folder)[0] == "keep"
+
+
+def test_store_guards_refuse_an_empty_listing_and_mass_tombstones():
+    from pipelines.runs import RunRefused, check_store_guards
+
+    def summary(read, tombstoned, stale, covered):
+        return {"run_id": "r", "input": "in", "read": read, "tombstoned": tombstoned,
+                "tombstoned_stale": stale, "covered_before": covered}
+
+    check_store_guards(summary(10, 3, 2, 10), 1, 0.5)               # 5 of 10: at the bound
+    with pytest.raises(RunRefused, match=r"would tombstone 6 of the 10 live URIs .* \(60%\)"):
+        check_store_guards(summary(10, 4, 2, 10), 1, 0.5)
+    check_store_guards(summary(10, 4, 2, 10), 1, 0.6)
+    check_store_guards(summary(0, 0, 0, 0), 0, 0.5)                 # empty store, allowed
+    with pytest.raises(RunRefused, match="listed 0 images, fewer than --min_listed=1"):
+        check_store_guards(summary(0, 0, 0, 0), 1, 0.5)
+    with pytest.raises(RunRefused, match="listed 99 images, fewer than --min_listed=100"):
+        check_store_guards(summary(99, 0, 0, 99), 100, 1)
+    with pytest.raises(RunRefused, match="would tombstone 3 of the 3"):
+        check_store_guards(summary(0, 3, 0, 3), 0, 0.5)
+    check_store_guards(summary(0, 3, 0, 3), 0, 1)
+
+
 def test_reconcile_transform_dedupes_filters_and_tombstones():
     sources = [Source("a", 1, "v"), Source("a", 1, "v"), Source("b", 2, "v"),
                Source("c", 3, "new")]
@@ -64,9 +100,11 @@ def test_reconcile_transform_dedupes_filters_and_tombstones():
                                                 "run_id": "r1"}]), label="Tombstones")
         assert_that(out[LIVE_IDS], equal_to([(stable_id(u), u) for u in "abc"]), label="Live")
         assert_that(out[SKIPPED], equal_to([]), label="Skipped")
+        # covered_before: b, c and gone had a live earlier state (the tombstone bound's base)
         assert_that(out[OUTCOMES], equal_to(["read", "read", "read", ("duplicates", 1),
                                              "to_embed.new", "to_embed.changed", "skipped",
-                                             "skipped.unchanged", "tombstoned"]),
+                                             "skipped.unchanged", "tombstoned",
+                                             *["covered_before"] * 3]),
                     label="Outcomes")
 
 
