@@ -7,7 +7,8 @@ import logging
 
 ACCEPTS_EXTRA_ARGS = True  # everything else goes to Beam (--runner, --project, ...)
 OPTIONS = ("input", "output", "model", "run_id", "batch_size", "num_shards", "shard_rows",
-           "device", "fsspec_config", "progress_seconds", "torch_threads")
+           "device", "fsspec_config", "progress_seconds", "torch_threads", "min_listed",
+           "max_tombstone_fraction")
 
 
 def add_arguments(parser) -> None:
