@@ -132,7 +132,7 @@ def sample(name: str, action: argparse.Action, tmp_path: Path) -> tuple[list[str
     return _tokens(action, value), value
 
 
-def base_arguments(name: str, path: tuple, tmp_path: Path) -> dict[str, list[str]]:
+def base_arguments(name: str, path: tuple) -> dict[str, list[str]]:
     """dest -> tokens of what the command needs to run: argparse's required arguments (with
     values of their own) and NEEDS."""
     args = {}
@@ -185,7 +185,7 @@ def _flatten(out: dict, key: tuple, value) -> None:
             _flatten(out, (*key, k), v)
     elif isinstance(value, np.ndarray):
         out[key] = value.tolist()
-    elif hasattr(value, "__dict__") and not isinstance(value, type):   # an argparse Namespace
+    elif isinstance(value, argparse.Namespace):
         _flatten(out, key, {k: v for k, v in vars(value).items() if k not in ("argv", "extra")})
     else:
         out[key] = value
@@ -312,13 +312,20 @@ def test_every_command_and_step_has_its_options_found():
         assert expected in cases, expected
 
 
+def test_an_option_without_a_sample_value_fails_loudly(tmp_path):
+    parser = argparse.ArgumentParser()
+    action = parser.add_argument("--weights_json", type=json.loads, default=None)
+    with pytest.raises(AssertionError, match="no sample value for --weights_json.*SAMPLES"):
+        sample("embed", action, tmp_path)
+
+
 @pytest.mark.parametrize("name, path, dest", _cases())
 def test_option_reaches_the_code_that_uses_it(name, path, dest, tmp_path, monkeypatch,
                                               capsys):
     monkeypatch.chdir(tmp_path)           # anything a command writes stays in here
     action = _find(name, path, dest)
     tokens, expected = sample(name, action, tmp_path)
-    base = {**base_arguments(name, path, tmp_path), **CONTEXT.get((name, dest), {})}
+    base = {**base_arguments(name, path), **CONTEXT.get((name, dest), {})}
     given = {**base, dest: tokens}
     flag = action.option_strings[-1] if action.option_strings else dest
     where = f"remap {' '.join((name, *path))} {flag}"
