@@ -339,13 +339,15 @@ def build_index(store: str, output: str, factory: str | None = None,
                 train_sample: int | None = None, recall_queries: int = 1000, seed: int = 0,
                 max_index_memory: str | int = "4GB", layout: str = "single",
                 target_recall: float = 0.95, workers: int | None = None,
-                progress: bool = True, opq: bool = False) -> dict:
-    """Train, add and merge in one go (a fresh folder, or a full rebuild of an existing one)."""
+                progress: bool = True, opq: bool = False,
+                add_memory: str | int | None = None) -> dict:
+    """Train, add and merge in one go (a fresh folder, or a full rebuild of an existing one).
+    `add_memory`: add_step's memory budget for its workers together."""
     started = time.time()
     if os.path.exists(os.path.join(_local(output), MANIFEST_NAME)):
         log(f"index: rebuilding {output} from scratch")
     train_step(store, output, factory, max_index_memory, train_sample, seed=seed, opq=opq)
-    add_step(store, output, workers, seed=seed, progress=progress)
+    add_step(store, output, workers, add_memory, seed=seed, progress=progress)
     return merge_step(output, layout, target_recall, recall_queries=recall_queries, seed=seed,
                       source_store=store, started=started)
 

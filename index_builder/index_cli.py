@@ -46,13 +46,14 @@ def _merge_args(p) -> None:
                    help="held-out queries for the recall measured into the manifest")
 
 
-def _common(p, embeddings: bool = True) -> None:
+def _common(p, embeddings: bool = True, progress: bool = True) -> None:
     if embeddings:
         p.add_argument("--embeddings", required=True,
                        help="embedding store written by remap embed (local, gs://, s3://)")
     p.add_argument("--output", required=True, help="local index folder (steps resume in it)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if progress:    # of the steps, only add shows progress bars
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def add_arguments(parser) -> None:
@@ -72,14 +73,14 @@ def add_arguments(parser) -> None:
                                 help="run one step (default: all three in order)")
     p = sub.add_parser("train", help="sample uniformly across all shards and train the index",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _common(p)
+    _common(p, progress=False)
     _train_args(p)
     p = sub.add_parser("add", help="add the shards of runs not yet in the index (parallel); "
                                    "remove re-embedded and deleted URIs")
     _common(p)
     _add_args(p)
     p = sub.add_parser("merge", help="merge or keep shards, measure recall, tune, write manifest")
-    _common(p, embeddings=False)
+    _common(p, embeddings=False, progress=False)
     _merge_args(p)
 
 
@@ -96,7 +97,8 @@ def main(args) -> int:
         def build(folder: str) -> dict:
             return build_index(args.embeddings, folder, args.factory, args.train_sample,
                                args.recall_queries, args.seed, args.max_index_memory,
-                               args.layout, args.target_recall, args.workers, progress, args.opq)
+                               args.layout, args.target_recall, args.workers, progress, args.opq,
+                               args.add_memory)
 
         if is_remote(args.output):
             m, upload = build_and_upload(build, args.output, args.staging)

@@ -898,10 +898,22 @@ def _job_ended(result) -> bool:
 
 def run(argv: list[str]) -> dict:
     """Run the embed pipeline. Waits for the job and returns its run summary (run.json, which
-    the job's last step wrote); when nothing waits for a job (--template_location,
-    --no_wait_until_finish, a result without a job) returns {"run_id", "submitted": True};
-    with --dry_run builds the graph (DataflowRunner: translates it, offline), runs nothing and
-    returns {"run_id", "submitted": True, "dry_run": True, "transforms": [...]}."""
+    the job's last step wrote); with --dry_run builds the graph (DataflowRunner: translates it,
+    offline), runs nothing and returns {"run_id", "submitted": True, "dry_run": True,
+    "transforms": [...]}.
+
+    When nothing waits for the job it returns {"run_id", "submitted": True} and the run keeps
+    the store's lease for --unattended_lease_hours; the job's last step gives it back after
+    run.json (else it lapses). That is:
+    - --no_wait_until_finish: the job was submitted and runs on;
+    - --template_location: Beam 2.77 writes the job's description there and returns a result
+      without a job (`has_job` False, state DONE). The Flex Template launcher runs this with
+      --template_location and submits the job from that file once this process exits, so the
+      job, which the lease protects, is still to come. (A classic template built by hand this
+      way describes this one run, its id and its listing: launch it once, within the lease.)
+    A waited-for run whose runner returns a result without a job (no Beam 2.77 runner does
+    that without --template_location) has no job that could complete it: that is an error,
+    and the lease is given back."""
     import fsspec
 
     p = prepare_run(argv)
@@ -918,14 +930,14 @@ def run(argv: list[str]) -> dict:
     with L.Renewer(p.store, p.lease) if p.wait else contextlib.nullcontext():
         try:
             result = p.pipeline.run()
-            no_job = getattr(result, "has_job", True) is False
-            if no_job:
-                L.release(p.store, p.run_id)
-            if no_job or not p.wait:
+            if not p.wait:
                 log.info("run %s submitted; its job writes %s/%s and gives the store's lease "
                          "back when it completes (else the lease lapses)", p.run_id, p.run_dir,
                          R.MANIFEST)
                 return {"run_id": p.run_id, "submitted": True}
+            if getattr(result, "has_job", True) is False:
+                raise RuntimeError(f"the runner submitted no job for run {p.run_id} (a result "
+                                   f"without a job, and no --template_location); nothing ran")
             state = result.wait_until_finish()
         except BaseException:
             # The job is over if it ran in this process, was never submitted, or reached a

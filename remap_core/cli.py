@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(module, "ACCEPTS_EXTRA_ARGS", False):
         cmd.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
+    args.argv = argv[1:]   # the subcommand's arguments as given (remap embed hands them to Beam)
     try:
         return int(module.main(args) or 0)
     except (FileNotFoundError, ValueError, PermissionError) as e:

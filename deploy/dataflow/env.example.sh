@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Copy to env.sh (not committed) and edit; launch.sh and build_images.sh source it.
 export PROJECT=my-project                      # GCP project id
 export REGION=europe-west1                     # Dataflow region

@@ -27,6 +27,7 @@ EMBED_TIMEOUT="${EMBED_TIMEOUT:-600}"
 if [ "$ISOLATE" != 0 ] && [ -z "${REHEARSE_ISOLATED:-}" ]; then
   if [ "$(id -u)" = 0 ] && command -v unshare >/dev/null && unshare -n true 2>/dev/null; then
     echo "rehearse: re-running inside a loopback-only network namespace" >&2
+    # shellcheck disable=SC2016  # $0 and $@ are the inner shell's, expanded there
     exec unshare -n env REHEARSE_ISOLATED=1 bash -c 'ip link set lo up 2>/dev/null || true; exec "$0" "$@"' "${BASH_SOURCE[0]}" "$@"
   elif [ "$ISOLATE" = 1 ]; then
     echo "rehearse: ISOLATE=1 needs root and unshare" >&2; exit 1
@@ -111,7 +112,8 @@ PY
 
 # 4. index and one query: an altered copy must find its original first
 remap index --embeddings "$WORK/store" --output "$WORK/index" --no-progress >&2
-query="$(ls "$WORK"/samples/queries/*__crop.jpg 2>/dev/null | head -n 1 || true)"
+query=""
+for f in "$WORK"/samples/queries/*__crop.jpg; do [ -e "$f" ] && query="$f"; break; done
 if [ -n "$query" ]; then
   remap search --index "$WORK/index" --k 3 "$query"
 fi
