@@ -81,7 +81,8 @@ def load_embeddings(store: str) -> tuple[np.ndarray, np.ndarray, list[str], str,
 def check_unique_ids(ids: np.ndarray, uris: list[str]) -> None:
     """Raise if two different URIs share an id (a 64-bit hash collision)."""
     order = np.argsort(ids, kind="stable")
-    dup = np.nonzero(np.diff(ids[order]) == 0)[0]
+    ordered = ids[order]
+    dup = np.nonzero(ordered[1:] == ordered[:-1])[0]  # compared, not subtracted (int64 overflow)
     if dup.size:
         a, b = uris[order[dup[0]]], uris[order[dup[0] + 1]]
         raise ValueError(f"id collision: {a!r} and {b!r} both hash to {ids[order[dup[0]]]}; "
