@@ -44,7 +44,7 @@ EXTREMES = [int(I64.min), int(I64.min) + 1, -2**62 - 1, -1, 0, 1, 2**62 + 1, int
 int64s = st.one_of(st.sampled_from(EXTREMES), st.integers(int(I64.min), int(I64.max)))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)  # no saved examples
 @given(ids=st.lists(int64s, min_size=1, max_size=40), cuts=st.lists(st.integers(0, 40),
                                                                      max_size=3),
        probe=st.lists(int64s, max_size=10))
