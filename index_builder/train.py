@@ -27,8 +27,6 @@ KMEANS_ITERATIONS = 12  # coarse k-means; FAISS's 25 buys little at 39-256 point
 PQ_CHOICES = (256, 128, 64, 48, 32, 24, 16, 8, 4)
 ID_BYTES = 8  # an int64 id is stored beside every code in the inverted lists
 HNSW_NODE_BYTES = 2 * 32 * 4 + 16  # HNSW32: 64 level-0 links, level + offset, upper levels
-
-
 PQ_CENTROIDS = 256  # every PQ{m}x8 sub-quantizer (and OPQ's) is a 2^8-centroid k-means
 ERROR_SAMPLE = 10_000  # vectors held out of training to measure the quantisation error
 PQ_KEEP = 0.5  # a PQ size that divides the dimension is used if it keeps >= half the code bytes
@@ -131,7 +129,7 @@ def choose_factory(n: int, dim: int, max_index_bytes: int, opq: bool = False) ->
                 return f"RR{y},{ivf},PQ{m}x8"
         if divisor is not None:
             return f"{ivf},PQ{divisor}x8"
-    need = ivf_pq_bytes(n, dim, k, min(m for m in PQ_CHOICES))
+    need = ivf_pq_bytes(n, dim, k, PQ_CHOICES[-1])
     raise ValueError(f"{n} vectors cannot fit {max_index_bytes} bytes even with 4-byte codes "
                      f"(need about {need}); raise --max-index-memory or pass --factory")
 
@@ -288,8 +286,9 @@ def _no_polysemous_training(index: faiss.Index) -> None:
     """FAISS's factory turns on polysemous training for PQ{m}x8 codes: an annealing that
     reorders each sub-quantizer's centroids (~1.5 s per sub-quantizer on one core, 100 s for
     PQ64) so that Hamming distances between codes approximate real ones. It only serves
-    polysemous search (the `ht` parameter), which remap never sets; the codes and ADC search
-    results are the same without it."""
+    polysemous search (the `ht` parameter), which remap never sets; without it the centroids,
+    and so the reconstructions and search results, are the same (only their numbering
+    differs)."""
     index = faiss.downcast_index(inner_index(index))
     if isinstance(index, faiss.IndexPreTransform):
         index = faiss.downcast_index(index.index)
