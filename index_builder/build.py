@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -33,9 +34,10 @@ from .embeddings import (LiveShard, check_store_model, iter_shard_batches, list_
                          plan_live_shards)
 from .manifest import MANIFEST_NAME, file_entry, write_manifest
 from .merge import LAYOUTS, merge_in_memory, merge_to_ondisk
-from .recall import KS, exact_knn_stream, tune_search_params
-from .train import (choose_factory, error_growth, parse_bytes, quantization_error,
-                    reservoir_sample, train_index, training_size)
+from .recall import KS, exact_knn_stream, tune_search_params, unmeasured_recall
+from .train import (ERROR_SAMPLE, check_trainable, choose_factory, error_growth, held_out_size,
+                    make_index, parse_bytes, quantization_error, reservoir_sample, train_index,
+                    training_size)
 
 INDEX_FILE = "index.faiss"
 TRAINED_FILE = "trained.faiss"
@@ -43,7 +45,6 @@ TRAIN_JSON = "train.json"
 STATE_JSON = "state.json"
 RECALL_FILE = "recall_queries.npz"
 SHARD_DIR = "shards"
-ERROR_SAMPLE = 10_000
 DRIFT_WARN = 1.2  # warn when new data's quantisation error grows by more than 20%
 
 
@@ -51,14 +52,24 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _local(folder: str) -> str:
+def _local(folder: str, create: bool = True) -> str:
+    """The local index folder `folder` names (created unless `create` is False); refuses a URL,
+    and a path that is a file."""
     if "://" in folder and not folder.startswith("file://"):
         raise ValueError(f"the index steps work in a local folder, not {folder}: run "
                          f"`remap index --embeddings STORE --output {folder}` (no step), which "
                          f"builds in a local staging folder and uploads it, manifest.json last; "
                          f"or build locally and upload with index_builder.publish.upload_index")
     folder = folder.removeprefix("file://")
-    os.makedirs(folder, exist_ok=True)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"the index folder {folder} is a file, not a folder; pass --output a "
+                         f"folder (it is created if missing)")
+    if create:
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as e:
+            raise ValueError(f"cannot create the index folder {folder}: {e.strerror} (a part "
+                             f"of the path is a file); pass --output a folder path") from None
     return folder
 
 
@@ -66,7 +77,12 @@ def _read_json(path: str, default=None):
     if not os.path.exists(path):
         return default
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is damaged (not valid JSON: {e}); build the index again "
+                             f"into this folder with `remap index --embeddings STORE --output "
+                             f"{os.path.dirname(path)}`") from None
 
 
 def _write_json(path: str, obj) -> None:
@@ -89,23 +105,41 @@ def _now() -> str:
 
 def train_step(store: str, folder: str, factory: str | None = None,
                max_index_memory: str | int = "4GB", train_sample: int | None = None,
-               points_per_centroid: int = 50, seed: int = 0, opq: bool = False) -> dict:
+               points_per_centroid: int = 50, seed: int = 0, opq: bool = False,
+               layout: str | None = None) -> dict:
     """Choose (or take) the factory, sample the collection uniformly at random across all
     shards (streamed), train, write trained.faiss + train.json. Existing index shards of an
-    earlier training are dropped from state.json: re-add them with add_step."""
-    folder = _local(folder)
+    earlier training are dropped from state.json: re-add them with add_step.
+
+    Everything that can be refused (the folder, the budget, the factory, too few vectors to
+    train it, a `layout` it cannot take) is refused before anything is sampled or written."""
+    folder = _local(folder, create=False)
+    budget = parse_bytes(max_index_memory)
+    if train_sample is not None and int(train_sample) < 1:
+        raise ValueError(f"--train-sample must be at least 1, got {train_sample}")
     started = time.time()
     runs = list_runs(store)
     fingerprint, dim = check_store_model(runs)
     shards, _ = plan_live_shards(runs)
     n = sum(s.live_rows for s in shards)
-    budget = parse_bytes(max_index_memory)
+    if n == 0:
+        raise ValueError(f"the runs of {store} hold no live vectors (none embedded, or all "
+                         f"deleted); nothing to index")
     factory = factory or choose_factory(n, dim, budget, opq)
+    empty = make_index(factory, dim)
+    needs_training = not empty.is_trained
     size = training_size(factory, n, dim, points_per_centroid) if train_sample is None \
         else min(int(train_sample), n)
-    needs_training = not faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT).is_trained
-    held = min(ERROR_SAMPLE, n // 10) if needs_training else 0  # never trained on
+    held = held_out_size(n) if needs_training else 0  # never trained on
     size = min(size, n - held) if needs_training else 0
+    check_trainable(factory, empty, size, n)
+    if layout == "ondisk" and faiss.try_extract_index_ivf(empty) is None:
+        raise ValueError(f"--layout ondisk needs an IVF index and {factory} is not one; use "
+                         f"--layout single or shards, or pass --factory IVF<k>,...")
+    del empty
+    if os.path.exists(os.path.join(folder, MANIFEST_NAME)):
+        log(f"train: {folder} holds an index; training anew (it is replaced at the merge)")
+    folder = _local(folder)
     log(f"train: {n} vectors of dim {dim} in {len(shards)} shards -> {factory}; "
         f"sampling {size} (+{held} held out for the quantisation error)")
     t0 = time.time()
@@ -149,7 +183,7 @@ def add_step(store: str, folder: str, workers: int | None = None,
     run re-embeds or tombstones is removed from the earlier index shards (written as a new
     generation: published files never change). Warns when the new data's quantisation error has
     grown past the training sample's (retraining is the explicit `remap index train`)."""
-    folder = _local(folder)
+    folder = _local(folder, create=False)
     started = time.time()
     train = _read_json(os.path.join(folder, TRAIN_JSON))
     if train is None:
@@ -197,8 +231,8 @@ def add_step(store: str, folder: str, workers: int | None = None,
     jobs = [AddJob(s.path, os.path.join(folder, _shard_name(s.run_id, s.path, gen)), s.drop)
             for s in shards if s.live_rows > 0]
     results = add_shards(os.path.join(folder, TRAINED_FILE), jobs, workers,
-                         parse_bytes(memory_budget) if memory_budget else None, batch_rows,
-                         progress)
+                         parse_bytes(memory_budget, "--add-memory") if memory_budget else None,
+                         batch_rows, progress)
     for s, r in zip([s for s in shards if s.live_rows > 0], results):
         kept.append({"source": s.path, "source_run": s.run_id,
                      "index": os.path.relpath(r.output, folder),
@@ -239,7 +273,7 @@ def merge_step(folder: str, layout: str = "single", target_recall: float = 0.95,
     the manifest last."""
     from .search import read_faiss_index
 
-    folder = _local(folder)
+    folder = _local(folder, create=False)
     started = started or time.time()
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
@@ -274,32 +308,20 @@ def merge_step(folder: str, layout: str = "single", target_recall: float = 0.95,
         "training_sample": train["training_sample"],
     }
     index = read_faiss_index(folder, manifest, folder)
-    log(f"merge: {layout} index of {index.ntotal} vectors in {merge_seconds:.1f}s; measuring "
-        f"recall on {recall_queries} held-out queries")
-
-    # held-out queries: a uniform sample of the indexed vectors, left out of their own results
+    ntotal = int(index.ntotal)
     t0 = time.time()
-    sources = [(e["source"], _read_ids(p)) for e, p in zip(state["shards"], shard_paths)]
-
-    def batches():  # the indexed vectors, read back from the embedding shards
-        for source, keep in sources:
-            for ids, X, _ in iter_shard_batches(source, keep=keep, with_uris=False):
-                yield ids, X
-
-    qids, xq = reservoir_sample(batches(), min(recall_queries, int(index.ntotal)), seed + 1)
-    kmax = min(max(KS), int(index.ntotal) - 1) if index.ntotal > 1 else 1
-    _, true = exact_knn_stream(xq, batches(), kmax, exclude=qids)
-    params, recall = tune_search_params(index, xq, qids, true, target_recall, tune_at)
+    if ntotal < 2:  # leave-one-out: a query needs another vector to find
+        log(f"merge: {layout} index of {ntotal} vector in {merge_seconds:.1f}s; recall not "
+            f"measured (a held-out query needs at least one other vector to find)")
+        params, recall = unmeasured_recall(
+            index, f"the index holds {ntotal} vector: leave-one-out recall needs at least 2",
+            target_recall, tune_at)
+        if os.path.exists(os.path.join(folder, RECALL_FILE)):
+            os.remove(os.path.join(folder, RECALL_FILE))
+    else:
+        params, recall = _measure_recall(folder, index, state, shard_paths, recall_queries,
+                                         merge_seconds, layout, target_recall, tune_at, seed)
     recall_seconds = time.time() - t0
-    if not recall["target_met"]:
-        log(f"WARNING: no search setting reached recall@{tune_at} {target_recall} "
-            f"(best {recall.get(f'recall@{tune_at}')}, with {params}); the index is too "
-            f"compressed for this target: pass a larger --max-index-memory or --factory")
-    np.savez(os.path.join(folder, RECALL_FILE + ".tmp.npz"), ids=qids, vectors=xq, true=true)
-    os.replace(os.path.join(folder, RECALL_FILE + ".tmp.npz"), os.path.join(folder, RECALL_FILE))
-    recall = {**recall, "method": "leave-one-out: queries are uniformly sampled indexed vectors; "
-              "each query's own id is excluded from exact and approximate results",
-              "queries_file": file_entry(folder, RECALL_FILE)}
     manifest.update({
         "search_params": params, "recall": recall,
         "build_seconds": round(time.time() - started, 3),
@@ -312,10 +334,47 @@ def merge_step(folder: str, layout: str = "single", target_recall: float = 0.95,
     write_manifest(folder, manifest)
     _remove_unreferenced(folder, manifest, state)
     log(f"merge: {manifest['num_vectors']} vectors, {manifest['factory']} ({layout}), "
-        f"search {params or 'exact'}: " +
-        ", ".join(f"{k} {v:.3f}" for k, v in recall.items() if k.startswith("recall@")) +
-        f", {recall['queries_per_second']} q/s")
+        f"search {params or 'exact'}: " + (
+            ", ".join(f"{k} {v:.3f}" for k, v in recall.items() if k.startswith("recall@")) +
+            f", {recall['queries_per_second']} q/s" if recall["measured"]
+            else f"recall not measured ({recall['reason']})"))
     return manifest
+
+
+def _measure_recall(folder: str, index, state: dict, shard_paths: list[str],
+                    recall_queries: int, merge_seconds: float, layout: str,
+                    target_recall: float, tune_at: int, seed: int) -> tuple[dict, dict]:
+    """Recall against exact search on held-out queries (a uniform sample of the indexed
+    vectors, each left out of its own results), search parameters tuned to the target; the
+    queries and their exact neighbours saved to recall_queries.npz. -> (params, recall)"""
+    ntotal = int(index.ntotal)
+    sources = [(e["source"], _read_ids(p)) for e, p in zip(state["shards"], shard_paths)]
+
+    def batches():  # the indexed vectors, read back from the embedding shards
+        for source, keep in sources:
+            for ids, X, _ in iter_shard_batches(source, keep=keep, with_uris=False):
+                yield ids, X
+
+    nq = min(recall_queries, ntotal)
+    log(f"merge: {layout} index of {ntotal} vectors in {merge_seconds:.1f}s; measuring recall "
+        f"on {nq} held-out queries" +
+        (f" (not {recall_queries}: the index holds {ntotal} vectors)" if nq < recall_queries
+         else ""))
+    qids, xq = reservoir_sample(batches(), nq, seed + 1)
+    kmax = min(max(KS), ntotal - 1)
+    _, true = exact_knn_stream(xq, batches(), kmax, exclude=qids)
+    params, recall = tune_search_params(index, xq, qids, true, target_recall, tune_at)
+    if not recall["target_met"]:
+        log(f"WARNING: no search setting reached recall@{tune_at} {target_recall} "
+            f"(best {recall.get(f'recall@{tune_at}')}, with {params}); the index is too "
+            f"compressed for this target: pass a larger --max-index-memory or --factory")
+    np.savez(os.path.join(folder, RECALL_FILE + ".tmp.npz"), ids=qids, vectors=xq, true=true)
+    os.replace(os.path.join(folder, RECALL_FILE + ".tmp.npz"), os.path.join(folder, RECALL_FILE))
+    return params, {**recall, "measured": True,
+                    "method": "leave-one-out: queries are uniformly sampled indexed vectors; "
+                              "each query's own id is excluded from exact and approximate "
+                              "results",
+                    "queries_file": file_entry(folder, RECALL_FILE)}
 
 
 def _remove_unreferenced(folder: str, manifest: dict, state: dict) -> None:
@@ -342,12 +401,33 @@ def build_index(store: str, output: str, factory: str | None = None,
                 progress: bool = True, opq: bool = False,
                 add_memory: str | int | None = None) -> dict:
     """Train, add and merge in one go (a fresh folder, or a full rebuild of an existing one).
-    `add_memory`: add_step's memory budget for its workers together."""
+
+    A build that fails removes the folder if it created it; an existing folder (and an index
+    already in it) is left in place. Refusals (bad factory, budget, too few vectors, ...) come
+    before anything is written."""
     started = time.time()
-    if os.path.exists(os.path.join(_local(output), MANIFEST_NAME)):
+    folder = _local(output, create=False)
+    if os.path.exists(os.path.join(folder, MANIFEST_NAME)):
         log(f"index: rebuilding {output} from scratch")
-    train_step(store, output, factory, max_index_memory, train_sample, seed=seed, opq=opq)
-    add_step(store, output, workers, add_memory, seed=seed, progress=progress)
-    return merge_step(output, layout, target_recall, recall_queries=recall_queries, seed=seed,
-                      source_store=store, started=started)
+    created = _first_missing(folder)  # the top folder this build creates, if any
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    try:
+        train_step(store, folder, factory, max_index_memory, train_sample, seed=seed, opq=opq,
+                   layout=layout)
+        add_step(store, folder, workers, add_memory, seed=seed, progress=progress)
+        return merge_step(folder, layout, target_recall, recall_queries=recall_queries,
+                          seed=seed, source_store=store, started=started)
+    except BaseException:
+        if created and os.path.isdir(created):
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _first_missing(folder: str) -> str | None:
+    """The outermost missing folder on the way to `folder` (None when it exists)."""
+    path, missing = os.path.abspath(folder), None
+    while not os.path.exists(path):
+        missing, path = path, os.path.dirname(path)
+    return missing
 

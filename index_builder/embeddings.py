@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from remap_core.shard_schema import META_DIM, META_MODEL, embeddings_to_numpy, stable_ids
@@ -47,10 +48,46 @@ def list_runs(store: str) -> list[EmbeddingRun]:
     return runs
 
 
+def open_parquet(f) -> pq.ParquetFile:
+    """A ParquetFile over a Python file object (fsspec), read only by the calling thread.
+
+    Arrow's default pre-buffering (and `pq.read_table`) reads through its I/O thread pool, and
+    one of those threads may drop Arrow's reference to the Python file after the call has
+    returned. That needs the GIL: when the process is already exiting (a refusal right after
+    the shards were read), the thread is stopped inside Arrow's C++ code and the process
+    aborts with `terminate called without an active exception` (exit 134) instead of its exit
+    status. Without pre-buffering every read, and the release, happen in the caller."""
+    return pq.ParquetFile(f, pre_buffer=False)
+
+
+def read_parquet(path: str, columns: list[str] | None = None):
+    """A whole Parquet file (local path or fsspec URL) -> pa.Table, read and closed before it
+    returns (see open_parquet)."""
+    try:
+        with fsspec.open(path, "rb") as f, open_parquet(f) as pf:
+            return pf.read(columns=columns)
+    except (FileNotFoundError, PermissionError):
+        raise
+    except (OSError, pa.ArrowException) as e:
+        raise damaged(path, e) from None
+
+
+def damaged(path: str, e: Exception) -> ValueError:
+    """The error for a store file Arrow cannot read (cut short, overwritten, not Parquet)."""
+    reason = " ".join(str(e).split()) or type(e).__name__
+    return ValueError(f"{path} cannot be read ({reason}): the file is damaged; embed its run "
+                      f"again (remap embed --full into a new store) or remove that run folder")
+
+
 def shard_metadata(path: str) -> tuple[str, int]:
     """(model fingerprint, dimension) from a shard's key-value metadata."""
-    with fsspec.open(path, "rb") as f:
-        meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+    try:
+        with fsspec.open(path, "rb") as f, open_parquet(f) as pf:
+            meta = pf.schema_arrow.metadata or {}
+    except (FileNotFoundError, PermissionError):
+        raise
+    except (OSError, pa.ArrowException) as e:
+        raise damaged(path, e) from None
     if META_MODEL not in meta or META_DIM not in meta:
         raise ValueError(f"{path} is not a remap embedding shard (no model/dimension metadata)")
     return meta[META_MODEL].decode(), int(meta[META_DIM])
@@ -81,7 +118,8 @@ def load_embeddings(store: str) -> tuple[np.ndarray, np.ndarray, list[str], str,
 def check_unique_ids(ids: np.ndarray, uris: list[str]) -> None:
     """Raise if two different URIs share an id (a 64-bit hash collision)."""
     order = np.argsort(ids, kind="stable")
-    dup = np.nonzero(np.diff(ids[order]) == 0)[0]
+    ordered = ids[order]
+    dup = np.nonzero(ordered[1:] == ordered[:-1])[0]  # compared, not subtracted (int64 overflow)
     if dup.size:
         a, b = uris[order[dup[0]]], uris[order[dup[0] + 1]]
         raise ValueError(f"id collision: {a!r} and {b!r} both hash to {ids[order[dup[0]]]}; "
@@ -92,14 +130,13 @@ def check_unique_ids(ids: np.ndarray, uris: list[str]) -> None:
 
 def shard_num_rows(path: str) -> int:
     """Rows of a shard from its Parquet footer (no data read)."""
-    with fsspec.open(path, "rb") as f:
-        return int(pq.ParquetFile(f).metadata.num_rows)
+    with fsspec.open(path, "rb") as f, open_parquet(f) as pf:
+        return int(pf.metadata.num_rows)
 
 
 def read_shard_ids(path: str) -> np.ndarray:
     """Only the id column of a shard -> (N,) int64."""
-    with fsspec.open(path, "rb") as f:
-        return pq.read_table(f, columns=["id"]).column("id").to_numpy().astype(np.int64)
+    return read_parquet(path, ["id"]).column("id").to_numpy().astype(np.int64)
 
 
 def iter_shard_batches(path: str, batch_rows: int = 65_536, keep: np.ndarray | None = None,
@@ -109,8 +146,8 @@ def iter_shard_batches(path: str, batch_rows: int = 65_536, keep: np.ndarray | N
     `keep` keeps only rows whose id is in it, `drop` skips rows whose id is in it (int64 arrays;
     None: no filter). Memory is bounded by one batch, whatever the shard size."""
     columns = ["id", "uri", "embedding"] if with_uris else ["id", "embedding"]
-    with fsspec.open(path, "rb") as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns):
+    with fsspec.open(path, "rb") as f, open_parquet(f) as pf:
+        for batch in _batches(path, pf, batch_rows, columns):
             ids = batch.column("id").to_numpy().astype(np.int64)
             X = embeddings_to_numpy(batch.column("embedding"))
             uris = batch.column("uri").to_pylist() if with_uris else None
@@ -124,6 +161,19 @@ def iter_shard_batches(path: str, batch_rows: int = 65_536, keep: np.ndarray | N
                 uris = [u for u, k in zip(uris, m) if k] if with_uris else None
             if len(ids):
                 yield ids, X, uris
+
+
+def _batches(path: str, pf: pq.ParquetFile, batch_rows: int, columns: list[str]):
+    """pf.iter_batches, a damaged file named in a ValueError."""
+    it = pf.iter_batches(batch_size=batch_rows, columns=columns)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except (OSError, pa.ArrowException) as e:
+            raise damaged(path, e) from None
+        yield batch
 
 
 def run_tombstone_paths(run: EmbeddingRun) -> list[str]:
@@ -140,8 +190,7 @@ def read_tombstone_ids(run: EmbeddingRun) -> np.ndarray:
     """Ids of the URIs a run saw deleted -> sorted unique (T,) int64."""
     out = [np.zeros(0, np.int64)]
     for path in run_tombstone_paths(run):
-        with fsspec.open(path, "rb") as f:
-            t = pq.read_table(f)
+        t = read_parquet(path)
         if "id" in t.column_names:
             out.append(t.column("id").to_numpy().astype(np.int64))
         else:

@@ -29,8 +29,11 @@ class IdMap:
         order = pc.sort_indices(table.column("id"))
         ids = table.column("id").take(order).to_numpy().astype(np.int64, copy=False)
         uris = table.column("uri").cast(pa.large_string()).take(order).combine_chunks()
-        if len(ids) > 1 and not (np.diff(ids) > 0).all():
-            dup = ids[1:][np.diff(ids) == 0][0]
+        # compare neighbours, never subtract them: int64 ids of opposite signs overflow a
+        # difference (2**62 - -2**62 wraps negative)
+        repeated = ids[1:] == ids[:-1]
+        if repeated.any():
+            dup = ids[1:][repeated][0]
             raise ValueError(f"the index's id map has id {int(dup)} more than once; the index "
                              f"is damaged, rebuild it")
         return cls(ids, uris)

@@ -84,9 +84,27 @@ def add_arguments(parser) -> None:
     _merge_args(p)
 
 
+def check_args(args) -> None:
+    """Refuse option values that cannot work, before any work is done."""
+    from .train import parse_bytes
+
+    if getattr(args, "max_index_memory", None) is not None:
+        parse_bytes(args.max_index_memory, "--max-index-memory")
+    if getattr(args, "add_memory", None) is not None:
+        parse_bytes(args.add_memory, "--add-memory")
+    for name in ("train_sample", "workers", "recall_queries"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    target = getattr(args, "target_recall", None)
+    if target is not None and not 0 < target <= 1:
+        raise ValueError(f"--target-recall must be in (0, 1], got {target}")
+
+
 def main(args) -> int:
     from .build import add_step, build_index, merge_step, train_step
 
+    check_args(args)
     step = getattr(args, "step", None)
     progress = not args.no_progress
     if step is None:

@@ -48,6 +48,16 @@ def read_manifest(folder: str) -> dict:
     except FileNotFoundError as e:
         raise FileNotFoundError(f"no index at {folder}: {MANIFEST_NAME} is missing (the build did "
                                 f"not finish, or the path is wrong)") from e
+    except NotADirectoryError:
+        raise FileNotFoundError(f"no index at {folder}: it is a file, not an index folder "
+                                f"(pass --index the folder `remap index --output` wrote)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged (not valid JSON: {e}); the index was cut short "
+                         f"while copied or written: copy it again, or rebuild it with "
+                         f"`remap index`") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} is not an index manifest (a JSON object); copy the index "
+                         f"again, or rebuild it with `remap index`")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"index at {folder} has manifest format {manifest.get('format_version')}, "
                          f"this library reads {FORMAT_VERSION}; rebuild or upgrade remap")

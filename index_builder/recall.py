@@ -136,3 +136,16 @@ def tune_search_params(index: faiss.Index, xq: np.ndarray, qids: np.ndarray, tru
     params, r, _ = best
     _set(index, params)
     return params, {**r, "target": target, "target_at": at, "target_met": False}
+
+
+def unmeasured_recall(index, reason: str, target: float = 0.95, at: int = 10, ks=KS
+                      ) -> tuple[dict, dict]:
+    """When recall cannot be measured (e.g. a one-vector index: a held-out query has nothing
+    left to find): the most accurate search parameters (the index is left set to them), and a
+    recall record that says so -> (params, {"measured": False, "reason": ..., "recall@k": None,
+    "queries": 0, ...})."""
+    params = parameter_grid(index)[-1]
+    _set(index, params)
+    return params, {"measured": False, "reason": reason, "queries": 0,
+                    **{f"recall@{k}": None for k in ks}, "queries_per_second": None,
+                    "target": target, "target_at": at, "target_met": None}

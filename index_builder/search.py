@@ -40,6 +40,14 @@ class FingerprintMismatch(ValueError):
     """The query model differs from the model the index was built with."""
 
 
+class QueryImageError(ValueError):
+    """One query image that cannot be read or decoded; names the image and the reason."""
+
+    def __init__(self, query: str, reason: str):
+        super().__init__(f"query image {query}: {reason}")
+        self.query, self.reason = query, reason
+
+
 def _read_local(folder: str, name: str, tmp: str) -> str:
     """A local path for `folder/name`: the file itself when local, else a downloaded copy."""
     src = f"{folder.rstrip('/')}/{name}"
@@ -128,28 +136,73 @@ class RemapIndex:
 
     def embed_images(self, images, model_uri: str | None = "manifest", denoise: bool = False,
                      autocontrast: bool = False) -> np.ndarray:
-        """Paths/URLs or bytes of query images -> (Q, D) descriptors, prepared like the shards."""
+        """Paths/URLs or bytes of query images -> (Q, D) descriptors, prepared like the shards.
+        Raises QueryImageError naming the first image that cannot be read or decoded."""
+        vectors, errors = self._embed_each(images, model_uri, denoise, autocontrast)
+        if errors:
+            raise next(iter(errors.values()))
+        return vectors
+
+    def search_images(self, images, k: int = 10, model_uri: str | None = "manifest",
+                      errors: str = "raise", **prep) -> list:
+        """Query images -> for each, up to k hits, best first.
+
+        A query image that cannot be read or decoded raises QueryImageError (naming it) by
+        default; with errors="return" the other queries are still answered and that query's
+        entry is its QueryImageError instead of a hit list. A problem with the whole search
+        (the index, the query model) always raises."""
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
+        images = list(images)
+        vectors, failed = self._embed_each(images, model_uri, **prep)
+        if failed and errors == "raise":
+            raise next(iter(failed.values()))
+        hits = iter(self.search_vectors(vectors, k) if len(vectors) else [])
+        return [failed[i] if i in failed else next(hits) for i in range(len(images))]
+
+    def _embed_each(self, images, model_uri, denoise: bool = False, autocontrast: bool = False
+                    ) -> tuple[np.ndarray, dict[int, QueryImageError]]:
+        """-> ((G, D) descriptors of the images that could be prepared, in order;
+        {position: QueryImageError} of those that could not)."""
         from remap_core.preprocess import decode_image, enhance_query, resize_for_model
 
         model = self.model(model_uri)
-        arrays = []
-        for im in images:
-            data = im if isinstance(im, (bytes, bytearray)) else _read_bytes(im)
-            img = enhance_query(decode_image(bytes(data)), denoise, autocontrast)
+        arrays, failed = [], {}
+        for i, im in enumerate(images):
+            name = f"<bytes #{i}>" if isinstance(im, (bytes, bytearray)) else str(im)
+            try:
+                data = im if isinstance(im, (bytes, bytearray)) else _read_bytes(im)
+                img = enhance_query(decode_image(bytes(data)), denoise, autocontrast)
+            except QueryImageError as e:
+                failed[i] = e
+                continue
+            except ValueError as e:  # ImageDecodeError: "<reason>: <message>"
+                failed[i] = QueryImageError(name, f"not a readable image ({e})")
+                continue
             arrays.append(resize_for_model(img, model.config["max_side"], model.config["multiple"]))
-        return model.embed_arrays(arrays)
-
-    def search_images(self, images, k: int = 10, model_uri: str | None = "manifest",
-                      **prep) -> list[list[Hit]]:
-        return self.search_vectors(self.embed_images(images, model_uri, **prep), k)
+        if not arrays:
+            return np.zeros((0, self.dimension), np.float32), failed
+        return model.embed_arrays(arrays), failed
 
 
 def _read_bytes(uri: str) -> bytes:
+    """The bytes of one query image; QueryImageError naming it when they cannot be read."""
+    folder = QueryImageError(uri, "is a folder, not an image; pass the images in it (e.g. "
+                                  f"{uri.rstrip('/')}/*.jpg)")
+    fs, path = fsspec.core.url_to_fs(uri)
     try:
-        with fsspec.open(uri, "rb") as f:
+        with fs.open(path, "rb") as f:
             return f.read()
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"query image not found: {uri}") from e
+    except IsADirectoryError:
+        raise folder from None
+    except FileNotFoundError:
+        if fs.isdir(path):  # object stores: a "folder" is a prefix, not a file
+            raise folder from None
+        raise QueryImageError(uri, "not found") from None
+    except PermissionError:
+        raise QueryImageError(uri, "permission denied") from None
+    except OSError as e:
+        raise QueryImageError(uri, f"cannot be read ({e.strerror or e})") from None
 
 
 def read_faiss_index(folder: str, manifest: dict, tmp: str) -> faiss.Index:

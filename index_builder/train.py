@@ -26,16 +26,31 @@ MAX_POINTS_PER_CENTROID = 256
 KMEANS_ITERATIONS = 12  # coarse k-means; FAISS's 25 buys little at 39-256 points/centroid
 PQ_CHOICES = (256, 128, 64, 48, 32, 24, 16, 8, 4)
 ID_BYTES = 8  # an int64 id is stored beside every code in the inverted lists
+HNSW_NODE_BYTES = 2 * 32 * 4 + 16  # HNSW32: 64 level-0 links, level + offset, upper levels
+PQ_CENTROIDS = 256  # every PQ{m}x8 sub-quantizer (and OPQ's) is a 2^8-centroid k-means
+ERROR_SAMPLE = 10_000  # vectors held out of training to measure the quantisation error
+PQ_KEEP = 0.5  # a PQ size that divides the dimension is used if it keeps >= half the code bytes
 
 
-def parse_bytes(text: str | int | float) -> int:
-    """'100MB', '4G', '1.5GiB', 2e9 -> bytes."""
+def parse_bytes(text: str | int | float, what: str = "--max-index-memory") -> int:
+    """'100MB', '4G', '1.5GiB', 2e9 -> bytes (> 0; a zero or negative size is refused)."""
     if isinstance(text, (int, float)):
-        return int(text)
-    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)(i?b?)\s*", text.lower())
-    if not m:
-        raise ValueError(f"cannot read a memory size from {text!r}; write e.g. 100MB, 4G, 1.5GiB")
-    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+        value = int(text)
+    else:
+        m = re.fullmatch(r"\s*([-+]?[\d.]+)\s*([kmgt]?)(i?b?)\s*", text.lower())
+        if not m or m.group(1).strip("+-") in ("", "."):
+            raise ValueError(f"cannot read a memory size from {what} {text!r}; write e.g. "
+                             f"100MB, 4G, 1.5GiB")
+        value = int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+    if value <= 0:
+        raise ValueError(f"{what} {text!r} is not a positive memory size; write e.g. 100MB, "
+                         f"4G, 1.5GiB")
+    return value
+
+
+def held_out_size(n: int) -> int:
+    """Vectors of an n-vector collection that training leaves out (quantisation error)."""
+    return min(ERROR_SAMPLE, n // 10)
 
 
 def nlist_for(n: int) -> int:
@@ -52,35 +67,69 @@ def ivf_part(k: int) -> str:
     return f"IVF{k}" if k < 1000 else f"IVF{k}_HNSW32"
 
 
+def coarse_bytes(k: int, dim: int) -> int:
+    """Memory of k coarse centroids of dim float32, with the HNSW32 graph over them when
+    ivf_part uses one."""
+    graph = HNSW_NODE_BYTES * k if k >= 1000 else 0
+    return 4 * dim * k + graph
+
+
+def ivf_pq_bytes(n: int, dim: int, k: int, m: int, rotated_dim: int | None = None) -> int:
+    """Memory of an IVF{k},PQ{m}x8 index of n vectors (codes + ids, coarse quantizer, PQ
+    codebooks), with a dim x rotated_dim rotation matrix in front if given."""
+    d = rotated_dim or dim
+    rotation = 4 * dim * rotated_dim if rotated_dim else 0
+    return (m + ID_BYTES) * n + coarse_bytes(k, d) + 4 * d * PQ_CENTROIDS + rotation
+
+
 def choose_factory(n: int, dim: int, max_index_bytes: int, opq: bool = False) -> str:
     """The index for n vectors of dim float32 under a memory budget, the way autofaiss picks:
 
     - n <= 100k and the raw vectors fit: Flat (exact);
     - n <= 500k and vectors + an HNSW32 graph fit: HNSW32;
     - IVF{k},Flat (k ~ 4 sqrt(n)) when the raw vectors + ids fit;
-    - else IVF{k}(_HNSW32),PQ{m}x8 with the largest m whose codes + ids fit, with an OPQ
-      rotation in front (OPQ{m}_{y}, as autofaiss) when `opq` (better codes on real
-      descriptors; its training costs minutes on 2 cores, see bench/RESULTS.md).
+    - else IVF{k}(_HNSW32),PQ{m}x8 with the largest m whose codes + ids fit. FAISS needs m to
+      divide the dimension: the largest fitting m that divides it is taken when it keeps at
+      least half the affordable code bytes, else the vectors are turned by a random rotation
+      padded to a multiple of m (RR{y}: inner products unchanged, no training). With `opq`, a
+      learned OPQ rotation to a multiple of m goes in front (OPQ{m}_{y}, as autofaiss: better
+      codes on real descriptors; its training costs minutes on 2 cores, see bench/RESULTS.md).
+    PQ needs at least 256 training vectors (one k-means of 256 centroids per sub-vector).
     """
     if n <= 0:
         raise ValueError("the collection is empty; embed some images first")
+    if max_index_bytes <= 0:
+        raise ValueError(f"--max-index-memory must be positive, got {max_index_bytes} bytes")
     raw = 4 * dim * n
     if n <= FLAT_MAX and raw <= max_index_bytes:
         return "Flat"
-    if n <= HNSW_MAX and raw + n * (2 * 32 * 4 + ID_BYTES) <= max_index_bytes:
+    if n <= HNSW_MAX and raw + n * (HNSW_NODE_BYTES + ID_BYTES) <= max_index_bytes:
         return "HNSW32"
     k = nlist_for(n)
-    quantizer_bytes = 4 * dim * k * 2
-    if (raw + ID_BYTES * n) + quantizer_bytes <= max_index_bytes:
+    if (raw + ID_BYTES * n) + coarse_bytes(k, dim) <= max_index_bytes:
         return f"{ivf_part(k)},Flat"
-    budget = max_index_bytes - quantizer_bytes
-    for m in PQ_CHOICES:
-        if m < dim and (m + ID_BYTES) * n <= budget:
-            if not opq:
-                return f"{ivf_part(k)},PQ{m}x8"
+    ivf = ivf_part(k)
+    if n - held_out_size(n) < PQ_CENTROIDS:
+        raise ValueError(f"{n} vectors are too few to train PQ codes ({PQ_CENTROIDS} centroids "
+                         f"per sub-vector) and their exact index needs {raw} bytes; raise "
+                         f"--max-index-memory to at least {raw} or pass --factory")
+    fitting = [m for m in PQ_CHOICES if m < dim and ivf_pq_bytes(n, dim, k, m) <= max_index_bytes]
+    if opq:
+        for m in fitting:
             y = (min(dim // m, 6) + 1) * m  # OPQ output dim, a multiple of m (as autofaiss)
-            return f"OPQ{m}_{y},{ivf_part(k)},PQ{m}x8"
-    need = (PQ_CHOICES[-1] + ID_BYTES) * n + quantizer_bytes
+            if ivf_pq_bytes(n, dim, k, m, y) <= max_index_bytes:
+                return f"OPQ{m}_{y},{ivf},PQ{m}x8"
+    else:
+        divisor = next((m for m in fitting if dim % m == 0), None)
+        for m in fitting:  # largest first
+            if divisor is not None and divisor >= PQ_KEEP * m:
+                return f"{ivf},PQ{divisor}x8"
+            y = -(-dim // m) * m  # padded up to a multiple of m
+            if ivf_pq_bytes(n, dim, k, m, y) <= max_index_bytes:
+                return f"RR{y},{ivf},PQ{m}x8"
+        if divisor is not None:
+            return f"{ivf},PQ{divisor}x8"
+    need = ivf_pq_bytes(n, dim, k, PQ_CHOICES[-1])
     raise ValueError(f"{n} vectors cannot fit {max_index_bytes} bytes even with 4-byte codes "
                      f"(need about {need}); raise --max-index-memory or pass --factory")
 
@@ -135,13 +184,74 @@ def reservoir_sample(batches: Iterable[tuple[np.ndarray, np.ndarray]], size: int
 
 # --------------------------------------------------------------------------- training
 
+FACTORY_EXAMPLES = "'Flat', 'HNSW32', 'IVF1024,Flat', 'IVF1024,PQ{m}x8' (m dividing {dim})"
+
+
+def faiss_reason(e: Exception) -> str:
+    """The readable part of a FAISS RuntimeError ("Error in ... failed: <reason>")."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    for mark in ("' failed: ", "Error: "):
+        if mark in text:
+            text = text.split(mark, 1)[1]
+    return text.strip()
+
+
 def make_index(factory: str, dim: int) -> faiss.Index:
     """An empty inner-product index from a factory string, able to take our int64 ids (indexes
-    without their own id storage are wrapped in IndexIDMap2)."""
-    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    without their own id storage are wrapped in IndexIDMap2). A string FAISS rejects for `dim`
+    is refused with a ValueError that says what to pass."""
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        m = next((m for m in PQ_CHOICES if m < dim and dim % m == 0), 4)
+        raise ValueError(f"--factory {factory!r} is not an index FAISS can make for {dim}-dim "
+                         f"vectors ({faiss_reason(e)}); pass e.g. "
+                         + FACTORY_EXAMPLES.format(m=m, dim=dim) +
+                         ", or leave --factory out to choose one from --max-index-memory") from None
     if faiss.try_extract_index_ivf(index) is None:
         index = faiss.IndexIDMap2(index)
     return index
+
+
+def training_needs(index: faiss.Index) -> list[tuple[int, str]]:
+    """The fewest training vectors each trained part of an empty index needs (k-means needs at
+    least as many points as centroids) -> [(count, what)]."""
+    needs: list[tuple[int, str]] = []
+    index = inner_index(faiss.downcast_index(index))
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            vt = faiss.downcast_VectorTransform(index.chain.at(i))
+            if isinstance(vt, faiss.OPQMatrix):
+                needs.append((PQ_CENTROIDS, f"the OPQ rotation's {PQ_CENTROIDS}-centroid "
+                                            f"codebooks"))
+        index = faiss.downcast_index(index.index)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        needs.append((int(ivf.nlist), f"{ivf.nlist} IVF centroids"))
+        index = faiss.downcast_index(ivf)
+    parts = [index]
+    if isinstance(index, faiss.IndexHNSW):
+        parts.append(faiss.downcast_index(index.storage))
+    for part in parts:
+        pq = getattr(part, "pq", None)
+        if isinstance(pq, faiss.ProductQuantizer):
+            needs.append((int(pq.ksub), f"{pq.ksub} centroids per PQ sub-vector, {pq.nbits} "
+                                        f"bits"))
+    return needs
+
+
+def check_trainable(factory: str, index: faiss.Index, points: int, n: int) -> None:
+    """Refuse a factory whose training needs more vectors than the `points` the sample will
+    hold (of a collection of n), before anything is sampled."""
+    if index.is_trained:
+        return
+    for need, what in training_needs(index):
+        if points < need:
+            raise ValueError(
+                f"--factory {factory!r} needs at least {need} training vectors ({what}) but "
+                f"only {points} are available (collection of {n}); pass a factory with fewer "
+                f"centroids (IVF<k> needs k, PQ<m>x8 256, PQ<m>x4 16), a larger --train-sample, "
+                f"or leave --factory out")
 
 
 def train_index(factory: str, sample: np.ndarray, verbose: bool = False) -> faiss.Index:
@@ -150,6 +260,7 @@ def train_index(factory: str, sample: np.ndarray, verbose: bool = False) -> fais
     if not index.is_trained:
         if len(sample) == 0:
             raise ValueError(f"{factory} needs training vectors and the sample is empty")
+        _no_polysemous_training(index)
         ivf = faiss.try_extract_index_ivf(index)
         if ivf is not None:
             ivf.cp.max_points_per_centroid = MAX_POINTS_PER_CENTROID
@@ -160,10 +271,31 @@ def train_index(factory: str, sample: np.ndarray, verbose: bool = False) -> fais
                 raise ValueError(f"{factory} has {ivf.nlist} centroids but only {len(sample)} "
                                  f"training vectors; use a smaller IVF or pass --factory")
         started = time.time()
-        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        try:
+            index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        except RuntimeError as e:
+            raise ValueError(f"FAISS could not train {factory} on {len(sample)} vectors "
+                             f"({faiss_reason(e)}); pass another --factory or a larger "
+                             f"--train-sample") from None
         if verbose:
             print(f"trained {factory} on {len(sample)} vectors in {time.time() - started:.1f}s")
     return index
+
+
+def _no_polysemous_training(index: faiss.Index) -> None:
+    """FAISS's factory turns on polysemous training for PQ{m}x8 codes: an annealing that
+    reorders each sub-quantizer's centroids (~1.5 s per sub-quantizer on one core, 100 s for
+    PQ64) so that Hamming distances between codes approximate real ones. It only serves
+    polysemous search (the `ht` parameter), which remap never sets; without it the centroids,
+    and so the reconstructions and search results, are the same (only their numbering
+    differs)."""
+    index = faiss.downcast_index(inner_index(index))
+    if isinstance(index, faiss.IndexPreTransform):
+        index = faiss.downcast_index(index.index)
+    ivf = faiss.try_extract_index_ivf(index)
+    target = faiss.downcast_index(ivf) if ivf is not None else index
+    if hasattr(target, "do_polysemous_training"):
+        target.do_polysemous_training = False
 
 
 def inner_index(index: faiss.Index) -> faiss.Index:

@@ -3,13 +3,15 @@ helpers, each checked against a direct numpy/FAISS computation."""
 
 from __future__ import annotations
 
+import re
+
 import faiss
 import numpy as np
 import pytest
 
 from index_builder.recall import exact_knn_stream, recall_at, tune_search_params
-from index_builder.train import (choose_factory, nlist_for, parse_bytes, quantization_error,
-                                 reservoir_sample, train_index, training_size)
+from index_builder.train import (choose_factory, ivf_part, nlist_for, parse_bytes,
+                                 quantization_error, reservoir_sample, train_index, training_size)
 
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")
@@ -33,7 +35,7 @@ def test_index_choice_follows_collection_size_and_memory_budget():
 
 def test_training_size_stays_within_39_to_256_points_per_centroid():
     for n in (20_000, 1_000_000, 50_000_000):
-        f = choose_factory(n, 128, 40 * n)  # a budget that forces IVF-PQ
+        f = choose_factory(n, 128, 48 * n)  # a budget that forces IVF-PQ
         assert "IVF" in f and "PQ" in f
         k = int(f.split("IVF")[1].split("_")[0].split(",")[0])
         s = training_size(f, n, 128)
@@ -115,3 +117,100 @@ def test_tuning_picks_the_smallest_nprobe_that_reaches_the_target():
         _, I = index.search(X[q], 11)
         found = np.array([[i for i in row if i != qq][:10] for row, qq in zip(I, q)])
         assert recall_at(found, true, (10,))["recall@10"] < 0.9
+
+
+# --------------------------------------------------------------------------- PQ sizes FAISS takes
+
+def shipped_dimensions() -> list[int]:
+    """Every descriptor size the shipped models give: each backbone's default taps, REMAP's
+    default taps (the stride-16 stage + head, else the last two), any single tap, and the
+    whitening sizes used here (256 default; 100, 255, 1000 arbitrary)."""
+    from remap_core.backbones import BACKBONES
+
+    dims = {256, 100, 255, 1000}
+    for entry in BACKBONES.values():
+        spec = entry.spec
+        dims.add(sum(spec.channels[t] for t in spec.default_taps))
+        two = ["stage5", "head"] if {"stage5", "head"} <= set(spec.taps) else spec.taps[-2:]
+        dims.add(sum(spec.channels[t] for t in two))
+        dims.update(c for c in spec.channels.values() if c >= 64)
+    return sorted(dims)
+
+
+def faiss_bytes(index: faiss.Index, n: int) -> int:
+    """Memory of `index` holding n vectors, from FAISS's own sizes: codes + 8-byte ids per vector,
+    coarse centroids (+ HNSW links), PQ codebooks, rotation matrices."""
+    total = 0
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            vt = faiss.downcast_VectorTransform(index.chain.at(i))
+            total += 4 * vt.d_in * vt.d_out
+        index = faiss.downcast_index(index.index)
+    links = 2 * 32 * 4 + 16  # HNSW32 node: 64 level-0 links, level + offset, ~1/31 upper links
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        q = faiss.downcast_index(ivf.quantizer)
+        total += (ivf.code_size + 8) * n + 4 * q.d * ivf.nlist
+        if isinstance(q, faiss.IndexHNSW):
+            total += links * ivf.nlist
+        pq = getattr(faiss.downcast_index(ivf), "pq", None)
+        if pq is not None:
+            total += 4 * pq.M * pq.ksub * pq.dsub
+        return total
+    if isinstance(index, faiss.IndexHNSW):
+        return total + (4 * index.d + links + 8) * n
+    return total + 4 * index.d * n
+
+
+@pytest.mark.parametrize("opq", [False, True])
+def test_every_chosen_factory_is_one_faiss_makes_and_fits_the_budget(opq):
+    dims = shipped_dimensions()
+    assert {1280, 1392, 2048, 512, 256} <= set(dims)
+    chosen = set()
+    for dim in dims:
+        for n in (20_000, 200_000, 1_000_000, 30_000_000, 10**9):
+            raw = 4 * dim * n
+            for budget in {int(raw * f) for f in (2, 1, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005)} \
+                    | {20 << 20, 100 << 20, 4 << 30}:
+                try:
+                    f = choose_factory(n, dim, budget, opq=opq)
+                except ValueError as e:
+                    assert "--max-index-memory" in str(e)
+                    # refused only when even the smallest codes FAISS offers cannot fit
+                    smallest = f"{ivf_part(nlist_for(n))},PQ4x8"
+                    if dim % 4:
+                        smallest = f"RR{dim + 4 - dim % 4},{smallest}"
+                    assert faiss_bytes(faiss.index_factory(dim, smallest), n) > budget
+                    continue
+                index = faiss.index_factory(dim, f, faiss.METRIC_INNER_PRODUCT)  # accepted
+                assert faiss_bytes(index, n) <= budget, (dim, n, budget, f)
+                chosen.add(re.sub(r"[\d_x]+", "", f))  # e.g. "RR,IVFHNSW,PQ"
+    # the grid reached every kind: exact, graph, IVF-Flat, PQ codes, rotations
+    assert {"Flat", "HNSW", "IVFHNSW,Flat"} <= chosen
+    assert {"OPQ,IVFHNSW,PQ"} <= chosen if opq else {"IVFHNSW,PQ", "RR,IVFHNSW,PQ"} <= chosen
+
+
+def test_pq_sizes_divide_the_dimension_or_come_with_a_rotation():
+    # budgets where 48-byte codes are the largest that fit: 48 divides neither 512 nor 1280
+    assert choose_factory(200_000, 512, 18 << 20) == "IVF2048_HNSW32,PQ32x8"
+    assert choose_factory(1_000_000, 1280, 90 << 20) == "IVF4096_HNSW32,PQ32x8"
+    assert choose_factory(1_000_000, 1280, 100 << 20) == "IVF4096_HNSW32,PQ64x8"
+    # 1400 = 8 x 175: PQ8 would keep a sixth of the affordable bytes; a random rotation
+    # padded to 1440 = 30 x 48 keeps them (64-byte codes + a 1408-wide rotation do not fit)
+    assert choose_factory(1_000_000, 1400, 100 << 20) == "RR1440,IVF4096_HNSW32,PQ48x8"
+    assert choose_factory(1_000_000, 1400, 100 << 20, opq=True) == \
+        "OPQ64_448,IVF4096_HNSW32,PQ64x8"
+
+
+@pytest.mark.parametrize("dim,budget,expect", [(64, 150_000, "IVF32,PQ16x8"),
+                                               (100, 300_000, "RR128,IVF32,PQ32x8")])
+def test_a_chosen_pq_factory_trains_on_its_training_sample(dim, budget, expect):
+    n = 2000
+    f = choose_factory(n, dim, budget)
+    assert f == expect
+    X = np.random.default_rng(0).normal(size=(n, dim)).astype(np.float32)
+    size = training_size(f, n, dim)
+    index = train_index(f, X[:size])
+    index.add_with_ids(X, np.arange(n))
+    assert index.is_trained and index.ntotal == n
