@@ -214,7 +214,7 @@ def read_state_file(run_index: int, kind: str, url: str) -> Iterator[tuple[str, 
     columns = {"sources": ["uri", "id", "size_bytes", "version", "outcome"],
                "shards": ["uri", "id"], "tombstones": ["uri", "id"]}[kind]
     with fsspec.open(url, "rb") as f:
-        pf = pq.ParquetFile(f)
+        pf = pq.ParquetFile(f, pre_buffer=False)
         for batch in pf.iter_batches(columns=columns, batch_size=65536):
             cols = batch.to_pydict()
             n = batch.num_rows

@@ -104,7 +104,7 @@ def read_manifest(path: str) -> Iterator[str]:
         import pyarrow.parquet as pq
 
         with fsspec.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
+            pf = pq.ParquetFile(f, pre_buffer=False)
             if "uri" not in pf.schema_arrow.names:
                 raise ValueError(f"manifest {path} has no 'uri' column "
                                  f"(columns: {pf.schema_arrow.names})")
@@ -246,7 +246,7 @@ def split_partition(kind: str, arg: str, *rest) -> list[tuple]:
         import pyarrow.parquet as pq
 
         with fsspec.open(arg, "rb") as f:
-            groups = pq.ParquetFile(f).metadata.num_row_groups
+            groups = pq.ParquetFile(f, pre_buffer=False).metadata.num_row_groups
         return [("manifest_row_group", arg, i) for i in range(groups)]
     return [(kind, arg, *rest)]
 
@@ -256,7 +256,7 @@ def read_manifest_row_group(path: str, index: int) -> list[str]:
     import pyarrow.parquet as pq
 
     with fsspec.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
+        pf = pq.ParquetFile(f, pre_buffer=False)
         if "uri" not in pf.schema_arrow.names:
             raise ValueError(f"manifest {path} has no 'uri' column "
                              f"(columns: {pf.schema_arrow.names})")

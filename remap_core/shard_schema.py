@@ -134,5 +134,5 @@ def read_tombstone_uris(paths) -> set[str]:
     out: set[str] = set()
     for path in paths:
         with fsspec.open(path, "rb") as f:
-            out.update(pq.read_table(f, columns=["uri"]).column("uri").to_pylist())
+            out.update(pq.read_table(f, columns=["uri"], pre_buffer=False).column("uri").to_pylist())
     return out
