@@ -44,6 +44,10 @@ SAMPLES = {
 CONTEXT = {
     ("index", "staging"): {"output": ["--output", "memory://remap-cli-options/index"]},
 }
+# Options that stand instead of others: (command, dest) -> dests left out when it is given.
+REPLACES = {
+    ("search", "vectors"): ("images",),   # query vectors or query images, not both
+}
 # Arguments a command needs before it calls anything, beyond argparse's required ones.
 NEEDS = {
     ("index",): {"embeddings": ["--embeddings", "base-store"], "output": ["--output", "base-idx"]},
@@ -117,7 +121,12 @@ def sample(name: str, action: argparse.Action, tmp_path: Path) -> tuple[list[str
     elif action.type is int:
         value = action.default + 3 if isinstance(action.default, int) else 7
     elif action.type is float:
-        value = action.default * 2 + 0.5 if isinstance(action.default, (int, float)) else 0.25
+        if isinstance(action.default, (int, float)) and 0 < action.default <= 1:
+            value = action.default / 2          # shares and recalls stay in (0, 1]
+        else:
+            value = action.default * 2 + 0.5 if isinstance(action.default, (int, float)) else 0.25
+    elif action.type in (None, str) and action.dest.endswith("_memory"):
+        value = "123MB"                         # memory budgets are sizes
     elif action.type in (None, str):
         value = f"probe-{action.dest}"
     else:
@@ -216,7 +225,7 @@ def record_search(rec: Recorder) -> None:
                         lambda vectors, *a, **k: [[] for _ in np.atleast_2d(vectors)])
 
         def search_images(self, images, k: int = 10, model_uri: str | None = "manifest",
-                          **prep):
+                          errors: str = "raise", **prep):
             raise AssertionError("replaced by a recorder")
 
         def search_vectors(self, vectors, k: int = 10):
@@ -326,7 +335,8 @@ def test_option_reaches_the_code_that_uses_it(name, path, dest, tmp_path, monkey
     action = _find(name, path, dest)
     tokens, expected = sample(name, action, tmp_path)
     base = {**base_arguments(name, path), **CONTEXT.get((name, dest), {})}
-    given = {**base, dest: tokens}
+    given = {**{k: v for k, v in base.items() if k not in REPLACES.get((name, dest), ())},
+             dest: tokens}
     flag = action.option_strings[-1] if action.option_strings else dest
     where = f"remap {' '.join((name, *path))} {flag}"
 
