@@ -50,7 +50,7 @@ def generate_jpegs(folder: Path, n: int, seed: int = 0, long_sides=(160, 960)) -
 def bare_loop(paths: list[str], model, batch_size: int) -> float:
     """Seconds for the same work without Beam: read, decode, resize, bucket by shape, forward,
     keep the vectors."""
-    from remap_core.preprocess import decode_image, resize_for_model
+    from remap_core.data.preprocess import decode_image, resize_for_model
 
     cfg = model.config
     t0 = time.perf_counter()
@@ -93,8 +93,8 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from remap_core.checkpoint import load_model, save_checkpoint
-    from remap_core.model import build_model
+    from remap_core.descriptor.checkpoint import load_model, save_checkpoint
+    from remap_core.descriptor.model import build_model
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="embed_bench_"))
     try:

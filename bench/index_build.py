@@ -153,7 +153,7 @@ def main(argv=None) -> int:
         X = clustered_vectors(args.n, args.dim, clusters=args.clusters, seed=0)
         if not os.path.exists(os.path.join(store, "run-20260101T000000Z-bench0", "run.json")):
             write_store(store, X, args.shards)
-        from remap_core.shard_schema import stable_ids
+        from remap_store.schema import stable_ids
         from index_builder.synthetic import synthetic_uris
 
         ids = stable_ids(synthetic_uris(len(X)))

@@ -26,8 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from remap_core import train_cli  # noqa: E402
-from remap_core.train import train  # noqa: E402
+from remap_cli import train as train_cli  # noqa: E402
+from remap_core.training.train import train  # noqa: E402
 
 VARIANTS = {
     "backbone only": {"lr_head": 0.0, "lr_whiten": 0.0},
@@ -47,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out = args.out or tempfile.mkdtemp(prefix="remap-ablation-")
     if args.cache is None:
-        from remap_core.eval_cli import default_cache_dir
+        from remap_cli.eval import default_cache_dir
 
         args.cache = default_cache_dir()
     torch.manual_seed(args.seed)

@@ -25,9 +25,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from remap_core.shard_schema import PARQUET_CODEC
+from remap_store.schema import PARQUET_CODEC
 
-from .embeddings import iter_shard_batches
+from index_builder.embeddings import iter_shard_batches
 
 
 @dataclass

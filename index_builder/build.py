@@ -29,13 +29,13 @@ import time
 import faiss
 import numpy as np
 
-from .add import AddJob, add_shards, ids_path, remove_ids
-from .embeddings import (LiveShard, check_store_model, iter_shard_batches, list_runs,
+from index_builder.add import AddJob, add_shards, ids_path, remove_ids
+from index_builder.embeddings import (LiveShard, check_store_model, iter_shard_batches, list_runs,
                          plan_live_shards)
-from .manifest import MANIFEST_NAME, file_entry, write_manifest
-from .merge import LAYOUTS, merge_in_memory, merge_to_ondisk
-from .recall import KS, exact_knn_stream, tune_search_params, unmeasured_recall
-from .train import (ERROR_SAMPLE, check_trainable, choose_factory, error_growth, held_out_size,
+from index_builder.manifest import MANIFEST_NAME, file_entry, write_manifest
+from index_builder.merge import LAYOUTS, merge_in_memory, merge_to_ondisk
+from index_builder.recall import KS, exact_knn_stream, tune_search_params, unmeasured_recall
+from index_builder.train import (ERROR_SAMPLE, check_trainable, choose_factory, error_growth, held_out_size,
                     make_index, parse_bytes, quantization_error, reservoir_sample, train_index,
                     training_size)
 
@@ -271,7 +271,7 @@ def merge_step(folder: str, layout: str = "single", target_recall: float = 0.95,
     """Make the searchable index from the folder's shards, measure recall against exact search on
     held-out queries, tune search parameters to `target_recall` (recall@`tune_at`), and write
     the manifest last."""
-    from .search import read_faiss_index
+    from index_builder.search import read_faiss_index
 
     folder = _local(folder, create=False)
     started = started or time.time()

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from remap_core.shard_schema import META_DIM, META_MODEL, embeddings_to_numpy, stable_ids
+from remap_store.schema import META_DIM, META_MODEL, embeddings_to_numpy, stable_ids
 
 
 @dataclass

@@ -19,7 +19,7 @@ import os
 
 import fsspec
 
-from .manifest import MANIFEST_NAME
+from index_builder.manifest import MANIFEST_NAME
 
 
 def upload_index(local: str, dest: str) -> dict:

@@ -81,7 +81,7 @@ def measure_recall(index: faiss.Index, xq: np.ndarray, qids: np.ndarray, true: n
 
 
 def _set(index, params: dict) -> None:
-    from .merge import set_search_params
+    from index_builder.merge import set_search_params
 
     set_search_params(index, params)
 
@@ -105,7 +105,7 @@ def parameter_grid(index: faiss.Index) -> list[dict]:
 
 
 def _first_part(index) -> faiss.Index:
-    from .merge import ShardedIndex
+    from index_builder.merge import ShardedIndex
 
     if isinstance(index, ShardedIndex):
         return index.parts[0]

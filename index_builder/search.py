@@ -20,9 +20,9 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
-from .id_map import IdMap
-from .manifest import read_manifest, verify_files
-from .merge import read_ondisk, set_search_params, sharded_index
+from index_builder.id_map import IdMap
+from index_builder.manifest import read_manifest, verify_files
+from index_builder.merge import read_ondisk, set_search_params, sharded_index
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class RemapIndex:
     def model(self, model_uri: str | None = "manifest"):
         """The query model (loaded once); refuses one whose fingerprint differs from the index."""
         if self._model is None:
-            from remap_core.checkpoint import load_model
+            from remap_core.descriptor.checkpoint import load_model
 
             uri = self.manifest.get("model_uri") if model_uri == "manifest" else model_uri
             model = load_model(uri)
@@ -164,7 +164,7 @@ class RemapIndex:
                     ) -> tuple[np.ndarray, dict[int, QueryImageError]]:
         """-> ((G, D) descriptors of the images that could be prepared, in order;
         {position: QueryImageError} of those that could not)."""
-        from remap_core.preprocess import decode_image, enhance_query, resize_for_model
+        from remap_core.data.preprocess import decode_image, enhance_query, resize_for_model
 
         model = self.model(model_uri)
         arrays, failed = [], {}

@@ -1,5 +1,5 @@
 """Synthetic embedding stores for tests and benchmarks: clustered unit vectors written as real
-embedding runs (run-<id>/ with Parquet shards following remap_core.shard_schema + run.json).
+embedding runs (run-<id>/ with Parquet shards following remap_store.schema + run.json).
 
     X = clustered_vectors(100_000, 512, seed=0)
     write_run(store, "20260101T000000Z-a", uris, X, shards=8)
@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from remap_core.shard_schema import (PARQUET_CODEC, ROW_GROUP_ROWS, embedding_schema,
+from remap_store.schema import (PARQUET_CODEC, ROW_GROUP_ROWS, embedding_schema,
                                      stable_ids)
 
 SYNTHETIC_MODEL = "synthetic.d{dim}"

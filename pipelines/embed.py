@@ -33,15 +33,15 @@ from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOp
 from apache_beam.runners.runner import PipelineState
 from apache_beam.transforms.window import GlobalWindows
 
-from remap_core.shard_schema import (DEAD_LETTER_SCHEMA, SOURCE_SCHEMA, TOMBSTONE_SCHEMA,
+from remap_store.schema import (DEAD_LETTER_SCHEMA, SOURCE_SCHEMA, TOMBSTONE_SCHEMA,
                                      embedding_schema, embedding_table, stable_id)
 
-from . import lease as L
-from . import runs as R
-from . import uris as U
-from .model_cache import shared_model
-from .prepare import Failure, PreparedImage, prepare_source
-from .shards import TMP_FOLDER, WriteParquetShards
+from remap_store import lease as L
+from remap_store import runs as R
+from pipelines import uris as U
+from pipelines.model_cache import shared_model
+from pipelines.prepare import Failure, PreparedImage, prepare_source
+from pipelines.shards import TMP_FOLDER, WriteParquetShards
 
 PIPELINE_VERSION = "0.2.0"
 NAMESPACE = "remap.embed"
@@ -641,12 +641,12 @@ class _WriteRunSummaryFn(_StorageDoFn):
         if fs.exists(f"{root}/{TMP_FOLDER}"):
             fs.rm(f"{root}/{TMP_FOLDER}", recursive=True)
         check_tables_present(fs, root, summary)
-        R.write_json_atomic(f"{self.run_dir}/{R.MANIFEST}", summary)
+        R.write_json_atomic(f"{self.run_dir}/{R.RUN_SUMMARY}", summary)
         if leased:
             try:        # taken over between the check and the write: the run is not complete
                 L.check_held(store, run_id)
             except L.LeaseLost:
-                fs.rm(f"{root}/{R.MANIFEST}")
+                fs.rm(f"{root}/{R.RUN_SUMMARY}")
                 raise
             L.release(store, run_id)
         log.info("run %s complete: %d read, %d embedded, %d dead-lettered, %d skipped (%d live "
@@ -817,7 +817,7 @@ def prepare_run(argv: list[str]) -> PreparedRun:
     option or run id, an --output that is a file, an --input without images) leaves the store
     as it was. With --dry_run the store is not read, leased or cleaned (nothing over the
     network but what listing --input and loading --model need): built as for a first run."""
-    from remap_core.checkpoint import load_model
+    from remap_core.descriptor.checkpoint import load_model
 
     argv = local_defaults(list(argv))
     options = PipelineOptions(argv)
@@ -933,7 +933,7 @@ def run(argv: list[str]) -> dict:
             if not p.wait:
                 log.info("run %s submitted; its job writes %s/%s and gives the store's lease "
                          "back when it completes (else the lease lapses)", p.run_id, p.run_dir,
-                         R.MANIFEST)
+                         R.RUN_SUMMARY)
                 return {"run_id": p.run_id, "submitted": True}
             if getattr(result, "has_job", True) is False:
                 raise RuntimeError(f"the runner submitted no job for run {p.run_id} (a result "
@@ -953,9 +953,9 @@ def run(argv: list[str]) -> dict:
     fs, root = fsspec.core.url_to_fs(p.run_dir)
     fs.invalidate_cache(root)   # written by a worker: this process's listings may predate it
     try:
-        with fs.open(f"{root}/{R.MANIFEST}", "r") as f:
+        with fs.open(f"{root}/{R.RUN_SUMMARY}", "r") as f:
             return json.load(f)
     except FileNotFoundError:
         raise RuntimeError(f"the job of run {p.run_id} finished but wrote no "
-                           f"{p.run_dir}/{R.MANIFEST}; the run is incomplete and will be redone "
+                           f"{p.run_dir}/{R.RUN_SUMMARY}; the run is incomplete and will be redone "
                            f"by the next run") from None

@@ -29,7 +29,7 @@ def shared_model(model_uri: str | None, device: str | None = None,
     with _LOCK:
         set_torch_threads(torch_threads)
         if key not in _MODELS:
-            from remap_core.checkpoint import load_model
+            from remap_core.descriptor.checkpoint import load_model
 
             _MODELS[key] = load_model(model_uri, device=device)
         return _MODELS[key]

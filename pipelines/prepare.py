@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from remap_core.preprocess import ImageDecodeError, decode_image, resize_for_model
-from remap_core.shard_schema import stable_id
+from remap_core.data.preprocess import ImageDecodeError, decode_image, resize_for_model
+from remap_store.schema import stable_id
 
-from .uris import Source, read_bytes
+from pipelines.uris import Source, read_bytes
 
 STAGES = ("list", "fetch", "decode", "embed")
 

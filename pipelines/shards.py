@@ -17,7 +17,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from remap_core.shard_schema import PARQUET_CODEC, ROW_GROUP_ROWS
+from remap_store.schema import PARQUET_CODEC, ROW_GROUP_ROWS
 
 TMP_FOLDER = "_tmp"
 

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory):
     """The bundled sample collection: images/*.jpg and queries/<name>__<alteration>.jpg."""
-    from remap_core.samples import write_samples
+    from remap_core.data.samples import write_samples
 
     out = tmp_path_factory.mktemp("samples")
     write_samples(str(out))
@@ -25,8 +25,8 @@ def sample_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory):
     """A real (ImageNet-weighted) EfficientNet-Lite0 GeM checkpoint at 64 px: fast to run."""
-    from remap_core.checkpoint import save_checkpoint
-    from remap_core.model import build_model
+    from remap_core.descriptor.checkpoint import save_checkpoint
+    from remap_core.descriptor.model import build_model
 
     path = tmp_path_factory.mktemp("models") / "tiny.pt"
     save_checkpoint(build_model({"max_side": 64}), str(path))

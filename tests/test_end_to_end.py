@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from index_builder.search import FingerprintMismatch, open_index
-from remap_core.cli import main as remap
+from remap_cli import main as remap
 
 
 def _original_of(query: str) -> str:

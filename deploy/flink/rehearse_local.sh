@@ -71,8 +71,8 @@ fi
 if [ -z "${MODEL:-}" ]; then
   MODEL="$WORK/tiny-64px.pt"
   python -c "import sys
-from remap_core.checkpoint import save_checkpoint
-from remap_core.model import build_model
+from remap_core.descriptor.checkpoint import save_checkpoint
+from remap_core.descriptor.model import build_model
 print(save_checkpoint(build_model({'max_side': 64}), sys.argv[1]))" "$MODEL" >&2
 fi
 

@@ -1,0 +1,1 @@
+"""Images and training data: decoding and preprocessing, generated views, training tuples, training sets, the bundled samples."""

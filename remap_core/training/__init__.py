@@ -1,0 +1,1 @@
+"""End-to-end training: triplet loss, hard-negative mining, the loop."""

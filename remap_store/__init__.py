@@ -1,0 +1,1 @@
+"""The on-disk formats, owned in one place: the embedding shards' Parquet schema (schema), the store's run folders with their run summaries (run.json), state and tombstones (runs), the store's lease, one writer at a time (lease), and the one way every file is written: atomically, to URLs that keep their protocol (files)."""

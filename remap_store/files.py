@@ -1,0 +1,103 @@
+"""Writing files so that no reader ever sees half of one, and URLs that keep their protocol.
+
+Every file remap writes (shards, run summaries, leases, index files, manifests, checkpoints,
+benchmark caches) goes through one of the writers here: the bytes go to a temporary name beside
+the target, then a rename puts them in place. Locally the rename is atomic; on object stores an
+object only becomes visible once whole, and the temporary name keeps a killed writer's remains
+out of every listing that matches the final names.
+
+fsspec strips the protocol from the paths it lists (`gs://b/x` is listed as `b/x`):
+`with_protocol` gives it back, `join_url` joins a root and names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+from typing import IO, Iterator
+
+import fsspec
+
+TMP_SUFFIX = ".tmp"
+
+
+def protocol_of(url: str) -> str:
+    """`"gs://"` for `gs://bucket/x`, `""` for a local path."""
+    return url.split("://", 1)[0] + "://" if "://" in url else ""
+
+
+def with_protocol(like: str, path: str) -> str:
+    """A path as fsspec listed it, given back the protocol prefix of `like` (the URL the user
+    wrote): `with_protocol("gs://b/root", "b/root/x") == "gs://b/root/x"`."""
+    proto = protocol_of(like)
+    return path if not proto or path.startswith(proto) else proto + path
+
+
+def join_url(root: str, *names: str) -> str:
+    """`root/name/...` with exactly one slash between the parts (root may be a URL)."""
+    return "/".join([root.rstrip("/"), *(n.strip("/") for n in names)])
+
+
+def temporary_name(path: str) -> str:
+    """A fresh temporary name beside `path` (unique, so concurrent writers never share one)."""
+    return f"{path}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+
+
+def is_temporary(name: str) -> bool:
+    return name.endswith(TMP_SUFFIX)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """For writers that take a local file name (faiss.write_index, np.savez, pq.write_table):
+    yields a temporary path beside `path`; when the block ends without an error the file is
+    renamed to `path`, otherwise it is removed.
+
+        with atomic_path(out) as tmp:
+            faiss.write_index(index, tmp)
+    """
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(url: str, mode: str = "wb", **kwargs) -> Iterator[IO]:
+    """`fsspec.open(url, mode)` through a temporary name, renamed to `url` when the block ends
+    without an error (else removed). Local paths and any fsspec URL."""
+    fs, path = fsspec.core.url_to_fs(url)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = temporary_name(path)
+    try:
+        with fs.open(tmp, mode, **kwargs) as f:
+            yield f
+        fs.mv(tmp, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.rm(tmp)
+        raise
+    finally:
+        fs.invalidate_cache(parent or path)
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    with atomic_open(url, "wb") as f:
+        f.write(data)
+
+
+def write_json_atomic(url: str, data) -> None:
+    """JSON (indented, sorted keys) through a temporary name."""
+    with atomic_open(url, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)

@@ -1,0 +1,245 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from remap_core.descriptor.checkpoint import load_model, read_checkpoint
+from remap_core.descriptor.model import build_model
+from remap_core.training.train import (TrainOptions, embed_images, freeze_backbone, resume_training,
+                              train)
+
+CONFIG = {"head": "remap", "taps": ["stage7", "head"], "whiten_dim": 16, "max_side": 64,
+          "scales": [1.0]}
+OPTS = dict(epochs=1, tuples_per_epoch=4, negatives=2, batch_tuples=2, freeze=15, seed=3,
+            lr=1e-4, lr_head=1e-2, lr_whiten=1e-3)
+
+
+def _images(n_classes=5, per_class=3, seed=0):
+    """Tiny synthetic 'landmarks': a random texture per class, seen with brightness changes."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for c in range(n_classes):
+        base = rng.integers(0, 255, size=(48, 64, 3)).astype(np.float32)
+        for _ in range(per_class):
+            images.append(np.clip(base * rng.uniform(0.7, 1.3), 0, 255).astype(np.uint8))
+            labels.append(c)
+    return images, np.array(labels)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return _images()
+
+
+def test_freeze_leaves_only_the_last_units_trainable():
+    model = build_model(CONFIG)
+    assert freeze_backbone(model, 15) == 3            # stem + 16 blocks + conv head = 18 units
+    assert not any(p.requires_grad for p in model.backbone.stem.parameters())
+    assert not any(p.requires_grad for p in model.backbone.blocks[13].parameters())
+    assert all(p.requires_grad for p in model.backbone.blocks[14].parameters())
+    with pytest.raises(ValueError, match="exceeds"):
+        freeze_backbone(model, 99)
+
+
+def test_training_logs_checkpoints_and_resumes(tmp_path, data):
+    images, labels = data
+    torch.manual_seed(0)
+    model = build_model(CONFIG)
+    klw_before = model.head.region_weights.detach().clone()
+    calls = []
+
+    def validate(m):
+        calls.append(1)
+        return {"map": np.float64(len(calls))}       # numpy scalars, as metrics return
+
+    opts = TrainOptions(**OPTS)
+    history = train(model, images, labels, opts, str(tmp_path), validate=validate,
+                    progress=False)
+    assert [r["epoch"] for r in history] == [0, 1] and history[1]["map"] == 2.0
+    assert history[1]["loss"] >= 0 and 0 <= history[1]["active"] <= 1
+    lines = [json.loads(s) for s in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert lines == history
+    # KLW moved and stays non-negative
+    klw_after = model.head.region_weights.detach()
+    assert not torch.equal(klw_before, klw_after) and (klw_after >= 0).all()
+    # the checkpoint is a plain model checkpoint for load_model, with the same embeddings
+    loaded = load_model(str(tmp_path / "last.pt"), device="cpu")
+    np.testing.assert_allclose(embed_images(loaded, images[:4]), embed_images(model, images[:4]),
+                               atol=1e-5)
+    # resume: epoch 2 continues from the stored optimiser state and appends to the log
+    model2, optimizer, state = resume_training(str(tmp_path / "last.pt"), torch.device("cpu"))
+    assert state["epoch"] == 1
+    assert len(optimizer.state) > 0
+    opts2 = TrainOptions(**{**OPTS, "epochs": 2})
+    history2 = train(model2, images, labels, opts2, str(tmp_path), validate=validate,
+                     optimizer=optimizer, start_epoch=2, history=state["history"],
+                     progress=False)
+    assert [r["epoch"] for r in history2] == [0, 1, 2]
+    assert read_checkpoint(str(tmp_path / "last.pt"))["extra"]["train_state"]["epoch"] == 2
+
+
+def test_training_is_deterministic_for_a_seed(tmp_path, data):
+    images, labels = data
+    out = []
+    for run in range(2):
+        torch.manual_seed(0)
+        model = build_model(CONFIG)
+        train(model, images, labels, TrainOptions(**OPTS), str(tmp_path / str(run)),
+              progress=False)
+        out.append(embed_images(model, images))
+    np.testing.assert_allclose(out[0], out[1], atol=1e-6)
+
+
+def test_resume_refuses_a_checkpoint_without_training_state(tmp_path):
+    from remap_core.descriptor.checkpoint import save_checkpoint
+
+    save_checkpoint(build_model(CONFIG), str(tmp_path / "plain.pt"))
+    with pytest.raises(ValueError, match="without training state"):
+        resume_training(str(tmp_path / "plain.pt"), torch.device("cpu"))
+
+
+def test_initialisation_sets_klw_from_pairs_and_a_pca_whitening(data):
+    from remap_core.training.train import initialise_klw, initialise_whitening, pooled_descriptors
+
+    images, labels = data
+    model = build_model({**CONFIG, "whiten_dim": None})
+    w = initialise_klw(model, images, labels, n_pairs=12, rng=np.random.default_rng(0))
+    assert w.shape == tuple(model.head.region_weights.shape) and (w >= 0).all()
+    np.testing.assert_allclose(model.head.region_weights.detach().numpy(),
+                               np.maximum(w, 1e-6), rtol=1e-4)
+    initialise_whitening(model, images, labels, dim=8, kind="pca")
+    assert model.dim == 8 and model.config["whiten_dim"] == 8
+    with torch.no_grad():
+        y = model.whiten(torch.from_numpy(pooled_descriptors(model, images)).float()).numpy()
+    np.testing.assert_allclose(np.cov(y, rowvar=False), np.eye(8), atol=1e-3)
+
+
+def test_frozen_trunk_cache_gives_the_model_s_own_features(data):
+    from remap_core.training.train import FrozenTrunkCache
+
+    images, _ = data
+    model = build_model({**CONFIG, "taps": ["stage5", "stage7", "head"]})
+    model.eval()
+    freeze_backbone(model, 13)
+    cache = FrozenTrunkCache(model, images, 13)
+    with torch.no_grad():
+        ref = model.features(torch.from_numpy(np.stack(images[:3])).permute(0, 3, 1, 2).float())
+        got = cache.features([0, 1, 2])
+    assert len(got) == 3
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(embed_images(model, images[:5], cache=cache),
+                               embed_images(model, images[:5]), atol=1e-5)
+
+
+def test_cached_embedder_matches_the_model_s_multiscale_embedding(data):
+    from remap_core.training.train import CachedEmbedder
+
+    images, _ = data
+    model = build_model({**CONFIG, "scales": [1.0, 0.75]}).eval()
+    freeze_backbone(model, 14)
+    embed = CachedEmbedder(model, images[:4], 14)
+    np.testing.assert_allclose(embed(model), model.embed_arrays(images[:4]), atol=1e-5)
+
+
+def test_remap_train_reports_an_unreadable_layout_and_a_missing_resume(tmp_path, capsys):
+    from remap_cli import main
+
+    (tmp_path / "labels.csv").write_text("name,score\na.jpg,1\n")
+    rc = main(["train", "--data", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "run"),
+               "--no-val", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no URI column" in err and "a folder with one sub-folder" in err
+    rc = main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--resume"])
+    assert rc == 2 and "--resume but" in capsys.readouterr().err
+
+
+def test_remap_train_end_to_end_on_a_folder_layout_gives_a_loadable_model(tmp_path):
+    from PIL import Image
+
+    from remap_cli import main
+
+    images, labels = _images(n_classes=4, per_class=3, seed=5)
+    for i, (im, lab) in enumerate(zip(images, labels)):
+        (tmp_path / "data" / f"c{lab}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(tmp_path / "data" / f"c{lab}" / f"{i}.png")
+    rc = main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+               "--taps", "stage7,head", "--max-side", "64", "--scales", "1", "--whiten-dim", "8",
+               "--klw-pairs", "10", "--epochs", "1", "--tuples", "2", "--batch", "2",
+               "--negatives", "2", "--freeze", "15", "--no-val", "--quiet"])
+    assert rc == 0
+    model = load_model(str(tmp_path / "run" / "model.pt"), device="cpu")
+    assert model.config["head"] == "remap" and model.dim == 8
+    log = [json.loads(s) for s in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1]
+    assert load_model(str(tmp_path / "run" / "init.pt"), device="cpu").dim == 8
+
+
+def test_remap_train_on_tiles_of_unlabelled_photos(tmp_path, capsys):
+    from PIL import Image
+
+    from remap_cli import main
+
+    images, _ = _images(n_classes=3, per_class=1, seed=8)
+    (tmp_path / "photos").mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im).resize((128, 96)).save(tmp_path / "photos" / f"{i}.png")
+    rc = main(["train", "--photos", str(tmp_path / "photos"), "--tiles", "2",
+               "--views-per-photo", "1", "--out", str(tmp_path / "run"), "--taps", "stage7,head",
+               "--max-side", "64", "--scales", "1", "--whiten-dim", "8", "--klw-pairs", "10",
+               "--epochs", "1", "--tuples", "2", "--batch", "2", "--negatives", "2",
+               "--freeze", "15", "--no-val", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    # 3 photos x 4 tiles = 12 classes of (tile + 1 view)
+    assert "cut into 2x2 tiles (12 classes)" in out and "24 images in 12 classes" in out
+    assert load_model(str(tmp_path / "run" / "model.pt"), device="cpu").dim == 8
+
+
+def test_a_trained_checkpoint_works_unchanged_in_embed_index_and_search(tmp_path, sample_dir):
+    from remap_core.descriptor.checkpoint import model_fingerprint
+    from remap_cli import main
+    from index_builder.search import open_index
+
+    images, labels = _images(n_classes=3, per_class=2, seed=9)
+    for i, (im, lab) in enumerate(zip(images, labels)):
+        (tmp_path / "data" / f"c{lab}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(tmp_path / "data" / f"c{lab}" / f"{i}.png")
+    assert main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+                 "--taps", "stage7,head", "--max-side", "64", "--scales", "1",
+                 "--whiten-dim", "4", "--klw-pairs", "5", "--epochs", "1", "--tuples", "2",
+                 "--batch", "2", "--negatives", "1", "--freeze", "15", "--no-val",
+                 "--quiet"]) == 0
+    ckpt = str(tmp_path / "run" / "model.pt")
+    store, index = tmp_path / "store", tmp_path / "index"
+    assert main(["embed", "--input", str(sample_dir / "images" / "c*.jpg"), "--output",
+                 str(store), "--model", ckpt]) == 0
+    assert main(["index", "--embeddings", str(store), "--output", str(index)]) == 0
+    idx = open_index(str(index))
+    assert idx.manifest["model"] == model_fingerprint(load_model(ckpt, "cpu"))
+    assert idx.manifest["dimension"] == 4
+    query = str(sample_dir / "queries" / "coffee__bright.jpg")
+    hits = idx.search_images([query], k=3, model_uri=ckpt)[0]
+    assert len(hits) == 3 and all(h.uri.endswith(".jpg") for h in hits)
+    assert main(["search", "--index", str(index), "--model", ckpt, query]) == 0
+
+
+def test_remap_train_on_benchmark_views_tiles_the_train_split_photos(tmp_path, capsys):
+    from remap_cli import main
+
+    rc = main(["train", "--benchmark-views", "--no-debian", "--max-photos", "3", "--tiles", "2",
+               "--views-per-photo", "1", "--cache", str(tmp_path / "cache"),
+               "--out", str(tmp_path / "run"), "--taps", "stage7,head", "--max-side", "64",
+               "--scales", "1", "--whiten-dim", "8", "--klw-pairs", "10", "--epochs", "1",
+               "--tuples", "2", "--batch", "2", "--negatives", "2", "--freeze", "15", "--no-val",
+               "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert ("3 training photos (benchmark train split + 0 training-only wallpapers) cut into "
+            "2x2 tiles (12 classes)") in out
+    trained = read_checkpoint(str(tmp_path / "run" / "model.pt"))["extra"]["trained"]
+    assert "12 classes" in trained["source"]
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["tiles"] == 2 and run["clutter_backgrounds"] == 16
