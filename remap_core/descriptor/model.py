@@ -7,13 +7,13 @@ so the normalisation is part of the model (and of its fingerprint), not of the c
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
 
 import numpy as np
 import torch
 from torch import nn
 
 from remap_core.descriptor.backbones import build_backbone
+from remap_core.descriptor.batching import shape_batches
 from remap_core.descriptor.heads import build_head
 from remap_core.descriptor.pooling import l2n, resize_batch
 
@@ -116,19 +116,14 @@ class RetrievalNet(nn.Module):
     def embed_arrays(self, images: list[np.ndarray], batch_size: int = 16) -> np.ndarray:
         """Embed uint8 (H, W, 3) arrays -> (N, D) float32, batching images of equal shape."""
         out = np.zeros((len(images), self.dim), dtype=np.float32)
-        by_shape: dict[tuple, list[int]] = defaultdict(list)
-        for i, im in enumerate(images):
-            by_shape[im.shape].append(i)
         was_training = self.training
         self.eval()
         use_amp = self.device.type == "cuda"
         with torch.inference_mode(), torch.autocast(self.device.type, enabled=use_amp):
-            for idx in by_shape.values():
-                for s in range(0, len(idx), batch_size):
-                    chunk = idx[s:s + batch_size]
-                    batch = torch.from_numpy(np.stack([images[i] for i in chunk]))
-                    batch = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-                    out[chunk] = self.forward_multiscale(batch).float().cpu().numpy()
+            for chunk in shape_batches(images, batch_size):
+                batch = torch.from_numpy(np.stack([images[i] for i in chunk]))
+                batch = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+                out[chunk] = self.forward_multiscale(batch).float().cpu().numpy()
         self.train(was_training)
         return out
 

@@ -132,3 +132,39 @@ def pair_region_distances(vectors: list[np.ndarray], pairs: np.ndarray) -> np.nd
     pairs = np.asarray(pairs, dtype=np.int64)
     return np.stack([np.linalg.norm(v[pairs[:, 0]] - v[pairs[:, 1]], axis=2) for v in vectors],
                     axis=1)
+
+
+def fit_region_weights(head, batches, match: np.ndarray, nonmatch: np.ndarray,
+                       method: str = "gaussian", dtype=np.float64) -> np.ndarray:
+    """KLW weights of a REMAP head from matching and non-matching image pairs: the one fitting
+    that `remap eval` and `remap train` both use.
+
+    head: a `heads.REMAPHead`; batches: iterable of (positions, taps), taps the backbone
+    features [(B, C_l, H_l, W_l)] of the images at those positions (scale 1); match, nonmatch:
+    (P, 2) image positions. Only images that some pair uses are kept, their region vectors
+    stored as `dtype` (`remap eval` keeps float32, as its recorded results were computed).
+    -> weights (L_layers, R_canonical), as `kl_region_weights`.
+    """
+    match = np.asarray(match, dtype=np.int64)
+    nonmatch = np.asarray(nonmatch, dtype=np.int64)
+    used = np.unique(np.concatenate([match.ravel(), nonmatch.ravel()]))
+    wanted = set(used.tolist())
+    per_layer: list[dict[int, np.ndarray]] = []
+    for positions, feats in batches:
+        for layer, vecs in enumerate(canonical_region_vectors(head, feats)):
+            if layer == len(per_layer):
+                per_layer.append({})
+            for j, i in enumerate(positions):
+                if int(i) in wanted:
+                    per_layer[layer][int(i)] = vecs[j].astype(dtype, copy=False)
+    missing = wanted - set(per_layer[0]) if per_layer else wanted
+    if missing:
+        raise ValueError(f"no features for {len(missing)} image(s) the pairs use, e.g. "
+                         f"{sorted(missing)[:3]}; pass batches that cover every paired image")
+    # dense (N_used, R, C) arrays per layer, pairs re-indexed into them
+    position = np.full(int(used.max()) + 1, -1, dtype=np.int64)
+    position[used] = np.arange(len(used))
+    vectors = [np.stack([d[int(i)] for i in used]) for d in per_layer]
+    return kl_region_weights(pair_region_distances(vectors, position[match]),
+                             pair_region_distances(vectors, position[nonmatch]),
+                             method=method)

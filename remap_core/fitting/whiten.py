@@ -120,3 +120,24 @@ def set_model_whitening(model, mean: np.ndarray, projection: np.ndarray) -> None
         linear.bias.copy_(torch.from_numpy(-(projection @ mean)).float())
     model.whiten = linear.to(model.device)
     model.config["whiten_dim"] = int(d_out)
+
+
+def fit_whitening(x_by_scale, kind: str, dim: int, pairs: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The whitening of pooled descriptors that `remap eval` and `remap train` both learn:
+    x_by_scale (S, N, D), the pooled (pre-whitening) descriptors of N images at S scales, each
+    scale a sample of its own. kind "pca": `pca_whitening`; "learned": `learned_whitening` from
+    `pairs` (P, 2) matching image positions, paired within every scale.
+    -> (mean (D,), projection (dim, D))."""
+    x_by_scale = [np.asarray(x) for x in x_by_scale]
+    n = len(x_by_scale[0])
+    x = np.concatenate(x_by_scale)
+    if kind == "pca":
+        return pca_whitening(x, dim)
+    if kind == "learned":
+        if pairs is None:
+            raise ValueError("learned whitening needs matching pairs")
+        pairs = np.asarray(pairs, dtype=np.int64)
+        pairs = np.concatenate([pairs + s * n for s in range(len(x_by_scale))])
+        return learned_whitening(x, pairs, dim)
+    raise ValueError(f"unknown whitening {kind!r}; use 'pca' or 'learned'")

@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from remap_core.descriptor.batching import shape_batches
 from remap_core.descriptor.checkpoint import read_checkpoint, save_checkpoint
 from remap_core.training.losses import active_fraction, triplet_loss
 from remap_core.descriptor.model import RetrievalNet, build_model, make_config
@@ -133,16 +133,6 @@ def _to_batch(images: list[np.ndarray], device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2).float()
 
 
-def _shape_batches(images: list[np.ndarray], index, batch_size: int):
-    """Yield lists of indices whose images share a shape, at most batch_size long."""
-    by_shape: dict[tuple, list[int]] = defaultdict(list)
-    for i in index:
-        by_shape[images[i].shape].append(int(i))
-    for idx in by_shape.values():
-        for s in range(0, len(idx), batch_size):
-            yield idx[s:s + batch_size]
-
-
 def tap_units(backbone: nn.Module) -> dict[str, int]:
     """Tap name -> index (in `backbone_units`) of the unit whose output it is."""
     if hasattr(backbone, "blocks") and hasattr(backbone, "stage_ends"):   # EfficientNet-Lite
@@ -176,7 +166,7 @@ class FrozenTrunkCache:
         self.last_unit = max(self.tap_unit)
         self.n_frozen = min(int(n_frozen), self.last_unit + 1)
         self.entries: list = [None] * len(images)    # per image: (output, {tap unit: output})
-        batches = list(_shape_batches(images, range(len(images)), batch_size))
+        batches = list(shape_batches(images, batch_size))
         with torch.no_grad():
             for idx in tqdm(batches, desc="cache frozen trunk", unit="batch",
                             disable=not progress, leave=False):
@@ -215,7 +205,7 @@ def embed_images(model: RetrievalNet, images: list[np.ndarray], batch_size: int 
     out = np.zeros((len(images), model.dim), dtype=np.float32)
     use_amp = model.device.type == "cuda"
     with torch.inference_mode(), torch.autocast(model.device.type, enabled=use_amp):
-        for idx in _shape_batches(images, range(len(images)), batch_size):
+        for idx in shape_batches(images, batch_size):
             out[idx] = model.describe(_features(model, images, idx, cache)).float().cpu().numpy()
     return out
 
@@ -224,7 +214,7 @@ def describe_with_grad(model: RetrievalNet, images: list[np.ndarray], index: np.
                        cache: FrozenTrunkCache | None = None) -> dict[int, torch.Tensor]:
     """Descriptors (with autograd) of images[index], forwarded in batches of equal shape."""
     out: dict[int, torch.Tensor] = {}
-    for idx in _shape_batches(images, index.tolist(), len(index)):
+    for idx in shape_batches(images, max(1, len(index)), index.tolist()):
         desc = model.describe(_features(model, images, idx, cache))
         for j, i in enumerate(idx):
             out[i] = desc[j]
@@ -261,7 +251,7 @@ class CachedEmbedder:
         out = np.zeros((len(self.images), model.dim), dtype=np.float32)
         use_amp = model.device.type == "cuda"
         with torch.inference_mode(), torch.autocast(model.device.type, enabled=use_amp):
-            for idx in _shape_batches(self.images, range(len(self.images)), self.batch_size):
+            for idx in shape_batches(self.images, self.batch_size):
                 v = sum(model.describe(c.features(idx)).float() for c in self.caches)
                 out[idx] = (v if len(self.caches) == 1 else l2n(v)).cpu().numpy()
         return out
@@ -270,7 +260,6 @@ class CachedEmbedder:
 # --------------------------------------------------------------------------- initialisation
 
 @torch.no_grad()
-@torch.no_grad()
 def pooled_descriptors(model: RetrievalNet, images: list[np.ndarray], batch_size: int = 32,
                        scale: float = 1.0, cache: FrozenTrunkCache | None = None) -> np.ndarray:
     """Head outputs before whitening (what whitening is learned on), of the images resized by
@@ -278,7 +267,7 @@ def pooled_descriptors(model: RetrievalNet, images: list[np.ndarray], batch_size
     from remap_core.descriptor.pooling import resize_batch
 
     out = np.zeros((len(images), model.head.out_dim))
-    for idx in _shape_batches(images, range(len(images)), batch_size):
+    for idx in shape_batches(images, batch_size):
         if cache is not None:
             feats = cache.features(idx)
         else:
@@ -312,28 +301,16 @@ def initialise_klw(model: RetrievalNet, images: list[np.ndarray], labels: np.nda
     """Set the REMAP head's KLW weights to the KL divergence between the region-distance
     distributions of `n_pairs` matching and `n_pairs` non-matching pairs. Returns the weights
     (layers, canonical regions)."""
-    from remap_core.fitting.klw import canonical_region_vectors, kl_region_weights, pair_region_distances
+    from remap_core.fitting.klw import fit_region_weights
 
     if not hasattr(model.head, "set_region_weights"):
         raise ValueError(f"head {model.config['head']!r} has no KLW weights; train with "
                          f"--head remap or pass --no-klw-init")
     match, nonmatch = sample_pairs(labels, n_pairs, rng)
     used = np.unique(np.concatenate([match.ravel(), nonmatch.ravel()]))
-    per_layer: list[dict[int, np.ndarray]] = []
-    for idx in _shape_batches(images, used, 16):
-        feats = _features(model, images, idx, cache)
-        for layer, vecs in enumerate(canonical_region_vectors(model.head, feats)):
-            if layer == len(per_layer):
-                per_layer.append({})
-            for j, i in enumerate(idx):
-                per_layer[layer][i] = vecs[j]
-    # dense (N_used, R, C) arrays per layer, pairs re-indexed into them
-    pos = {int(i): k for k, i in enumerate(used)}
-    vectors = [np.stack([d[int(i)] for i in used]) for d in per_layer]
-    remap_pairs = np.vectorize(lambda i: pos[int(i)])
-    weights = kl_region_weights(pair_region_distances(vectors, remap_pairs(match)),
-                                pair_region_distances(vectors, remap_pairs(nonmatch)),
-                                method=method)
+    batches = ((idx, _features(model, images, idx, cache))
+               for idx in shape_batches(images, 16, used))
+    weights = fit_region_weights(model.head, batches, match, nonmatch, method=method)
     model.head.set_region_weights(weights)
     return weights
 
@@ -346,20 +323,17 @@ def initialise_whitening(model: RetrievalNet, images: list[np.ndarray], labels: 
     into the model (`whiten.set_model_whitening`). Every test-time scale of the model gives one
     sample per image (as `remap eval` learns it). kind: "pca" or "learned" (Radenović's Lw,
     from matching pairs within a scale)."""
-    from remap_core.fitting.whiten import learned_whitening, pca_whitening, set_model_whitening
+    from remap_core.fitting.whiten import fit_whitening, set_model_whitening
 
+    if kind not in ("pca", "learned"):
+        raise ValueError(f"unknown whitening {kind!r}; use 'pca' or 'learned'")
     scales = list(model.config["scales"])
     caches = caches or {}
-    x = np.concatenate([pooled_descriptors(model, images, scale=s, cache=caches.get(s))
-                        for s in scales])
-    if kind == "pca":
-        mean, projection = pca_whitening(x, dim)
-    elif kind == "learned":
+    x = [pooled_descriptors(model, images, scale=s, cache=caches.get(s)) for s in scales]
+    match = None
+    if kind == "learned":
         match, _ = sample_pairs(labels, n_pairs, rng or np.random.default_rng(0))
-        match = np.concatenate([match + k * len(images) for k in range(len(scales))])
-        mean, projection = learned_whitening(x, match, dim)
-    else:
-        raise ValueError(f"unknown whitening {kind!r}; use 'pca' or 'learned'")
+    mean, projection = fit_whitening(x, kind, dim, match)
     set_model_whitening(model, mean, projection)
 
 
