@@ -26,7 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import dataclasses  # noqa: E402
+
 from remap_cli import train as train_cli  # noqa: E402
+from remap_core.training import run  # noqa: E402
 from remap_core.training.train import train  # noqa: E402
 
 VARIANTS = {
@@ -47,25 +50,27 @@ def main() -> None:
     args = parser.parse_args()
     args.out = args.out or tempfile.mkdtemp(prefix="remap-ablation-")
     if args.cache is None:
-        from remap_cli.eval import default_cache_dir
+        from remap_core.evaluation.benchmark import default_cache_dir
 
         args.cache = default_cache_dir()
-    torch.manual_seed(args.seed)
+    options = run.TrainRun(**{f.name: getattr(args, f.name)
+                              for f in dataclasses.fields(run.TrainRun)})
+    torch.manual_seed(options.seed)
     t0 = time.time()
-    model = train_cli._new_model(args, torch.device("cpu"))
-    ts, source = train_cli.load_training_set(args, int(model.config["max_side"]))
-    caches = train_cli.cache_frozen_trunk(model, ts, train_cli._options(args), progress=False)
-    train_cli.initialise_model(model, ts, args, caches)
-    validate = train_cli.make_validator(args, model, args.freeze, progress=False)
+    model = run.new_model(options, torch.device("cpu"))
+    ts, source = run.load_training_set(options, int(model.config["max_side"]))
+    caches = run.cache_frozen_trunk(model, ts, run.train_options(options), progress=False)
+    run.initialise_model(model, ts, options, caches)
+    validate = run.make_validator(options, model, options.freeze, progress=False)
     init = validate(model)
     state0 = copy.deepcopy(model.state_dict())
     rows = []
     for name, overrides in VARIANTS.items():
-        opts = train_cli._options(args)
+        opts = run.train_options(options)
         for k, v in overrides.items():
             setattr(opts, k, v)
         model.load_state_dict(state0)
-        out = os.path.join(args.out, name.split(" (")[0].replace(" ", "_"))
+        out = os.path.join(options.out, name.split(" (")[0].replace(" ", "_"))
         tv = time.time()
         rec = train(model, ts.images, ts.labels, opts, out, validate=validate, progress=False,
                     cache=caches.get(1.0), groups=ts.groups, history=[{"epoch": 0}])[-1]

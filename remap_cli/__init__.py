@@ -1,6 +1,8 @@
-"""The `remap` console command. Each subcommand lives in the module that owns its work and
-exposes `add_arguments(parser)` and `main(args) -> int`; modules are imported only when their
-subcommand runs (so `remap search` never imports Beam).
+"""The `remap` console command: all of remap's argument parsing. Each subcommand is one module
+here (embed, index, search, eval, train, samples) with `add_arguments(parser)` and
+`main(args) -> int`, which parses and calls one library function; modules are imported only
+when their subcommand runs (so `remap search` never imports Beam). This dispatcher turns the
+errors a user can fix (ValueError, FileNotFoundError, PermissionError) into one line and exit 2.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "search": ("remap_cli.search", "search a built index with query images or vectors"),
     "eval": ("remap_cli.eval", "benchmark the descriptor heads on generated view families"),
     "train": ("remap_cli.train", "train REMAP end to end with a triplet loss"),
-    "samples": ("remap_core.data.samples", "write the bundled sample images and altered queries"),
+    "samples": ("remap_cli.samples", "write the bundled sample images and altered queries"),
 }
 
 

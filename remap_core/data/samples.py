@@ -1,4 +1,4 @@
-"""`remap samples`: the bundled sample collection and altered query copies.
+"""The bundled sample collection and altered query copies.
 
 The photos are the sample images that scikit-image and scikit-learn ship (public domain / CC0 /
 BSD, see their READMEs), copied out at set-up time; each gets four altered copies used as
@@ -7,7 +7,6 @@ queries: crop, brightness, rotation, partial occlusion. Deterministic.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageEnhance
@@ -57,7 +56,9 @@ def alter(img: Image.Image, how: str) -> Image.Image:
 
 
 def write_samples(out_dir: str) -> tuple[list[str], list[str]]:
-    """Write images/<name>.jpg and queries/<name>__<alteration>.jpg; returns both path lists."""
+    """Write images/<name>.jpg and queries/<name>__<alteration>.jpg; returns both path lists.
+    An `out_dir` that is a file, or lies under one, is refused before anything is written."""
+    check_output_folder(out_dir)
     images_dir, queries_dir = Path(out_dir) / "images", Path(out_dir) / "queries"
     images_dir.mkdir(parents=True, exist_ok=True)
     queries_dir.mkdir(parents=True, exist_ok=True)
@@ -73,10 +74,6 @@ def write_samples(out_dir: str) -> tuple[list[str], list[str]]:
     return images, queries
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--output", default="samples", help="folder to write (default: samples)")
-
-
 def check_output_folder(out_dir: str) -> None:
     """Refuse an --output that is a file or lies under one (ValueError), before writing."""
     path = Path(out_dir)
@@ -87,11 +84,3 @@ def check_output_folder(out_dir: str) -> None:
                 raise ValueError(f"--output {out_dir} {where}; pass a folder to write the "
                                  f"samples into")
             return
-
-
-def main(args) -> int:
-    check_output_folder(args.output)
-    images, queries = write_samples(args.output)
-    print(f"wrote {len(images)} images to {os.path.join(args.output, 'images')} and "
-          f"{len(queries)} altered queries to {os.path.join(args.output, 'queries')}")
-    return 0

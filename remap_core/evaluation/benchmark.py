@@ -365,3 +365,9 @@ def category_benchmark(cache_dir: str, min_per_class: int = 10, max_per_class: i
             family.append(c)
     return Benchmark(images, np.asarray(family, np.int64), ["category"] * len(images), classes,
                      query_nuisances=("category",))
+
+
+def default_cache_dir() -> str:
+    """Where benchmarks and downloaded photos are kept: $REMAP_CACHE, else ~/.cache/remap."""
+    return os.environ.get("REMAP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                         "remap")

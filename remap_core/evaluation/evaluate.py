@@ -1,5 +1,6 @@
-"""`remap eval`: MAC, SPoC, GeM, R-MAC and REMAP on the same backbone, on the view-family
-benchmark (`benchmark.py`), scored with the revisitop mAP (`metrics.py`); one table.
+"""What `remap eval` runs: MAC, SPoC, GeM, R-MAC and REMAP on the same backbone, on the
+view-family benchmark (`benchmark.py`), scored with the revisitop mAP (`metrics.py`); one table
+(`run(EvalOptions) -> report`, `format_table(report)`).
 
 REMAP here is "off the shelf": its KL-divergence region weights are estimated from matching and
 non-matching pairs of the benchmark's *train* split and its whitening is learned on the same
@@ -9,14 +10,13 @@ share one backbone pass per image and scale, and the same multi-scale inference.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
 import sys
 import time
-from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -24,11 +24,6 @@ log = logging.getLogger(__name__)
 
 KAPPAS = (1, 5, 10)
 WHITEN_LABEL = {"learned": "Lw", "pca": "PCAw"}
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("REMAP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                         "remap")
 
 
 def parse_scales(text: str) -> list[float]:
@@ -57,50 +52,32 @@ def parse_scales(text: str) -> list[float]:
     return out
 
 
-def add_arguments(parser) -> None:
-    g = parser.add_argument_group("benchmark")
-    g.add_argument("--cache", default=default_cache_dir(),
-                   help="folder for downloaded photos and built benchmarks (default: "
-                        "$REMAP_CACHE or ~/.cache/remap)")
-    g.add_argument("--no-debian", action="store_true",
-                   help="use only the scikit-image/scikit-learn photos (no apt-get download)")
-    g.add_argument("--views-per-nuisance", type=int, default=2,
-                   help="views of each photo per nuisance (default 2)")
-    g.add_argument("--side", type=int, default=384, help="long side of the benchmark images")
-    g.add_argument("--seed", type=int, default=0, help="seed of the generated views")
-    g.add_argument("--category", action="store_true",
-                   help="also score category retrieval on Debian's tuxpaint-stamps-default "
-                        "(folder = class; needs apt-get download; skipped when unavailable)")
-    g.add_argument("--max-photos", type=int, default=None,
-                   help="use at most this many photos per split (quick runs)")
-    m = parser.add_argument_group("model")
-    m.add_argument("--backbone", default="efficientnet_lite0")
-    m.add_argument("--weights", default="default",
-                   help="backbone weights: 'default' (offline), a path/fsspec URL, 'torchvision'")
-    m.add_argument("--taps", default=None,
-                   help="REMAP's feature taps, comma-separated (default: stage5,head for the "
-                        "EfficientNet/MobileNet backbones, the last two taps otherwise, e.g. "
-                        "layer3,layer4)")
-    m.add_argument("--baseline-taps", default=None,
-                   help="taps of MAC/SPoC/GeM/R-MAC (default: the backbone's last tap)")
-    m.add_argument("--max-side", type=int, default=320, help="long side of the network input")
-    m.add_argument("--scales", default="1,1/sqrt(2),1/2",
-                   help="multi-scale inference for every method (default 1,1/sqrt(2),1/2)")
-    m.add_argument("--levels", type=int, default=3, help="R-MAC/REMAP region grid levels")
-    m.add_argument("--klw-method", choices=("gaussian", "histogram"), default="gaussian")
-    m.add_argument("--whiten", choices=("learned", "pca"), default="learned",
-                   help="whitening learned on the train split (default: Radenović's learned)")
-    m.add_argument("--whiten-dim", type=int, default=256)
-    m.add_argument("--batch-size", type=int, default=16)
-    m.add_argument("--model", action="append", default=[], metavar="CHECKPOINT",
-                   help="also score this checkpoint (e.g. `remap train`'s init.pt and model.pt) "
-                   "as it embeds in the product (`embed_arrays`: its own input size and "
-                   "scales); repeatable; the first is the reference the others are compared to")
-    m.add_argument("--save-model", default=None,
-                   help="also save the REMAP model (KLW + whitening) as a checkpoint here")
-    o = parser.add_argument_group("output")
-    o.add_argument("--format", choices=("table", "json"), default="table")
-    o.add_argument("--output", default=None, help="also write the JSON results to this file")
+@dataclass
+class EvalOptions:
+    """Everything one `remap eval` run depends on (the defaults are the command's)."""
+
+    # benchmark
+    cache: str | None = None          # downloaded photos and built benchmarks; None: default
+    no_debian: bool = False           # only the scikit-image/scikit-learn photos
+    views_per_nuisance: int = 2
+    side: int = 384                   # long side of the benchmark images
+    seed: int = 0                     # seed of the generated views
+    category: bool = False            # also score category retrieval (tuxpaint stamps)
+    max_photos: int | None = None     # at most this many photos per split
+    # model
+    backbone: str = "efficientnet_lite0"
+    weights: str = "default"
+    taps: str | None = None           # REMAP's taps, comma-separated; None: default_remap_taps
+    baseline_taps: str | None = None  # taps of MAC/SPoC/GeM/R-MAC; None: the last tap
+    max_side: int = 320               # long side of the network input
+    scales: str | Sequence[float] = "1,1/sqrt(2),1/2"   # text as `parse_scales` reads it
+    levels: int = 3
+    klw_method: str = "gaussian"      # or "histogram"
+    whiten: str = "learned"           # or "pca"
+    whiten_dim: int = 256
+    batch_size: int = 16
+    model: list[str] = field(default_factory=list)   # checkpoints also scored
+    save_model: str | None = None     # save the REMAP model (KLW + whitening) here
 
 
 # --------------------------------------------------------------------------- features
@@ -129,21 +106,17 @@ def iter_features(base, images: list[np.ndarray], scales: list[float], batch_siz
     import torch
     from tqdm import tqdm
 
+    from remap_core.descriptor.batching import shape_batches
     from remap_core.descriptor.pooling import resize_batch
 
-    by_shape: dict[tuple, list[int]] = defaultdict(list)
-    for i, im in enumerate(images):
-        by_shape[im.shape].append(i)
     base.eval()
     with torch.inference_mode(), tqdm(total=len(images), desc=desc, unit="img",
                                       disable=desc is None, leave=False) as bar:
-        for idx in by_shape.values():
-            for s in range(0, len(idx), batch_size):
-                chunk = idx[s:s + batch_size]
-                x = torch.from_numpy(np.stack([images[i] for i in chunk])).permute(0, 3, 1, 2)
-                x = x.float()
-                yield chunk, [base.features(resize_batch(x, sc)) for sc in scales]
-                bar.update(len(chunk))
+        for chunk in shape_batches(images, batch_size):
+            x = torch.from_numpy(np.stack([images[i] for i in chunk])).permute(0, 3, 1, 2)
+            x = x.float()
+            yield chunk, [base.features(resize_batch(x, sc)) for sc in scales]
+            bar.update(len(chunk))
 
 
 def describe_multiscale(method: Method, feats_by_scale) -> np.ndarray:
@@ -197,21 +170,14 @@ def compare_to(results: dict, reference: str, bench) -> None:
 def learn_klw(remap: Method, train_feats: list, bench, method: str) -> np.ndarray:
     """KLW weights (layers, canonical regions) from the train split's matching pairs and as many
     random non-matching pairs (scale 1 taps)."""
-    from remap_core.fitting.klw import canonical_region_vectors, kl_region_weights, pair_region_distances
+    from remap_core.fitting.klw import fit_region_weights
 
-    head = remap.model.head
-    n_layers = len(remap.tap_index)
-    vectors: list[np.ndarray | None] = [None] * n_layers
-    for chunk, feats_by_scale in train_feats:
-        vecs = canonical_region_vectors(head, [feats_by_scale[0][i] for i in remap.tap_index])
-        for layer, v in enumerate(vecs):
-            if vectors[layer] is None:
-                vectors[layer] = np.zeros((len(bench.images),) + v.shape[1:], np.float32)
-            vectors[layer][chunk] = v
+    batches = ((chunk, [feats_by_scale[0][i] for i in remap.tap_index])
+               for chunk, feats_by_scale in train_feats)
     match = bench.matching_pairs()
     nonmatch = bench.non_matching_pairs(n=max(len(match), 2000), seed=0)
-    return kl_region_weights(pair_region_distances(vectors, match),
-                             pair_region_distances(vectors, nonmatch), method=method)
+    return fit_region_weights(remap.model.head, batches, match, nonmatch, method=method,
+                              dtype=np.float32)
 
 
 def learn_whitening(method: Method, train_feats: list, bench, kind: str, dim: int) -> int:
@@ -219,7 +185,7 @@ def learn_whitening(method: Method, train_feats: list, bench, kind: str, dim: in
     sample; matching pairs within a scale) and set it in the model. Returns the dimension."""
     import torch
 
-    from remap_core.fitting.whiten import learned_whitening, pca_whitening, set_model_whitening
+    from remap_core.fitting.whiten import fit_whitening, set_model_whitening
 
     n_scales = len(train_feats[0][1])
     x = np.zeros((n_scales, len(bench.images), method.model.head.out_dim))
@@ -227,14 +193,10 @@ def learn_whitening(method: Method, train_feats: list, bench, kind: str, dim: in
         for chunk, feats_by_scale in train_feats:
             for s, feats in enumerate(feats_by_scale):
                 x[s, chunk] = method.model.head([feats[i] for i in method.tap_index]).numpy()
-    x = x.reshape(-1, x.shape[-1])
-    if kind == "pca":
-        rank = min(x.shape) - 1
-        mean, proj = pca_whitening(x, min(dim, rank))
-    else:
-        pairs = bench.matching_pairs()
-        pairs = np.concatenate([pairs + s * len(bench.images) for s in range(n_scales)])
-        mean, proj = learned_whitening(x, pairs, min(dim, x.shape[1]))
+    # the dimension asked for, within what the samples allow
+    rank = min(n_scales * len(bench.images), x.shape[-1]) - 1 if kind == "pca" else x.shape[-1]
+    pairs = bench.matching_pairs() if kind == "learned" else None
+    mean, proj = fit_whitening(x, kind, min(dim, rank), pairs)
     set_model_whitening(method.model, mean, proj)
     return proj.shape[0]
 
@@ -249,24 +211,27 @@ def default_remap_taps(spec) -> list[str]:
     return list(spec.taps[-2:])
 
 
-def run(args) -> dict:
+def run(options: EvalOptions) -> dict:
+    """The benchmark table as a JSON-ready report (see `format_table`)."""
     import torch
 
     from remap_core.descriptor.backbones import backbone_spec
-    from remap_core.evaluation.benchmark import build_benchmark
+    from remap_core.evaluation.benchmark import build_benchmark, default_cache_dir
     from remap_core.descriptor.model import build_model
 
     t0 = time.time()
-    scales = parse_scales(args.scales)
-    spec = backbone_spec(args.backbone)
-    remap_taps = default_remap_taps(spec) if not args.taps else [
-        t.strip() for t in args.taps.split(",") if t.strip()]
-    base_taps = ([t.strip() for t in args.baseline_taps.split(",")] if args.baseline_taps
+    cache = options.cache or default_cache_dir()
+    scales = (parse_scales(options.scales) if isinstance(options.scales, str)
+              else [float(x) for x in options.scales])
+    spec = backbone_spec(options.backbone)
+    remap_taps = default_remap_taps(spec) if not options.taps else [
+        t.strip() for t in options.taps.split(",") if t.strip()]
+    base_taps = ([t.strip() for t in options.baseline_taps.split(",")] if options.baseline_taps
                  else [spec.taps[-1]])
     all_taps = list(dict.fromkeys(base_taps + remap_taps))
     torch.manual_seed(0)
-    common = {"backbone": args.backbone, "max_side": args.max_side, "scales": scales}
-    base = build_model({**common, "taps": all_taps}, backbone_weights=args.weights).eval()
+    common = {"backbone": options.backbone, "max_side": options.max_side, "scales": scales}
+    base = build_model({**common, "taps": all_taps}, backbone_weights=options.weights).eval()
 
     def method(name, head, taps, head_args):
         m = build_model({**common, "taps": taps, "head": head, "head_args": head_args},
@@ -274,19 +239,19 @@ def run(args) -> dict:
         m.backbone = base.backbone
         return Method(name, m, [all_taps.index(t) for t in taps])
 
-    levels = {"levels": args.levels}
+    levels = {"levels": options.levels}
     methods = [method("MAC", "mac", base_taps, {}), method("SPoC", "spoc", base_taps, {}),
                method("GeM", "gem", base_taps, {"p": 3.0}),
                method("R-MAC", "rmac", base_taps, levels),
-               method(f"R-MAC + {WHITEN_LABEL[args.whiten]}", "rmac", base_taps, levels),
+               method(f"R-MAC + {WHITEN_LABEL[options.whiten]}", "rmac", base_taps, levels),
                method("REMAP uniform weights", "remap", remap_taps, levels),
                method("REMAP KLW, no whitening", "remap", remap_taps, levels),
                method("REMAP", "remap", remap_taps, levels)]
     rmac_w, remap_uniform, remap_klw, remap = methods[4:]
 
-    common_bench = dict(cache_dir=args.cache, views_per_nuisance=args.views_per_nuisance,
-                        seed=args.seed, side=args.side, debian=not args.no_debian,
-                        max_photos=args.max_photos)
+    common_bench = dict(cache_dir=cache, views_per_nuisance=options.views_per_nuisance,
+                        seed=options.seed, side=options.side, debian=not options.no_debian,
+                        max_photos=options.max_photos)
     train = build_benchmark("train", **common_bench)
     evalb = build_benchmark("eval", **common_bench)
     if set(train.photos) & set(evalb.photos):
@@ -295,53 +260,53 @@ def run(args) -> dict:
     print(f"train split: {train.summary()}; eval split: {evalb.summary()}", file=sys.stderr)
 
     t1 = time.time()
-    train_feats = list(iter_features(base, _prepare(train, args.max_side), scales,
-                                     args.batch_size, desc="train split"))
-    klw = learn_klw(remap, train_feats, train, args.klw_method)
+    train_feats = list(iter_features(base, _prepare(train, options.max_side), scales,
+                                     options.batch_size, desc="train split"))
+    klw = learn_klw(remap, train_feats, train, options.klw_method)
     remap.model.head.set_region_weights(klw)
     remap_klw.model.head.set_region_weights(klw)
-    dims = {m.name: learn_whitening(m, train_feats, train, args.whiten, args.whiten_dim)
+    dims = {m.name: learn_whitening(m, train_feats, train, options.whiten, options.whiten_dim)
             for m in (rmac_w, remap_uniform, remap)}
     del train_feats
     t_learn = time.time() - t1
 
     t2 = time.time()
-    images = _prepare(evalb, args.max_side)
-    desc = describe_all(methods, base, images, scales, args.batch_size, "eval split")
+    images = _prepare(evalb, options.max_side)
+    desc = describe_all(methods, base, images, scales, options.batch_size, "eval split")
     t_embed = time.time() - t2
 
     category = None
-    if getattr(args, "category", False):
+    if options.category:
         from remap_core.evaluation.benchmark import category_benchmark
 
         t3 = time.time()
-        cb = category_benchmark(args.cache, seed=args.seed)
+        cb = category_benchmark(cache, seed=options.seed)
         if cb is None:
             print("category retrieval skipped: tuxpaint-stamps-default could not be fetched",
                   file=sys.stderr)
         else:
-            cimages = _prepare(cb, args.max_side)
-            cdesc = describe_all(methods, base, cimages, scales, args.batch_size, "category")
+            cimages = _prepare(cb, options.max_side)
+            cdesc = describe_all(methods, base, cimages, scales, options.batch_size, "category")
             cres = {m.name: {"dim": int(m.model.dim), **score(cdesc[m.name], cb)}
                     for m in methods}
             compare_to(cres, "R-MAC", cb)
             category = {"benchmark": cb.summary(), "classes": cb.photos, "results": cres,
                         "seconds": round(time.time() - t3, 1)}
 
-    if args.save_model:
+    if options.save_model:
         from remap_core.descriptor.checkpoint import save_checkpoint
 
-        fp = save_checkpoint(remap.model, args.save_model,
-                             extra={"klw": "benchmark train split", "whiten": args.whiten})
-        print(f"saved REMAP model {fp} to {args.save_model}", file=sys.stderr)
+        fp = save_checkpoint(remap.model, options.save_model,
+                             extra={"klw": "benchmark train split", "whiten": options.whiten})
+        print(f"saved REMAP model {fp} to {options.save_model}", file=sys.stderr)
 
     results = {m.name: {"dim": int(m.model.dim), "taps": m.model.config["taps"],
                         **score(desc[m.name], evalb)} for m in methods}
-    models = score_checkpoints(args.model, evalb)
+    models = score_checkpoints(options.model, evalb)
     results.update(models)
     compare_to(results, "R-MAC", evalb)
     pairs = [(name, next(iter(models))) for name in list(models)[1:]]
-    pairs += [("REMAP", other) for other in (f"R-MAC + {WHITEN_LABEL[args.whiten]}",
+    pairs += [("REMAP", other) for other in (f"R-MAC + {WHITEN_LABEL[options.whiten]}",
                                             "REMAP uniform weights")]
     key_comparisons = {f"{name} vs {ref}": paired_difference(results[name], results[ref], evalb)
                        for name, ref in pairs}
@@ -350,13 +315,13 @@ def run(args) -> dict:
                     else "remap eval"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch "
                    f"{torch.__version__}, cuda={'yes' if torch.cuda.is_available() else 'no'}",
-        "backbone": args.backbone, "scales": scales, "levels": args.levels,
-        "max_side": args.max_side, "whiten": args.whiten, "whiten_dims": dims,
-        "klw_method": args.klw_method,
+        "backbone": options.backbone, "scales": scales, "levels": options.levels,
+        "max_side": options.max_side, "whiten": options.whiten, "whiten_dims": dims,
+        "klw_method": options.klw_method,
         "klw_weights": {t: [round(float(v), 4) for v in row] for t, row in zip(remap_taps, klw)},
         "benchmark": {"train": train.summary(), "eval": evalb.summary(),
-                      "eval_photos": evalb.photos, "views_per_nuisance": args.views_per_nuisance,
-                      "side": args.side, "seed": args.seed,
+                      "eval_photos": evalb.photos, "views_per_nuisance": options.views_per_nuisance,
+                      "side": options.side, "seed": options.seed,
                       "queries_per_nuisance": {n: int(sum(1 for i in evalb.queries
                                                           if evalb.nuisance[i] == n))
                                                for n in dict.fromkeys(evalb.nuisance[i]
@@ -418,7 +383,6 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-
 def score_checkpoints(paths: list[str], bench) -> dict:
     """Scores of saved models on `bench`, embedded as the product embeds (`embed_arrays`):
     {"<folder>/<file>": result (with the checkpoint's path and fingerprint)}."""
@@ -451,14 +415,3 @@ def describe_all(methods, base, images, scales, batch_size, desc) -> dict:
         for m in methods:
             out[m.name][chunk] = describe_multiscale(m, feats_by_scale)
     return out
-
-def main(args) -> int:
-    report = run(args)
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(report, f, indent=2)
-    if args.format == "json":
-        print(json.dumps(report, indent=2))
-    else:
-        print(format_table(report))
-    return 0

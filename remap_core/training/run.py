@@ -1,4 +1,6 @@
-"""`remap train`: train REMAP end to end with a triplet loss.
+"""One `remap train` run, start to model.pt: `run_training(TrainRun) -> summary`, and the steps
+it is made of (`load_training_set`, `initialise_model`, `cache_frozen_trunk`,
+`make_validator`, `benchmark_training_photos`), which bench/train_ablation.py calls too.
 
     remap train --benchmark-views --out runs/remap      # view families of the benchmark's
                                                         # training photos, validated on its
@@ -17,110 +19,73 @@ state) and, at the end, OUT/model.pt, a plain checkpoint for `remap embed --mode
 
 from __future__ import annotations
 
-import argparse
 import functools
 import glob
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from remap_core.training.train import TrainOptions
 
 DEFAULT_TAPS = "stage5,head"   # as `remap eval`
+_T = TrainOptions()
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    src = parser.add_argument_group("training data (choose one)")
-    src.add_argument("--data", help="labelled layout: a folder with a sub-folder per class, or a "
-                     "Parquet/CSV table with uri,label (id,url,landmark_id) columns")
-    src.add_argument("--photos", help="unlabelled photos (a folder or a glob): each becomes a "
-                     "class of generated views (self-supervised)")
-    src.add_argument("--benchmark-views", action="store_true", help="view families of the "
-                     "benchmark's training photos (disjoint from its evaluation photos)")
-    src.add_argument("--views-per-photo", type=int, default=5,
-                     help="generated views per photo (default 5), each 1-2 chained nuisances")
-    src.add_argument("--tiles", type=int, default=2, metavar="G",
-                     help="view families: cut every photo into G x G tiles, each a class of its "
-                     "own (default 2; 1: whole photos); --benchmark-views reads photos at G "
-                     "times the side, so tiles keep their detail")
-    src.add_argument("--no-extra-photos", action="store_true",
-                     help="--benchmark-views without the training-only wallpaper photos (Debian "
-                     "packages the benchmark never evaluates on): only the train split")
-    src.add_argument("--clutter-backgrounds", type=int, default=16, metavar="N",
-                     help="clutter views of every class share N generated backgrounds (default "
-                     "16), so the background never identifies a class; 0: a new background per "
-                     "view")
-    src.add_argument("--view-seed", type=int, default=None,
-                     help="seed of the generated views (default: derived from --seed, and "
-                     "different from every benchmark seed)")
+@dataclass
+class TrainRun:
+    """Everything one `remap train` run depends on (field names and defaults are the command's
+    options; see `remap train --help`). Exactly one of data, photos, benchmark_views."""
 
-    out = parser.add_argument_group("output")
-    out.add_argument("--out", required=True, help="run folder for last.pt, model.pt, log.jsonl")
-    out.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-
-    m = parser.add_argument_group("model")
-    m.add_argument("--init-model", help="start from this checkpoint instead of the ImageNet "
-                   "backbone with a fresh head (its KLW/whitening are kept unless re-initialised)")
-    m.add_argument("--backbone", default="efficientnet_lite0")
-    m.add_argument("--taps", default=DEFAULT_TAPS, help=f"backbone layers REMAP aggregates "
-                   f"(default {DEFAULT_TAPS})")
-    m.add_argument("--levels", type=int, default=3, help="R-MAC grid levels (default 3)")
-    m.add_argument("--max-side", type=int, default=320,
-                   help="long side of training and validation images (default 320)")
-    m.add_argument("--scales", default=None, help="test-time scales stored in the model, e.g. "
-                   "1,0.7071,0.5 (default: the head's default)")
-    m.add_argument("--whiten", choices=("pca", "learned", "none"), default="pca",
-                   help="whitening initialised from training descriptors: pca (default; leaves "
-                   "the triplet loss something to learn) or learned (Radenović's Lw from "
-                   "matching pairs: on few training classes it separates every training tuple "
-                   "already, so the loss starts at zero)")
-    m.add_argument("--whiten-dim", type=int, default=256, help="whitened dimension (default 256)")
-    m.add_argument("--klw-pairs", type=int, default=400,
-                   help="matching and non-matching pairs for the KLW initialisation (default 400)")
-    m.add_argument("--no-klw-init", action="store_true",
-                   help="keep uniform (or --init-model's) KLW weights")
-
-    t = parser.add_argument_group("training")
-    d = TrainOptions()
-    t.add_argument("--epochs", type=int, default=d.epochs)
-    t.add_argument("--tuples", type=int, default=d.tuples_per_epoch, help="tuples per epoch")
-    t.add_argument("--negatives", type=int, default=d.negatives,
-                   help="hard negatives per tuple, at most one per class")
-    t.add_argument("--pool-size", type=int, default=None,
-                   help="negative pool drawn each epoch (default: every training image)")
-    t.add_argument("--batch", type=int, default=d.batch_tuples, help="tuples per step")
-    t.add_argument("--margin", type=float, default=d.margin)
-    t.add_argument("--lr", type=float, default=d.lr, help="backbone learning rate")
-    t.add_argument("--lr-head", type=float, default=d.lr_head, help="KLW learning rate")
-    t.add_argument("--lr-whiten", type=float, default=d.lr_whiten,
-                   help="whitening learning rate")
-    t.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    t.add_argument("--freeze", type=int, default=12, help="leading backbone units kept frozen "
-                   "(EfficientNet-Lite0: stem + 16 blocks + conv head = 18; default 12 trains "
-                   "stage 6, stage 7 and the conv head)")
-    t.add_argument("--no-cache", action="store_true",
-                   help="recompute the frozen units every step (slower; same result)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    t.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
-
-    v = parser.add_argument_group("benchmark (training photos of --benchmark-views, validation)")
-    v.add_argument("--no-val", action="store_true", help="skip the per-epoch benchmark mAP")
-    v.add_argument("--cache", default=None, help="benchmark cache folder (default: "
-                   "$REMAP_CACHE or ~/.cache/remap, as `remap eval`)")
-    v.add_argument("--no-debian", action="store_true",
-                   help="only the scikit-image/scikit-learn photos (no apt-get download)")
-    v.add_argument("--views-per-nuisance", type=int, default=2,
-                   help="benchmark views per photo and nuisance (default 2, as `remap eval`)")
-    v.add_argument("--side", type=int, default=384,
-                   help="long side of the benchmark photos (default 384, as `remap eval`)")
-    v.add_argument("--val-seed", type=int, default=0,
-                   help="seed of the benchmark's views (default 0, as `remap eval --seed`)")
-    v.add_argument("--max-photos", type=int, default=None,
-                   help="at most this many photos per split (quick runs)")
-    v.add_argument("--quiet", action="store_true", help="no progress bars")
+    out: str
+    # training data
+    data: str | None = None               # labelled layout: folder per class or uri,label table
+    photos: str | None = None             # unlabelled photos (folder or glob): view families
+    benchmark_views: bool = False         # view families of the benchmark's training photos
+    views_per_photo: int = 5
+    tiles: int = 2                        # cut every photo into tiles x tiles classes
+    no_extra_photos: bool = False         # --benchmark-views without training-only wallpapers
+    clutter_backgrounds: int = 16         # shared clutter backgrounds; 0: one per view
+    view_seed: int | None = None          # None: training_view_seed(seed)
+    resume: bool = False                  # continue from out/last.pt
+    # model
+    init_model: str | None = None         # start from this checkpoint
+    backbone: str = "efficientnet_lite0"
+    taps: str = DEFAULT_TAPS              # comma-separated
+    levels: int = 3
+    max_side: int = 320
+    scales: str | None = None             # comma-separated test-time scales; None: the head's
+    whiten: str = "pca"                   # "pca", "learned" or "none"
+    whiten_dim: int = 256
+    klw_pairs: int = 400
+    no_klw_init: bool = False
+    # training (see TrainOptions)
+    epochs: int = _T.epochs
+    tuples: int = _T.tuples_per_epoch
+    negatives: int = _T.negatives
+    pool_size: int | None = _T.pool_size
+    batch: int = _T.batch_tuples
+    margin: float = _T.margin
+    lr: float = _T.lr
+    lr_head: float = _T.lr_head
+    lr_whiten: float = _T.lr_whiten
+    weight_decay: float = _T.weight_decay
+    freeze: int = 12
+    no_cache: bool = False
+    seed: int = 0
+    device: str = "auto"                  # auto, cpu or cuda
+    no_amp: bool = False
+    # benchmark (training photos of benchmark_views, validation)
+    no_val: bool = False
+    cache: str | None = None              # None: benchmark.default_cache_dir()
+    no_debian: bool = False
+    views_per_nuisance: int = 2
+    side: int = 384
+    val_seed: int = 0
+    max_photos: int | None = None
+    quiet: bool = False
 
 
 # --------------------------------------------------------------------------- helpers
@@ -135,13 +100,13 @@ def _device(name: str):
     return torch.device(name)
 
 
-def _options(args) -> TrainOptions:
-    return TrainOptions(epochs=args.epochs, tuples_per_epoch=args.tuples,
-                        negatives=args.negatives, pool_size=args.pool_size,
-                        batch_tuples=args.batch, margin=args.margin, lr=args.lr,
-                        lr_head=args.lr_head, lr_whiten=args.lr_whiten,
-                        weight_decay=args.weight_decay, freeze=args.freeze, seed=args.seed,
-                        amp=not args.no_amp, cache=not args.no_cache)
+def train_options(options: TrainRun) -> TrainOptions:
+    return TrainOptions(epochs=options.epochs, tuples_per_epoch=options.tuples,
+                        negatives=options.negatives, pool_size=options.pool_size,
+                        batch_tuples=options.batch, margin=options.margin, lr=options.lr,
+                        lr_head=options.lr_head, lr_whiten=options.lr_whiten,
+                        weight_decay=options.weight_decay, freeze=options.freeze, seed=options.seed,
+                        amp=not options.no_amp, cache=not options.no_cache)
 
 
 def _photo_files(spec: str) -> list[str]:
@@ -158,48 +123,48 @@ def _photo_files(spec: str) -> list[str]:
     return sorted(files)
 
 
-def load_training_set(args, max_side: int, multiple: int = 32):
+def load_training_set(options: TrainRun, max_side: int, multiple: int = 32):
     """The TrainingSet the arguments ask for, with a one-line description of it."""
     from remap_core.data.training_sets import (clutter_pool, compound_view, load_labelled, photo_tiles,
                              read_image, read_labelled_layout, view_families)
 
-    chosen = [bool(args.data), bool(args.photos), bool(args.benchmark_views)]
+    chosen = [bool(options.data), bool(options.photos), bool(options.benchmark_views)]
     if sum(chosen) != 1:
         raise ValueError("give exactly one of --data (labelled layout), --photos (unlabelled "
                          "photos for view families) or --benchmark-views")
-    progress = not args.quiet
-    view_seed = args.view_seed if args.view_seed is not None else training_view_seed(args.seed)
-    if args.data:
-        ts = load_labelled(read_labelled_layout(args.data), max_side, multiple, progress)
-        return ts, f"labelled layout {args.data}"
-    if args.photos:
+    progress = not options.quiet
+    view_seed = options.view_seed if options.view_seed is not None else training_view_seed(options.seed)
+    if options.data:
+        ts = load_labelled(read_labelled_layout(options.data), max_side, multiple, progress)
+        return ts, f"labelled layout {options.data}"
+    if options.photos:
         photos = {}
-        for f in _photo_files(args.photos):
+        for f in _photo_files(options.photos):
             try:
-                photos[os.path.relpath(f, args.photos) if os.path.isdir(args.photos) else f] = \
+                photos[os.path.relpath(f, options.photos) if os.path.isdir(options.photos) else f] = \
                     read_image(f)
             except (OSError, ValueError) as e:
                 print(f"skipping unreadable photo {f}: {e}")
-        source = f"view families of {len(photos)} photos from {args.photos}"
+        source = f"view families of {len(photos)} photos from {options.photos}"
     else:
-        photos, n_extra = benchmark_training_photos(args, args.side * args.tiles)
+        photos, n_extra = benchmark_training_photos(options, options.side * options.tiles)
         source = (f"view families of {len(photos)} training photos (benchmark train split + "
                   f"{n_extra} training-only wallpapers)")
-    if args.tiles > 1:
-        photos = photo_tiles(photos, args.tiles)
-        source += f" cut into {args.tiles}x{args.tiles} tiles ({len(photos)} classes)"
-    if len(photos) < args.negatives + 1:
+    if options.tiles > 1:
+        photos = photo_tiles(photos, options.tiles)
+        source += f" cut into {options.tiles}x{options.tiles} tiles ({len(photos)} classes)"
+    if len(photos) < options.negatives + 1:
         raise ValueError(f"{len(photos)} photos give {len(photos)} classes, but each tuple "
-                         f"needs {args.negatives} negatives from other classes; add photos or "
+                         f"needs {options.negatives} negatives from other classes; add photos or "
                          f"lower --negatives")
     make_view = compound_view
-    if args.clutter_backgrounds > 0:
-        pool = clutter_pool(args.clutter_backgrounds, view_seed)
+    if options.clutter_backgrounds > 0:
+        pool = clutter_pool(options.clutter_backgrounds, view_seed)
         make_view = functools.partial(compound_view, backgrounds=pool)
-        source += f", clutter on {args.clutter_backgrounds} shared backgrounds"
-    ts = view_families(photos, args.views_per_photo, view_seed, make_view, max_side, multiple,
+        source += f", clutter on {options.clutter_backgrounds} shared backgrounds"
+    ts = view_families(photos, options.views_per_photo, view_seed, make_view, max_side, multiple,
                        progress=progress)
-    return ts, f"{source}, {args.views_per_photo} views each, view seed {view_seed}"
+    return ts, f"{source}, {options.views_per_photo} views each, view seed {view_seed}"
 
 
 # --------------------------------------------------------------------------- main
@@ -209,8 +174,8 @@ RUN_KEYS = ("data", "photos", "benchmark_views", "views_per_photo", "view_seed",
             "no_extra_photos", "clutter_backgrounds")
 
 
-def _run_record(args, max_side: int) -> dict:
-    rec = {k: getattr(args, k, None) for k in RUN_KEYS}
+def _run_record(options: TrainRun, max_side: int) -> dict:
+    rec = {k: getattr(options, k, None) for k in RUN_KEYS}
     rec["max_side"] = max_side
     return rec
 
@@ -230,74 +195,78 @@ def _check_same_run(out: str, record: dict) -> None:
                          f"({changes}); pass the original arguments or start a new --out")
 
 
-def _new_model(args, device):
+def new_model(options: TrainRun, device):
     from remap_core.descriptor.checkpoint import load_model
     from remap_core.descriptor.model import build_model
 
-    if args.init_model:
-        model = load_model(args.init_model, device=str(device))
+    if options.init_model:
+        model = load_model(options.init_model, device=str(device))
         if model.config["head"] != "remap":
-            raise ValueError(f"--init-model {args.init_model} has a {model.config['head']!r} "
+            raise ValueError(f"--init-model {options.init_model} has a {model.config['head']!r} "
                              f"head; remap train trains REMAP heads")
         return model
-    cfg = {"backbone": args.backbone, "taps": [t.strip() for t in args.taps.split(",")],
-           "head": "remap", "head_args": {"levels": args.levels, "include_global": True},
-           "max_side": args.max_side, "whiten_dim": None}
-    if args.scales:
-        cfg["scales"] = [float(s) for s in args.scales.split(",")]
+    cfg = {"backbone": options.backbone, "taps": [t.strip() for t in options.taps.split(",")],
+           "head": "remap", "head_args": {"levels": options.levels, "include_global": True},
+           "max_side": options.max_side, "whiten_dim": None}
+    if options.scales:
+        cfg["scales"] = [float(s) for s in options.scales.split(",")]
     return build_model(cfg).to(device).eval()
 
 
-def main(args) -> int:
+def run_training(options: TrainRun) -> dict:
+    """Train as `options` say; writes OUT/run.json, init.pt, log.jsonl, last.pt, model.pt.
+    -> {"model": path of model.pt (None when the run had already finished), "history": [...]}."""
+    import dataclasses
+
     import torch
 
     from remap_core.descriptor.checkpoint import save_checkpoint
     from remap_core.training.train import resume_training, train
 
     t_start = time.time()
-    if args.cache is None:
-        from remap_cli.eval import default_cache_dir
+    if options.cache is None:
+        from remap_core.evaluation.benchmark import default_cache_dir
 
-        args.cache = default_cache_dir()
-    device = _device(args.device)
-    out = args.out
+        options = dataclasses.replace(options, cache=default_cache_dir())
+    device = _device(options.device)
+    out = options.out
     last = os.path.join(out, "last.pt")
-    torch.manual_seed(args.seed)
-    progress = not args.quiet
+    torch.manual_seed(options.seed)
+    progress = not options.quiet
 
-    if args.resume:
+    if options.resume:
         if not os.path.exists(last):
             raise FileNotFoundError(f"--resume but {last} does not exist; run without --resume "
                                     f"to start training in {out}")
         model, optimizer, state = resume_training(last, device)
-        opts = TrainOptions.from_dict({**state["options"], "epochs": args.epochs})
+        opts = TrainOptions.from_dict({**state["options"], "epochs": options.epochs})
         start_epoch, history = int(state["epoch"]) + 1, state["history"]
         scaler_state = state.get("scaler")
-        record = _run_record(args, int(model.config["max_side"]))
+        record = _run_record(options, int(model.config["max_side"]))
         _check_same_run(out, record)
         if start_epoch > opts.epochs:
             print(f"{out} already trained for {state['epoch']} epochs; raise --epochs to go on")
-            return 0
+            return {"model": None, "history": history}
     else:
         if os.path.exists(last):
             raise ValueError(f"{out} already holds a training run (last.pt); pass --resume to "
                              f"continue it or choose another --out")
-        model = _new_model(args, device)
-        opts = _options(args)
+        model = new_model(options, device)
+        opts = train_options(options)
         optimizer, start_epoch, history, scaler_state = None, 1, [], None
-        record = _run_record(args, int(model.config["max_side"]))
+        record = _run_record(options, int(model.config["max_side"]))
 
     multiple = int(model.config["multiple"])
-    ts, source = load_training_set(args, int(model.config["max_side"]), multiple)
+    ts, source = load_training_set(options, int(model.config["max_side"]), multiple)
     print(f"training data: {source}: {ts.summary()}")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "run.json"), "w") as f:
         json.dump(record, f, indent=1)
 
-    caches = cache_frozen_trunk(model, ts, opts, args.resume, progress)
-    if not args.resume:
+    caches = cache_frozen_trunk(model, ts, opts, options.resume, progress)
+    if not options.resume:
         t0 = time.time()
-        initialise_model(model, ts, args, caches)
+        initialise_model(model, ts, options, caches)
         os.makedirs(out, exist_ok=True)
         fp0 = save_checkpoint(model, os.path.join(out, "init.pt"),
                               extra={"untrained": "KLW + whitening initialised, no SGD"})
@@ -305,7 +274,7 @@ def main(args) -> int:
               f"{os.path.join(out, 'init.pt')}")
 
     n_cached = opts.freeze if opts.cache else 0
-    validate = None if args.no_val else make_validator(args, model, n_cached, progress)
+    validate = None if options.no_val else make_validator(options, model, n_cached, progress)
     history = train(model, ts.images, ts.labels, opts, out, validate=validate,
                     optimizer=optimizer, start_epoch=start_epoch, history=history,
                     scaler_state=scaler_state, progress=progress, cache=caches.get(1.0),
@@ -315,7 +284,7 @@ def main(args) -> int:
                                                           "source": source,
                                                           "history": history}})
     _print_summary(history, final, fp, time.time() - t_start)
-    return 0
+    return {"model": final, "fingerprint": fp, "history": history}
 
 
 def cache_frozen_trunk(model, ts, opts: TrainOptions, resume: bool = False,
@@ -337,21 +306,21 @@ def cache_frozen_trunk(model, ts, opts: TrainOptions, resume: bool = False,
     return caches
 
 
-def initialise_model(model, ts, args, caches: dict) -> None:
+def initialise_model(model, ts, options: TrainRun, caches: dict) -> None:
     """The untrained starting point: KLW from matching / non-matching pairs of the training
     set and whitening from its descriptors (unless --no-klw-init / --whiten none)."""
     from remap_core.training.train import initialise_klw, initialise_whitening
 
-    rng = np.random.default_rng([args.seed, 2024])
-    if not args.no_klw_init:
-        w = initialise_klw(model, ts.images, ts.labels, args.klw_pairs, rng,
+    rng = np.random.default_rng([options.seed, 2024])
+    if not options.no_klw_init:
+        w = initialise_klw(model, ts.images, ts.labels, options.klw_pairs, rng,
                            cache=caches.get(1.0))
-        print(f"KLW initialised from {args.klw_pairs} matching / non-matching pairs: weights "
+        print(f"KLW initialised from {options.klw_pairs} matching / non-matching pairs: weights "
               f"{w.min():.3f}..{w.max():.3f} (layers x regions {w.shape[0]}x{w.shape[1]})")
-    if args.whiten != "none":
-        initialise_whitening(model, ts.images, ts.labels, args.whiten_dim, args.whiten,
-                             n_pairs=max(args.klw_pairs, 1000), rng=rng, caches=caches)
-        print(f"{args.whiten} whitening initialised: {model.head.out_dim} -> {model.dim}")
+    if options.whiten != "none":
+        initialise_whitening(model, ts.images, ts.labels, options.whiten_dim, options.whiten,
+                             n_pairs=max(options.klw_pairs, 1000), rng=rng, caches=caches)
+        print(f"{options.whiten} whitening initialised: {model.head.out_dim} -> {model.dim}")
 
 
 def _print_summary(history: list[dict], final: str, fingerprint: str, wall_s: float) -> None:
@@ -378,38 +347,38 @@ def training_view_seed(seed: int) -> int:
     return int(np.random.SeedSequence([TRAIN_VIEW_NAMESPACE, seed]).generate_state(1)[0])
 
 
-def benchmark_training_photos(args, side: int) -> tuple[dict, int]:
+def benchmark_training_photos(options: TrainRun, side: int) -> tuple[dict, int]:
     """The benchmark's train-split photos plus, unless --no-extra-photos (or --no-debian), the
     training-only wallpapers ({name: PIL image, long side at most `side`}): never an evaluation
     photo. Returns (photos, how many of them are training-only wallpapers)."""
     from remap_core.evaluation.benchmark import benchmark_photos, training_only_photos
 
-    photos = benchmark_photos("train", args.cache, debian=not args.no_debian, max_side=side,
-                              max_photos=args.max_photos)
+    photos = benchmark_photos("train", options.cache, debian=not options.no_debian, max_side=side,
+                              max_photos=options.max_photos)
     if not photos:
         raise ValueError("the benchmark's train split holds no photos: is scikit-image "
                          "installed? (or drop --no-debian)")
     extra = {}
-    if not (args.no_extra_photos or args.no_debian):
-        extra = training_only_photos(args.cache, side)
-        extra = dict(list(extra.items())[:args.max_photos]) if args.max_photos else extra
+    if not (options.no_extra_photos or options.no_debian):
+        extra = training_only_photos(options.cache, side)
+        extra = dict(list(extra.items())[:options.max_photos]) if options.max_photos else extra
     return {**photos, **extra}, len(extra)
 
 
-def make_validator(args, model, n_frozen: int, progress: bool = True):
+def make_validator(options: TrainRun, model, n_frozen: int, progress: bool = True):
     """A function model -> {"map": ..., "mP@5": ..., "per_nuisance": ...} on the benchmark's
     eval split, computing what `model.embed_arrays` (and so `remap embed`) computes, with the
     model's own multi-scale inference; frozen backbone units are run once, not every epoch."""
     from PIL import Image
 
     from remap_core.evaluation.benchmark import build_benchmark
-    from remap_cli.eval import score
+    from remap_core.evaluation.evaluate import score
     from remap_core.data.preprocess import resize_for_model
     from remap_core.training.train import CachedEmbedder
 
-    bench = build_benchmark("eval", args.cache, views_per_nuisance=args.views_per_nuisance,
-                            seed=args.val_seed, side=args.side, debian=not args.no_debian,
-                            max_photos=args.max_photos)
+    bench = build_benchmark("eval", options.cache, views_per_nuisance=options.views_per_nuisance,
+                            seed=options.val_seed, side=options.side, debian=not options.no_debian,
+                            max_photos=options.max_photos)
     max_side, multiple = int(model.config["max_side"]), int(model.config["multiple"])
     images = [resize_for_model(Image.fromarray(im), max_side, multiple) for im in bench.images]
     print(f"validation: benchmark eval split, {bench.summary()}")

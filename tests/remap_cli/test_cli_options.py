@@ -12,9 +12,10 @@ only the arguments it needs and once with that option set to a value other than 
 - `remap index` (and its steps), `remap search`, `remap samples`: what the library functions
   receive (bound to their signatures), or what the command prints, must change, and carry the
   value given where the option takes one.
-- `remap eval` and `remap train` hand the parsed namespace itself to their code
-  (`eval_cli.run(args)`, `train_cli.main(args)`): the value must be in it, and the code must
-  read that attribute.
+- `remap eval` and `remap train` hand an options dataclass to their library function
+  (`evaluate.run(EvalOptions)`, `run.run_training(TrainRun)`): the value must be in its field
+  of that name, and the library module must read `options.<field>`; an option the console
+  itself acts on (eval's --format, --output) must be read from `args` by the console module.
 
 The sample values are generic (by type, choices, action); `SAMPLES` holds the few that must be
 real (a file to load), `CONTEXT` the other options an option acts with. An option with neither
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import importlib
 import inspect
 import json
@@ -194,6 +196,8 @@ def _flatten(out: dict, key: tuple, value) -> None:
             _flatten(out, (*key, k), v)
     elif isinstance(value, np.ndarray):
         out[key] = value.tolist()
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        _flatten(out, key, {f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
     elif isinstance(value, argparse.Namespace):
         _flatten(out, key, {k: v for k, v in vars(value).items() if k not in ("argv", "extra")})
     else:
@@ -245,16 +249,16 @@ def record_embed(rec: Recorder) -> None:
 
 
 def record_eval(rec: Recorder) -> None:
-    from remap_cli import eval as eval_cli
+    from remap_core.evaluation import evaluate
 
-    rec.replace(eval_cli, "run", {"recorded": True})
-    rec.monkeypatch.setattr(eval_cli, "format_table", lambda report: "recorded table")
+    rec.replace(evaluate, "run", {"recorded": True})
+    rec.monkeypatch.setattr(evaluate, "format_table", lambda report: "recorded table")
 
 
 def record_train(rec: Recorder) -> None:
-    from remap_cli import train as train_cli
+    from remap_core.training import run
 
-    rec.replace(train_cli, "main", 0)
+    rec.replace(run, "run_training", {"model": None, "history": []})
 
 
 def record_samples(rec: Recorder) -> None:
@@ -290,17 +294,17 @@ def _carries(value, expected) -> bool:
     return False
 
 
-def attributes_read(module) -> set[str]:
-    """Attributes of `args` that a module's code reads (args.x, getattr(args, "x", ...))."""
+def attributes_read(module, name: str = "args") -> set[str]:
+    """Attributes of `name` that a module's code reads (args.x, getattr(args, "x", ...))."""
     tree = ast.parse(Path(module.__file__).read_text())
     read = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
-                and node.value.id == "args":
+                and node.value.id == name:
             read.add(node.attr)
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
                 and node.func.id == "getattr" and len(node.args) >= 2 \
-                and isinstance(node.args[0], ast.Name) and node.args[0].id == "args" \
+                and isinstance(node.args[0], ast.Name) and node.args[0].id == name \
                 and isinstance(node.args[1], ast.Constant):
             read.add(node.args[1].value)
     return read
@@ -353,11 +357,19 @@ def test_option_reaches_the_code_that_uses_it(name, path, dest, tmp_path, monkey
     before, _ = observe(name, command_line(name, path, base), monkeypatch, capsys)
     after, rec = observe(name, command_line(name, path, given), monkeypatch, capsys)
     if name in ("eval", "train"):
-        module = importlib.import_module(cli.COMMANDS[name][0])
-        ((_, arguments),) = rec.calls
-        assert getattr(arguments["args"], dest) == expected
-        assert dest in attributes_read(module), (
-            f"{where} is parsed but {module.__name__} never reads args.{dest}")
+        ((fn, arguments),) = rec.calls
+        options = arguments["options"]
+        if dest not in {f.name for f in dataclasses.fields(options)}:    # the console's own
+            module = importlib.import_module(cli.COMMANDS[name][0])
+            assert dest in attributes_read(module), (
+                f"{where} is parsed but {module.__name__} never reads args.{dest}")
+            return
+        assert getattr(options, dest) == expected, (
+            f"{where} {expected!r} reached {fn} as {getattr(options, dest)!r}")
+        library = inspect.getmodule(type(options))
+        assert dest in attributes_read(library, "options"), (
+            f"{where} reaches {type(options).__name__}.{dest} but {library.__name__} never "
+            f"reads options.{dest}")
         return
     changed = {k: v for k, v in after.items() if before.get(k, "<absent>") != v}
     assert changed, (

@@ -1,6 +1,6 @@
 """The view-family benchmark and `remap eval` on a tiny offline configuration."""
 
-import argparse
+import dataclasses
 import json
 
 import numpy as np
@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from remap_cli import eval as eval_cli
+from remap_core.evaluation import evaluate
 from remap_core.evaluation.benchmark import (benchmark_photos, build_benchmark, photo_catalogue,
                                   photo_split)
 from remap_core.data.views import NUISANCES
@@ -49,9 +49,9 @@ def test_benchmark_is_deterministic_cached_and_has_family_ground_truth(tmp_path)
 
 
 def test_parse_scales_reads_fractions_and_square_roots():
-    assert eval_cli.parse_scales("1,1/sqrt(2),1/2") == pytest.approx([1, 2 ** -0.5, 0.5])
+    assert evaluate.parse_scales("1,1/sqrt(2),1/2") == pytest.approx([1, 2 ** -0.5, 0.5])
     with pytest.raises(ValueError, match="sqrt"):
-        eval_cli.parse_scales("__import__('os')")
+        evaluate.parse_scales("__import__('os')")
 
 
 def _fake_stamps(root):
@@ -86,20 +86,15 @@ def test_category_benchmark_uses_two_level_folders_as_classes(tmp_path):
 def tiny_report(tmp_path_factory):
     from remap_core.evaluation import benchmark
 
-    parser = argparse.ArgumentParser()
-    eval_cli.add_arguments(parser)
     cache = tmp_path_factory.mktemp("cache")
     stamps = _fake_stamps(tmp_path_factory.mktemp("stamps"))
     fake = benchmark.category_benchmark(None, min_per_class=2, root=str(stamps))
-    args = parser.parse_args(["--cache", str(cache), "--no-debian", "--max-photos", "2",
-                              "--category",
-                              "--views-per-nuisance", "1", "--side", "96", "--max-side", "64",
-                              "--scales", "1,1/2",
-                              "--whiten-dim", "8", "--format", "json",
-                              "--save-model", str(cache / "remap.pt")])
+    args = evaluate.EvalOptions(cache=str(cache), no_debian=True, max_photos=2, category=True,
+                                views_per_nuisance=1, side=96, max_side=64, scales="1,1/2",
+                                whiten_dim=8, save_model=str(cache / "remap.pt"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(benchmark, "category_benchmark", lambda *a, **k: fake)
-        return eval_cli.run(args), args, cache
+        return evaluate.run(args), args, cache
 
 
 def test_eval_reports_every_method_per_nuisance(tiny_report):
@@ -112,7 +107,7 @@ def test_eval_reports_every_method_per_nuisance(tiny_report):
         assert 0 < r["mAP"] <= 1 and 0 <= r["R@10"] <= 1
     assert report["results"]["REMAP"]["dim"] == 8
     assert set(report["klw_weights"]) == {"stage5", "head"}
-    table = eval_cli.format_table(report)
+    table = evaluate.format_table(report)
     assert "R-MAC + Lw" in table and "REMAP vs R-MAC + Lw" in table
     assert report["results"]["R-MAC"]["vs R-MAC"]["dmAP"] == 0
     cat = report["category"]
@@ -152,10 +147,10 @@ def test_eval_scores_saved_checkpoints_against_the_first_one(tiny_report, tmp_pa
     for folder in ("init", "trained"):
         (tmp_path / folder).mkdir()
         shutil.copy(cache / "remap.pt", tmp_path / folder / "model.pt")
-    args = argparse.Namespace(**{**vars(args), "category": False, "save_model": None,
-                                 "model": [str(tmp_path / "init" / "model.pt"),
-                                           str(tmp_path / "trained" / "model.pt")]})
-    again = eval_cli.run(args)
+    args = dataclasses.replace(args, category=False, save_model=None,
+                               model=[str(tmp_path / "init" / "model.pt"),
+                                      str(tmp_path / "trained" / "model.pt")])
+    again = evaluate.run(args)
     for name in ("init/model.pt", "trained/model.pt"):
         r = again["results"][name]
         # the saved REMAP, embedded as the product embeds it, scores what its row scored
@@ -163,4 +158,4 @@ def test_eval_scores_saved_checkpoints_against_the_first_one(tiny_report, tmp_pa
         assert r["fingerprint"].startswith("efficientnet_lite0.remap.d8.")
     c = again["key_comparisons"]["trained/model.pt vs init/model.pt"]
     assert c["dmAP"] == 0 and c["ci95"] == [0, 0]
-    assert "trained/model.pt vs init/model.pt" in eval_cli.format_table(again)
+    assert "trained/model.pt vs init/model.pt" in evaluate.format_table(again)
