@@ -31,20 +31,16 @@ def model_fingerprint(model: RetrievalNet) -> str:
 def save_checkpoint(model: RetrievalNet, path_or_url: str, extra: dict | None = None) -> str:
     """Write weights, config and fingerprint to one file (local path or fsspec URL).
 
-    Written to a temporary name and renamed where the filesystem allows. Returns the fingerprint.
+    Written to a temporary name and renamed (`remap_store.files`). Returns the fingerprint.
     """
-    import fsspec
+    from remap_store.files import write_bytes_atomic
 
     fp = model_fingerprint(model)
     blob = io.BytesIO()
     torch.save({"format": CHECKPOINT_FORMAT, "config": model.config, "fingerprint": fp,
                 "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "extra": extra or {}}, blob)
-    fs, path = fsspec.core.url_to_fs(path_or_url)
-    tmp = path + ".tmp"
-    with fs.open(tmp, "wb") as f:
-        f.write(blob.getvalue())
-    fs.mv(tmp, path)
+    write_bytes_atomic(path_or_url, blob.getvalue())
     return fp
 
 

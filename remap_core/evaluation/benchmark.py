@@ -303,20 +303,20 @@ def build_benchmark(split: str = "eval", cache_dir: str | None = None,
                 nuisance.append(nz)
     bench = Benchmark(images, np.asarray(family, np.int64), nuisance, names)
     if folder is not None:
-        tmp = folder + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        # every image through a temporary name, index.json (what marks the folder complete)
+        # last: a reader never sees a partial benchmark, even with two builders at once
+        from remap_store.files import atomic_path, write_json_atomic
+
         entries = []
         for i, im in enumerate(images):
             file = f"{i:05d}.png"
-            Image.fromarray(im).save(os.path.join(tmp, file))
+            with atomic_path(os.path.join(folder, file)) as tmp:
+                Image.fromarray(im).save(tmp, format="PNG")
             entries.append({"file": file, "family": int(family[i]), "nuisance": nuisance[i]})
-        with open(os.path.join(tmp, "index.json"), "w") as f:
-            json.dump({"version": BENCHMARK_VERSION, "split": split, "photos": names,
-                       "views_per_nuisance": views_per_nuisance, "seed": seed, "side": side,
-                       "images": entries}, f)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        write_json_atomic(os.path.join(folder, "index.json"),
+                          {"version": BENCHMARK_VERSION, "split": split, "photos": names,
+                           "views_per_nuisance": views_per_nuisance, "seed": seed, "side": side,
+                           "images": entries})
     return bench
 
 
