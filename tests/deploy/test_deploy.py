@@ -198,6 +198,45 @@ def _embed_option_flags() -> dict:
     return {a.dest: a for a in parser._actions if a.dest != "help"}
 
 
+def _check_parameter_types_and_defaults(name: str, action, param: dict) -> None:
+    """metadata.json's parameter and EmbedOptions' option agree both ways: what the template's
+    regexes accept, the option's type parses (and the reverse for the option's default and a
+    typical value); a default EmbedOptions gives is the one the help text names."""
+    import argparse
+    import re
+
+    regexes = [re.compile(rx) for rx in param.get("regexes", [])]
+
+    def accepted(text: str) -> bool:
+        return all(rx.fullmatch(text) for rx in regexes)
+
+    if isinstance(action, argparse._StoreTrueAction):
+        # Flex Templates pass true/false; the launcher turns them into the flag
+        assert regexes and accepted("true") and accepted("false") and not accepted("yes"), name
+        assert "default false" in param["helpText"].lower(), name
+        return
+    if action.type in (int, float):
+        kind = action.type
+        samples = ["7", "0", str(action.default if kind is int else f"{action.default:g}")]
+        if kind is float:
+            samples.append("0.25")
+        for text in samples:
+            if accepted(text):
+                kind(text)                      # whatever the template accepts, Beam parses
+        default = f"{action.default:g}" if kind is float else str(action.default)
+        assert accepted(default), f"{name}: the template refuses the default {default}"
+        assert regexes and not accepted("x") and not accepted("-1"), \
+            f"{name}: the template must refuse what --{name} ({kind.__name__}) cannot take"
+        assert re.search(rf"\b{re.escape(default)}\b", param["helpText"]) and \
+            "default" in param["helpText"].lower(), \
+            f"{name}: help text must name EmbedOptions' default {default}"
+    else:
+        assert action.type in (None, str), f"{name}: type {action.type!r} has no check here"
+        assert param.get("paramType", "TEXT") == "TEXT", name
+        if action.default is not None:
+            assert str(action.default) in param["helpText"], name
+
+
 def test_flex_template_metadata_matches_embed_options():
     import re
 
@@ -208,13 +247,14 @@ def test_flex_template_metadata_matches_embed_options():
         f"metadata.json out of step with EmbedOptions: only in metadata "
         f"{sorted(set(params) - set(flags))}, only in EmbedOptions "
         f"{sorted(set(flags) - set(params))}")
-    for name in flags:
+    for name, action in flags.items():
         p = params[name]
         assert p["label"] and p["helpText"]
         # a run needs an input and a store; everything else has a default in EmbedOptions
         assert p.get("isOptional", False) == (name not in ("input", "output")), name
         for rx in p.get("regexes", []):
             re.compile(rx)
+        _check_parameter_types_and_defaults(name, action, p)
     # the launcher turns Flex Templates' --full=true into the store_true flag EmbedOptions takes
     template_argv = _load(DEPLOY / "dataflow" / "main.py").template_argv
     assert template_argv(["--input=a", "--full=true", "--output=b", "--full=false"]) == \
