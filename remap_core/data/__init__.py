@@ -1,1 +1,3 @@
-"""Images and training data: decoding and preprocessing, generated views, training tuples, training sets, the bundled samples."""
+"""Images and training data: `preprocess` (decode, resize for the model), `views` (generated
+nuisance views), `tuples` (hard-negative training tuples), `training_sets` (labelled layouts
+and view families), `samples` (the bundled sample photos and altered queries)."""

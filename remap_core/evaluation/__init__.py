@@ -1,1 +1,3 @@
-"""The benchmark (view families of real photos), its photo sources, and the retrieval metrics (revisitop mAP, P@k, recall@k)."""
+"""Evaluation: `benchmark` (view families of real photos, their cache, category retrieval),
+`metrics` (revisitop mAP, P@k, recall@k, paired bootstrap), `evaluate` (what `remap eval`
+runs: EvalOptions, run, format_table)."""
