@@ -29,7 +29,9 @@ import time
 import faiss
 import numpy as np
 
-from index_builder.add import AddJob, add_shards, ids_path, remove_ids
+from remap_store.files import atomic_path, is_temporary, write_json_atomic
+
+from index_builder.add import AddJob, add_shards, ids_path, remove_ids, write_index_atomic
 from index_builder.embeddings import (LiveShard, check_store_model, iter_shard_batches, list_runs,
                          plan_live_shards)
 from index_builder.manifest import MANIFEST_NAME, file_entry, write_manifest
@@ -86,9 +88,7 @@ def _read_json(path: str, default=None):
 
 
 def _write_json(path: str, obj) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(path, obj)
 
 
 def _live_batches(shards: list[LiveShard], batch_rows: int = 65_536):
@@ -152,8 +152,7 @@ def train_step(store: str, folder: str, factory: str | None = None,
     index = train_index(factory, sample[held:], verbose=False)
     train_seconds = time.time() - t0
     errors = quantization_error(index, sample[:held]) if held else {}
-    faiss.write_index(index, os.path.join(folder, TRAINED_FILE + ".tmp"))
-    os.replace(os.path.join(folder, TRAINED_FILE + ".tmp"), os.path.join(folder, TRAINED_FILE))
+    write_index_atomic(index, os.path.join(folder, TRAINED_FILE))
     info = {"factory": factory, "dimension": dim, "model": fingerprint, "collection_size": n,
             "max_index_memory": budget, "training_sample": int(size),
             "quantization_error": errors, "error_sample": int(held), "seed": seed,
@@ -286,8 +285,7 @@ def merge_step(folder: str, layout: str = "single", target_recall: float = 0.95,
     t0 = time.time()
     if layout == "single":
         index = merge_in_memory(shard_paths)
-        faiss.write_index(index, os.path.join(folder, INDEX_FILE + ".tmp"))
-        os.replace(os.path.join(folder, INDEX_FILE + ".tmp"), os.path.join(folder, INDEX_FILE))
+        write_index_atomic(index, os.path.join(folder, INDEX_FILE))
         del index
         index_files = [file_entry(folder, INDEX_FILE)]
     elif layout == "ondisk":
@@ -368,8 +366,9 @@ def _measure_recall(folder: str, index, state: dict, shard_paths: list[str],
         log(f"WARNING: no search setting reached recall@{tune_at} {target_recall} "
             f"(best {recall.get(f'recall@{tune_at}')}, with {params}); the index is too "
             f"compressed for this target: pass a larger --max-index-memory or --factory")
-    np.savez(os.path.join(folder, RECALL_FILE + ".tmp.npz"), ids=qids, vectors=xq, true=true)
-    os.replace(os.path.join(folder, RECALL_FILE + ".tmp.npz"), os.path.join(folder, RECALL_FILE))
+    # a file object: np.savez would append ".npz" to a temporary name
+    with atomic_path(os.path.join(folder, RECALL_FILE)) as tmp, open(tmp, "wb") as f:
+        np.savez(f, ids=qids, vectors=xq, true=true)
     return params, {**recall, "measured": True,
                     "method": "leave-one-out: queries are uniformly sampled indexed vectors; "
                               "each query's own id is excluded from exact and approximate "
@@ -384,7 +383,7 @@ def _remove_unreferenced(folder: str, manifest: dict, state: dict) -> None:
     shard_dir = os.path.join(folder, SHARD_DIR)
     for name in os.listdir(shard_dir) if os.path.isdir(shard_dir) else []:
         rel = f"{SHARD_DIR}/{name}"
-        if rel not in keep and not name.endswith(".tmp"):
+        if rel not in keep and not is_temporary(name):
             os.remove(os.path.join(shard_dir, name))
     if manifest["layout"] != "ondisk" and os.path.exists(os.path.join(folder, "index.ivfdata")):
         os.remove(os.path.join(folder, "index.ivfdata"))

@@ -7,6 +7,8 @@ import json
 
 import fsspec
 
+from remap_store.files import join_url, write_json_atomic
+
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 
@@ -30,14 +32,12 @@ def file_entry(folder: str, name: str) -> dict:
 
 
 def write_manifest(folder: str, manifest: dict) -> str:
-    """Write `manifest.json` into `folder` via a temporary name and rename (atomic locally)."""
+    """Write `manifest.json` into `folder` via a temporary name and rename (atomic locally).
+    -> its path as fsspec names it."""
     fs, root = fsspec.core.url_to_fs(folder)
-    manifest = {"format_version": FORMAT_VERSION, **manifest}
-    tmp, final = f"{root.rstrip('/')}/{MANIFEST_NAME}.tmp", f"{root.rstrip('/')}/{MANIFEST_NAME}"
-    with fs.open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-    fs.mv(tmp, final)
-    return final
+    write_json_atomic(join_url(folder, MANIFEST_NAME),
+                      {"format_version": FORMAT_VERSION, **manifest})
+    return join_url(root, MANIFEST_NAME)
 
 
 def read_manifest(folder: str) -> dict:
