@@ -27,7 +27,7 @@ def file_sha256(path: str, chunk: int = 1 << 22) -> tuple[str, int]:
 
 
 def file_entry(folder: str, name: str) -> dict:
-    sha, size = file_sha256(f"{folder.rstrip('/')}/{name}")
+    sha, size = file_sha256(join_url(folder, name))
     return {"path": name, "bytes": size, "sha256": sha}
 
 
@@ -41,7 +41,7 @@ def write_manifest(folder: str, manifest: dict) -> str:
 
 
 def read_manifest(folder: str) -> dict:
-    path = f"{folder.rstrip('/')}/{MANIFEST_NAME}"
+    path = join_url(folder, MANIFEST_NAME)
     try:
         with fsspec.open(path, "r") as f:
             manifest = json.load(f)
@@ -67,7 +67,7 @@ def read_manifest(folder: str) -> dict:
 def verify_files(folder: str, entries: list[dict]) -> None:
     """Refuse an index whose files are missing or differ from the manifest's checksums."""
     for e in entries:
-        path = f"{folder.rstrip('/')}/{e['path']}"
+        path = join_url(folder, e["path"])
         try:
             sha, size = file_sha256(path)
         except FileNotFoundError as err:
