@@ -8,7 +8,7 @@ Modules, each a few functions over numpy arrays and FAISS indexes (the FAISS con
     add         add embedding shards to copies of the trained index in a process pool
     merge       merge shards (in memory or on disk) or search them together (ShardedIndex)
     recall      exact k-NN over a stream, leave-one-out recall, nprobe/efSearch tuning
-    manifest    the manifest (DESIGN.md section 4): checksums, atomic write, verification
+    manifest    the index manifest (DESIGN.md section 4): checksums, atomic write, verification
     build       the train / add / merge steps over an index folder, and the one-shot build
     publish     upload a built index folder to object storage, manifest.json last
     search      open_index / RemapIndex: the query library
