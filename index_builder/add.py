@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from remap_store.files import atomic_path
 from remap_store.schema import PARQUET_CODEC
 
 from index_builder.embeddings import iter_shard_batches
@@ -57,13 +58,13 @@ def ids_path(index_path: str) -> str:
 def write_id_table(path: str, ids: np.ndarray, uris: list[str]) -> None:
     """id -> uri Parquet, written to a temporary name and renamed."""
     table = pa.table({"id": pa.array(ids, pa.int64()), "uri": pa.array(uris, pa.string())})
-    pq.write_table(table, path + ".tmp", compression=PARQUET_CODEC)
-    os.replace(path + ".tmp", path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression=PARQUET_CODEC)
 
 
 def write_index_atomic(index: faiss.Index, path: str) -> None:
-    faiss.write_index(index, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, tmp)
 
 
 def add_shard(trained: faiss.Index, job: AddJob, batch_rows: int = 65_536) -> AddResult:

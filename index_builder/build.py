@@ -21,23 +21,24 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import shutil
-import sys
 import time
 
 import faiss
 import numpy as np
 
-from index_builder.add import AddJob, add_shards, ids_path, remove_ids
+from index_builder.add import AddJob, add_shards, ids_path, remove_ids, write_index_atomic
 from index_builder.embeddings import (LiveShard, check_store_model, iter_shard_batches, list_runs,
-                         plan_live_shards)
+                                      plan_live_shards)
 from index_builder.manifest import MANIFEST_NAME, file_entry, write_manifest
 from index_builder.merge import LAYOUTS, merge_in_memory, merge_to_ondisk
 from index_builder.recall import KS, exact_knn_stream, tune_search_params, unmeasured_recall
-from index_builder.train import (ERROR_SAMPLE, check_trainable, choose_factory, error_growth, held_out_size,
-                    make_index, parse_bytes, quantization_error, reservoir_sample, train_index,
-                    training_size)
+from index_builder.train import (ERROR_SAMPLE, check_trainable, choose_factory, error_growth,
+                                 held_out_size, make_index, parse_bytes, quantization_error,
+                                 reservoir_sample, train_index, training_size)
+from remap_store.files import atomic_path, is_temporary, write_json_atomic
 
 INDEX_FILE = "index.faiss"
 TRAINED_FILE = "trained.faiss"
@@ -48,8 +49,7 @@ SHARD_DIR = "shards"
 DRIFT_WARN = 1.2  # warn when new data's quantisation error grows by more than 20%
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
 
 
 def _local(folder: str, create: bool = True) -> str:
@@ -86,9 +86,7 @@ def _read_json(path: str, default=None):
 
 
 def _write_json(path: str, obj) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(path, obj)
 
 
 def _live_batches(shards: list[LiveShard], batch_rows: int = 65_536):
@@ -138,10 +136,10 @@ def train_step(store: str, folder: str, factory: str | None = None,
                          f"--layout single or shards, or pass --factory IVF<k>,...")
     del empty
     if os.path.exists(os.path.join(folder, MANIFEST_NAME)):
-        log(f"train: {folder} holds an index; training anew (it is replaced at the merge)")
+        log.info(f"train: {folder} holds an index; training anew (it is replaced at the merge)")
     folder = _local(folder)
-    log(f"train: {n} vectors of dim {dim} in {len(shards)} shards -> {factory}; "
-        f"sampling {size} (+{held} held out for the quantisation error)")
+    log.info(f"train: {n} vectors of dim {dim} in {len(shards)} shards -> {factory}; "
+             f"sampling {size} (+{held} held out for the quantisation error)")
     t0 = time.time()
     if size + held:
         _, sample = reservoir_sample(_live_batches(shards), size + held, seed)
@@ -152,8 +150,7 @@ def train_step(store: str, folder: str, factory: str | None = None,
     index = train_index(factory, sample[held:], verbose=False)
     train_seconds = time.time() - t0
     errors = quantization_error(index, sample[:held]) if held else {}
-    faiss.write_index(index, os.path.join(folder, TRAINED_FILE + ".tmp"))
-    os.replace(os.path.join(folder, TRAINED_FILE + ".tmp"), os.path.join(folder, TRAINED_FILE))
+    write_index_atomic(index, os.path.join(folder, TRAINED_FILE))
     info = {"factory": factory, "dimension": dim, "model": fingerprint, "collection_size": n,
             "max_index_memory": budget, "training_sample": int(size),
             "quantization_error": errors, "error_sample": int(held), "seed": seed,
@@ -164,13 +161,13 @@ def train_step(store: str, folder: str, factory: str | None = None,
     _write_json(os.path.join(folder, TRAIN_JSON), info)
     old = _read_json(os.path.join(folder, STATE_JSON))
     if old and old.get("shards"):
-        log(f"train: the {len(old['shards'])} index shards of the previous training no longer "
-            f"match; state reset, run `remap index add` to add every run again")
+        log.info(f"train: the {len(old['shards'])} index shards of the previous training no "
+                 f"longer match; state reset, run `remap index add` to add every run again")
     _write_json(os.path.join(folder, STATE_JSON),
                 {"trained_at": info["trained_at"], "runs_added": [], "shards": [],
                  "generation": (old or {}).get("generation", 0) + 1})
-    log(f"train: done in {info['seconds']:.1f}s (sample {sample_seconds:.1f}s, "
-        f"train {train_seconds:.1f}s); quantisation error {errors or 'n/a (exact storage)'}")
+    log.info(f"train: done in {info['seconds']:.1f}s (sample {sample_seconds:.1f}s, "
+             f"train {train_seconds:.1f}s); quantisation error {errors or 'n/a (exact storage)'}")
     return info
 
 
@@ -194,7 +191,7 @@ def add_step(store: str, folder: str, workers: int | None = None,
     runs = list_runs(store)
     new_runs = [r for r in runs if r.run_id not in done]
     if not new_runs:
-        log(f"add: every run of {store} is already in {folder}; nothing to add")
+        log.info(f"add: every run of {store} is already in {folder}; nothing to add")
         return {"runs": [], "added": 0, "removed": 0, "seconds": 0.0}
     if any(r.shard_paths for r in new_runs):  # a run may hold only tombstones
         check_store_model(new_runs, expect=train["model"])
@@ -223,10 +220,10 @@ def add_step(store: str, folder: str, workers: int | None = None,
         drift = {"error": new_err, "growth": error_growth(train["quantization_error"], new_err)}
         grown = {k: g for k, g in drift["growth"].items() if g > DRIFT_WARN}
         if grown:
-            log("WARNING: the new data's quantisation error has grown since training (" +
-                ", ".join(f"{k} x{g:.2f}" for k, g in grown.items()) + "); the codebooks "
-                "fit it worse and recall will drop: retrain with `remap index train` "
-                "then `remap index add`")
+            log.warning("the new data's quantisation error has grown since training (" +
+                        ", ".join(f"{k} x{g:.2f}" for k, g in grown.items()) + "); the "
+                        "codebooks fit it worse and recall will drop: retrain with `remap index "
+                        "train` then `remap index add`")
 
     jobs = [AddJob(s.path, os.path.join(folder, _shard_name(s.run_id, s.path, gen)), s.drop)
             for s in shards if s.live_rows > 0]
@@ -246,9 +243,9 @@ def add_step(store: str, folder: str, workers: int | None = None,
                "index_shards": len(state["shards"]), "drift": drift,
                "peak_worker_rss_bytes": max([r.peak_rss_bytes for r in results] or [0]),
                "seconds": round(time.time() - started, 3)}
-    log(f"add: {added} vectors from {len(jobs)} shards of {len(new_runs)} runs, {removed_total} "
-        f"removed (re-embedded or deleted), {len(state['shards'])} index shards, "
-        f"{summary['seconds']:.1f}s")
+    log.info(f"add: {added} vectors from {len(jobs)} shards of {len(new_runs)} runs, "
+             f"{removed_total} removed (re-embedded or deleted), {len(state['shards'])} index "
+             f"shards, {summary['seconds']:.1f}s")
     return summary
 
 
@@ -286,8 +283,7 @@ def merge_step(folder: str, layout: str = "single", target_recall: float = 0.95,
     t0 = time.time()
     if layout == "single":
         index = merge_in_memory(shard_paths)
-        faiss.write_index(index, os.path.join(folder, INDEX_FILE + ".tmp"))
-        os.replace(os.path.join(folder, INDEX_FILE + ".tmp"), os.path.join(folder, INDEX_FILE))
+        write_index_atomic(index, os.path.join(folder, INDEX_FILE))
         del index
         index_files = [file_entry(folder, INDEX_FILE)]
     elif layout == "ondisk":
@@ -311,8 +307,8 @@ def merge_step(folder: str, layout: str = "single", target_recall: float = 0.95,
     ntotal = int(index.ntotal)
     t0 = time.time()
     if ntotal < 2:  # leave-one-out: a query needs another vector to find
-        log(f"merge: {layout} index of {ntotal} vector in {merge_seconds:.1f}s; recall not "
-            f"measured (a held-out query needs at least one other vector to find)")
+        log.info(f"merge: {layout} index of {ntotal} vector in {merge_seconds:.1f}s; recall not "
+                 f"measured (a held-out query needs at least one other vector to find)")
         params, recall = unmeasured_recall(
             index, f"the index holds {ntotal} vector: leave-one-out recall needs at least 2",
             target_recall, tune_at)
@@ -333,11 +329,11 @@ def merge_step(folder: str, layout: str = "single", target_recall: float = 0.95,
     })
     write_manifest(folder, manifest)
     _remove_unreferenced(folder, manifest, state)
-    log(f"merge: {manifest['num_vectors']} vectors, {manifest['factory']} ({layout}), "
-        f"search {params or 'exact'}: " + (
-            ", ".join(f"{k} {v:.3f}" for k, v in recall.items() if k.startswith("recall@")) +
-            f", {recall['queries_per_second']} q/s" if recall["measured"]
-            else f"recall not measured ({recall['reason']})"))
+    log.info(f"merge: {manifest['num_vectors']} vectors, {manifest['factory']} ({layout}), "
+             f"search {params or 'exact'}: " + (
+                 ", ".join(f"{k} {v:.3f}" for k, v in recall.items() if k.startswith("recall@")) +
+                 f", {recall['queries_per_second']} q/s" if recall["measured"]
+                 else f"recall not measured ({recall['reason']})"))
     return manifest
 
 
@@ -356,20 +352,21 @@ def _measure_recall(folder: str, index, state: dict, shard_paths: list[str],
                 yield ids, X
 
     nq = min(recall_queries, ntotal)
-    log(f"merge: {layout} index of {ntotal} vectors in {merge_seconds:.1f}s; measuring recall "
-        f"on {nq} held-out queries" +
-        (f" (not {recall_queries}: the index holds {ntotal} vectors)" if nq < recall_queries
-         else ""))
+    log.info(f"merge: {layout} index of {ntotal} vectors in {merge_seconds:.1f}s; measuring recall "
+             f"on {nq} held-out queries" +
+             (f" (not {recall_queries}: the index holds {ntotal} vectors)" if nq < recall_queries
+              else ""))
     qids, xq = reservoir_sample(batches(), nq, seed + 1)
     kmax = min(max(KS), ntotal - 1)
     _, true = exact_knn_stream(xq, batches(), kmax, exclude=qids)
     params, recall = tune_search_params(index, xq, qids, true, target_recall, tune_at)
     if not recall["target_met"]:
-        log(f"WARNING: no search setting reached recall@{tune_at} {target_recall} "
-            f"(best {recall.get(f'recall@{tune_at}')}, with {params}); the index is too "
-            f"compressed for this target: pass a larger --max-index-memory or --factory")
-    np.savez(os.path.join(folder, RECALL_FILE + ".tmp.npz"), ids=qids, vectors=xq, true=true)
-    os.replace(os.path.join(folder, RECALL_FILE + ".tmp.npz"), os.path.join(folder, RECALL_FILE))
+        log.warning(f"no search setting reached recall@{tune_at} {target_recall} "
+                    f"(best {recall.get(f'recall@{tune_at}')}, with {params}); the index is too "
+                    f"compressed for this target: pass a larger --max-index-memory or --factory")
+    # a file object: np.savez would append ".npz" to a temporary name
+    with atomic_path(os.path.join(folder, RECALL_FILE)) as tmp, open(tmp, "wb") as f:
+        np.savez(f, ids=qids, vectors=xq, true=true)
     return params, {**recall, "measured": True,
                     "method": "leave-one-out: queries are uniformly sampled indexed vectors; "
                               "each query's own id is excluded from exact and approximate "
@@ -384,7 +381,7 @@ def _remove_unreferenced(folder: str, manifest: dict, state: dict) -> None:
     shard_dir = os.path.join(folder, SHARD_DIR)
     for name in os.listdir(shard_dir) if os.path.isdir(shard_dir) else []:
         rel = f"{SHARD_DIR}/{name}"
-        if rel not in keep and not name.endswith(".tmp"):
+        if rel not in keep and not is_temporary(name):
             os.remove(os.path.join(shard_dir, name))
     if manifest["layout"] != "ondisk" and os.path.exists(os.path.join(folder, "index.ivfdata")):
         os.remove(os.path.join(folder, "index.ivfdata"))
@@ -408,7 +405,7 @@ def build_index(store: str, output: str, factory: str | None = None,
     started = time.time()
     folder = _local(output, create=False)
     if os.path.exists(os.path.join(folder, MANIFEST_NAME)):
-        log(f"index: rebuilding {output} from scratch")
+        log.info(f"index: rebuilding {output} from scratch")
     created = _first_missing(folder)  # the top folder this build creates, if any
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")

@@ -1,11 +1,11 @@
 """Reading embedding runs written by `remap embed` (pyarrow only).
 
-A store holds `run-<id>/` folders; a run counts only once its `run.json` exists (written last).
+Which runs a store holds and which files each has is remap_store.runs' to say (a run counts only
+once its run summary, run.json, exists); this module reads the shards and tombstones it names.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import fsspec
@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from remap_store.runs import CompletedRun, list_completed_runs, run_files
 from remap_store.schema import META_DIM, META_MODEL, embeddings_to_numpy, stable_ids
 
 
@@ -24,24 +25,13 @@ class EmbeddingRun:
     shard_paths: list[str]  # full URLs
 
 
-def _join(fs, root: str, name: str, like: str) -> str:
-    proto = like.split("://", 1)[0] + "://" if "://" in like else ""
-    return f"{proto}{root.rstrip('/')}/{name}"
-
-
 def list_runs(store: str) -> list[EmbeddingRun]:
     """Completed runs under an embedding store, oldest first (run ids sort by time)."""
     fs, root = fsspec.core.url_to_fs(store)
     if not fs.exists(root):
         raise FileNotFoundError(f"embedding store {store} does not exist")
-    runs = []
-    for manifest in sorted(fs.glob(root.rstrip("/") + "/run-*/run.json")):
-        folder = manifest.rsplit("/", 1)[0]
-        with fs.open(manifest, "r") as f:
-            summary = json.load(f)
-        shards = [_join(fs, folder, s, store) for s in summary.get("shards", [])]
-        runs.append(EmbeddingRun(summary["run_id"], _join(fs, folder, "", store).rstrip("/"),
-                                 summary, shards))
+    runs = [EmbeddingRun(r.summary["run_id"], r.folder, r.summary, run_files(r, "shards"))
+            for r in list_completed_runs(store)]
     if not runs:
         raise FileNotFoundError(f"no completed embedding runs (run-*/run.json) under {store}; "
                                 f"run `remap embed --output {store}` first")
@@ -178,12 +168,7 @@ def _batches(path: str, pf: pq.ParquetFile, batch_rows: int, columns: list[str])
 
 def run_tombstone_paths(run: EmbeddingRun) -> list[str]:
     """Tombstone tables of a run: those run.json lists, else any `tombstones-*.parquet` there."""
-    names = run.summary.get("tombstones")
-    if names is not None:
-        return [f"{run.path}/{n}" for n in names]
-    fs, root = fsspec.core.url_to_fs(run.path)
-    proto = run.path.split("://", 1)[0] + "://" if "://" in run.path else ""
-    return [proto + p for p in sorted(fs.glob(root.rstrip("/") + "/tombstones-*.parquet"))]
+    return run_files(CompletedRun(run.run_id, run.path, run.summary), "tombstones")
 
 
 def read_tombstone_ids(run: EmbeddingRun) -> np.ndarray:

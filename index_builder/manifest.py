@@ -7,6 +7,8 @@ import json
 
 import fsspec
 
+from remap_store.files import join_url, write_json_atomic
+
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 
@@ -25,23 +27,21 @@ def file_sha256(path: str, chunk: int = 1 << 22) -> tuple[str, int]:
 
 
 def file_entry(folder: str, name: str) -> dict:
-    sha, size = file_sha256(f"{folder.rstrip('/')}/{name}")
+    sha, size = file_sha256(join_url(folder, name))
     return {"path": name, "bytes": size, "sha256": sha}
 
 
 def write_manifest(folder: str, manifest: dict) -> str:
-    """Write `manifest.json` into `folder` via a temporary name and rename (atomic locally)."""
+    """Write `manifest.json` into `folder` via a temporary name and rename (atomic locally).
+    -> its path as fsspec names it."""
     fs, root = fsspec.core.url_to_fs(folder)
-    manifest = {"format_version": FORMAT_VERSION, **manifest}
-    tmp, final = f"{root.rstrip('/')}/{MANIFEST_NAME}.tmp", f"{root.rstrip('/')}/{MANIFEST_NAME}"
-    with fs.open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-    fs.mv(tmp, final)
-    return final
+    write_json_atomic(join_url(folder, MANIFEST_NAME),
+                      {"format_version": FORMAT_VERSION, **manifest})
+    return join_url(root, MANIFEST_NAME)
 
 
 def read_manifest(folder: str) -> dict:
-    path = f"{folder.rstrip('/')}/{MANIFEST_NAME}"
+    path = join_url(folder, MANIFEST_NAME)
     try:
         with fsspec.open(path, "r") as f:
             manifest = json.load(f)
@@ -67,7 +67,7 @@ def read_manifest(folder: str) -> dict:
 def verify_files(folder: str, entries: list[dict]) -> None:
     """Refuse an index whose files are missing or differ from the manifest's checksums."""
     for e in entries:
-        path = f"{folder.rstrip('/')}/{e['path']}"
+        path = join_url(folder, e["path"])
         try:
             sha, size = file_sha256(path)
         except FileNotFoundError as err:

@@ -17,6 +17,8 @@ import os
 import faiss
 import numpy as np
 
+from remap_store.files import atomic_path
+
 LAYOUTS = ("single", "ondisk", "shards")
 
 
@@ -83,7 +85,8 @@ def merge_to_ondisk(trained_path: str, shard_paths: list[str], output: str) -> s
         if os.path.exists(p):
             os.remove(p)
     merge_ondisk(trained, shard_paths, ivfdata)
-    faiss.write_index(trained, output)
+    with atomic_path(output) as tmp:
+        faiss.write_index(trained, tmp)
     return ivfdata
 
 

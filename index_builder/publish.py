@@ -20,6 +20,7 @@ import os
 import fsspec
 
 from index_builder.manifest import MANIFEST_NAME
+from remap_store.files import join_url
 
 
 def upload_index(local: str, dest: str) -> dict:
@@ -36,11 +37,11 @@ def upload_index(local: str, dest: str) -> dict:
     fs, root = fsspec.core.url_to_fs(dest)
     root = root.rstrip("/")
     fs.invalidate_cache(root)
-    if fs.exists(f"{root}/{MANIFEST_NAME}"):
-        fs.rm(f"{root}/{MANIFEST_NAME}")
+    if fs.exists(join_url(root, MANIFEST_NAME)):
+        fs.rm(join_url(root, MANIFEST_NAME))
     total = 0
     for rel in files:
-        target = f"{root}/{rel}"
+        target = join_url(root, rel)
         fs.put_file(os.path.join(local, rel), target)
         fs.invalidate_cache(target)
         got = fs.info(target)["size"]
@@ -52,8 +53,8 @@ def upload_index(local: str, dest: str) -> dict:
     stale = sorted({p[len(root):].lstrip("/") for p in fs.find(root)} - set(files)
                    - {MANIFEST_NAME})
     for rel in stale:
-        fs.rm(f"{root}/{rel}")
-    fs.put_file(manifest_path, f"{root}/{MANIFEST_NAME}")
+        fs.rm(join_url(root, rel))
+    fs.put_file(manifest_path, join_url(root, MANIFEST_NAME))
     fs.invalidate_cache(root)
     return {"to": dest, "uploaded": len(files) + 1,
             "bytes": total + os.path.getsize(manifest_path), "removed": len(stale)}

@@ -21,8 +21,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from index_builder.id_map import IdMap
-from index_builder.manifest import read_manifest, verify_files
+from index_builder.manifest import MANIFEST_NAME, read_manifest, verify_files
 from index_builder.merge import read_ondisk, set_search_params, sharded_index
+from remap_store.files import join_url
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class QueryImageError(ValueError):
 
 def _read_local(folder: str, name: str, tmp: str) -> str:
     """A local path for `folder/name`: the file itself when local, else a downloaded copy."""
-    src = f"{folder.rstrip('/')}/{name}"
+    src = join_url(folder, name)
     fs, path = fsspec.core.url_to_fs(src)
     if "file" in fs.protocol:  # a str or a tuple of names, e.g. ("file", "local")
         return path
@@ -249,10 +250,9 @@ def resolve_index_folder(folder: str) -> str:
     `CURRENT` pointer file names (one line, the published index's URL, as the nightly re-index
     writes it at an index root). Resolved once per open, so a reader sees one whole index."""
     fs, root = fsspec.core.url_to_fs(folder)
-    root = root.rstrip("/")
-    if fs.exists(f"{root}/manifest.json") or not fs.exists(f"{root}/{POINTER}"):
+    if fs.exists(join_url(root, MANIFEST_NAME)) or not fs.exists(join_url(root, POINTER)):
         return folder
-    target = fs.cat_file(f"{root}/{POINTER}").decode("utf-8").strip()
+    target = fs.cat_file(join_url(root, POINTER)).decode("utf-8").strip()
     if not target:
         raise ValueError(f"{folder}/{POINTER} is empty: no index has been published there yet")
     return target

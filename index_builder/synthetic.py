@@ -7,15 +7,16 @@ embedding runs (run-<id>/ with Parquet shards following remap_store.schema + run
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from remap_store.schema import (PARQUET_CODEC, ROW_GROUP_ROWS, embedding_schema,
-                                     stable_ids)
+from remap_store.files import atomic_path
+from remap_store.runs import (TABLE_PREFIXES, run_folder, table_file_name,
+                              write_run_summary)
+from remap_store.schema import PARQUET_CODEC, ROW_GROUP_ROWS, embedding_schema, stable_ids
 
 SYNTHETIC_MODEL = "synthetic.d{dim}"
 
@@ -56,8 +57,8 @@ def write_shard(path: str, uris: list[str], X: np.ndarray, model: str) -> None:
         "model": pa.array([model] * n, pa.string()),
     }
     table = pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
-    pq.write_table(table, path + ".tmp", compression=PARQUET_CODEC, row_group_size=ROW_GROUP_ROWS)
-    os.replace(path + ".tmp", path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression=PARQUET_CODEC, row_group_size=ROW_GROUP_ROWS)
 
 
 def write_run(store: str, run_id: str, uris: list[str], X: np.ndarray, shards: int = 4,
@@ -65,25 +66,24 @@ def write_run(store: str, run_id: str, uris: list[str], X: np.ndarray, shards: i
     """A completed embedding run: `shards` Parquet shards, an optional tombstone table, and
     run.json written last. -> the run folder."""
     model = model or SYNTHETIC_MODEL.format(dim=X.shape[1])
-    folder = os.path.join(store, f"run-{run_id}")
+    folder = run_folder(store, run_id)
     os.makedirs(folder, exist_ok=True)
     names = []
     bounds = np.linspace(0, len(uris), shards + 1).astype(int)
     for s in range(shards):
-        name = f"embeddings-{s:05d}-of-{shards:05d}.parquet"
+        name = table_file_name(TABLE_PREFIXES["shards"], s, shards)
         write_shard(os.path.join(folder, name), uris[bounds[s]:bounds[s + 1]],
                     X[bounds[s]:bounds[s + 1]], model)
         names.append(name)
     summary = {"run_id": run_id, "model": model, "model_uri": None, "dimension": int(X.shape[1]),
                "embedded": len(uris), "shards": names}
     if tombstone_uris:
+        name = table_file_name(TABLE_PREFIXES["tombstones"], 0, 1)
         t = pa.table({"uri": pa.array(list(tombstone_uris), pa.string()),
                       "id": pa.array(stable_ids(list(tombstone_uris)), pa.int64()),
                       "run_id": pa.array([run_id] * len(tombstone_uris), pa.string())})
-        pq.write_table(t, os.path.join(folder, "tombstones-00000-of-00001.parquet"),
-                       compression=PARQUET_CODEC)
-        summary["tombstones"] = ["tombstones-00000-of-00001.parquet"]
-    with open(os.path.join(folder, "run.json.tmp"), "w") as f:
-        json.dump(summary, f)
-    os.replace(os.path.join(folder, "run.json.tmp"), os.path.join(folder, "run.json"))
+        with atomic_path(os.path.join(folder, name)) as tmp:
+            pq.write_table(t, tmp, compression=PARQUET_CODEC)
+        summary["tombstones"] = [name]
+    write_run_summary(folder, summary)
     return folder

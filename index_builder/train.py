@@ -10,6 +10,7 @@ Everything here is numpy in, FAISS out; the file layout lives in build.py.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import time
@@ -17,6 +18,8 @@ from typing import Iterable
 
 import faiss
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 # Collection sizes below which the exact or graph indexes are chosen (when they fit the budget).
 FLAT_MAX = 100_000
@@ -278,7 +281,8 @@ def train_index(factory: str, sample: np.ndarray, verbose: bool = False) -> fais
                              f"({faiss_reason(e)}); pass another --factory or a larger "
                              f"--train-sample") from None
         if verbose:
-            print(f"trained {factory} on {len(sample)} vectors in {time.time() - started:.1f}s")
+            log.info("trained %s on %d vectors in %.1fs", factory, len(sample),
+                     time.time() - started)
     return index
 
 

@@ -102,6 +102,13 @@ def check_args(args) -> None:
 
 
 def main(args) -> int:
+    from index_builder import log_to_stderr
+
+    with log_to_stderr():   # index_builder's progress and summary lines, on stderr as before
+        return _run(args)
+
+
+def _run(args) -> int:
     from index_builder.build import add_step, build_index, merge_step, train_step
 
     check_args(args)

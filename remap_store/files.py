@@ -1,6 +1,6 @@
 """Writing files so that no reader ever sees half of one, and URLs that keep their protocol.
 
-Every file remap writes (shards, run summaries, leases, index files, manifests, checkpoints,
+Every file remap writes (shards, run summaries, leases, index files, index manifests, checkpoints,
 benchmark caches) goes through one of the writers here: the bytes go to a temporary name beside
 the target, then a rename puts them in place. Locally the rename is atomic; on object stores an
 object only becomes visible once whole, and the temporary name keeps a killed writer's remains

@@ -21,6 +21,7 @@ step, after `run.json`:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -34,6 +35,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from remap_store import runs as R
+from remap_store.files import atomic_path, join_url, temporary_name
 
 LEASE = "_lease.json"
 log = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ class LeaseLost(RuntimeError):
 
 
 def lease_url(store: str) -> str:
-    return f"{store.rstrip('/')}/{LEASE}"
+    return join_url(store, LEASE)
 
 
 def _iso(t: float) -> str:
@@ -78,28 +80,24 @@ def describe(lease: dict) -> str:
 
 # --------------------------------------------------------------------------- storage
 
-def _local_tmp(path: str, data: bytes) -> str:
-    """`data` written whole to a new temporary file beside local `path`: -> its path."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{secrets.token_hex(4)}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    return tmp
-
-
 def _create_exclusive(url: str, data: bytes) -> bool:
     """Write `data` at `url` unless something is there; False if something was."""
     fs, path = fsspec.core.url_to_fs(url)
     if isinstance(fs, LocalFileSystem):
         # fsspec's local mode="create" checks, then writes: not atomic. A hard link is, and
-        # readers never see a half-written lease.
-        tmp = _local_tmp(path, data)
+        # readers never see a half-written lease: the lease is written whole under a temporary
+        # name, then linked to its own (which fails if something is there), never renamed.
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = temporary_name(path)
         try:
+            with open(tmp, "wb") as f:
+                f.write(data)
             os.link(tmp, path)
         except FileExistsError:
             return False
         finally:
-            os.unlink(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         return True
     try:
         fs.pipe_file(path, data, mode="create")
@@ -113,7 +111,8 @@ def _create_exclusive(url: str, data: bytes) -> bool:
 def _overwrite(url: str, data: bytes) -> None:
     fs, path = fsspec.core.url_to_fs(url)
     if isinstance(fs, LocalFileSystem):
-        os.replace(_local_tmp(path, data), path)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            f.write(data)
     else:
         fs.pipe_file(path, data)
         fs.invalidate_cache(path)
@@ -147,7 +146,7 @@ def _remove(store: str) -> None:
 
 
 def _run_completed(store: str, run_id: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(f"{R.run_folder(store, run_id)}/{R.RUN_SUMMARY}")
+    fs, path = fsspec.core.url_to_fs(R.run_summary_url(R.run_folder(store, run_id)))
     fs.invalidate_cache(path)
     return fs.exists(path)
 

@@ -1,5 +1,8 @@
-"""The embedding store as the pipeline sees it: completed and incomplete run folders, the state
-earlier runs left (what was embedded, at which object version; what was deleted), run manifests.
+"""The embedding store's layout, owned here alone: run folders, their run summaries (run.json),
+the names of their tables (embedding shards, sources, tombstones, dead letter), which runs are
+complete, and the state earlier runs left (what was embedded, at which object version; what was
+deleted). The pipeline, the index builder and the nightly re-index all read the store through
+these functions, so a change of layout is one edit here.
 
 A store holds `run-<id>/` folders. A run is complete once its `run.json` exists (written last,
 through a temporary name); a folder without it is the remains of a killed run and is removed
@@ -28,9 +31,12 @@ from typing import Iterator, NamedTuple
 import fsspec
 
 from pipelines import uris as U
+from remap_store.files import join_url, with_protocol, write_json_atomic  # noqa: F401 (re-export)
 
 RUN_PREFIX = "run-"
 RUN_SUMMARY = "run.json"
+TABLE_PREFIXES = {"shards": "embeddings", "dead_letter": "dead_letter",
+                  "tombstones": "tombstones", "sources": "sources"}   # run.json key -> file prefix
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 log = logging.getLogger(__name__)
 
@@ -142,13 +148,49 @@ def check_store_path(store: str) -> None:
                              f"folder for the embedding store")
 
 
-def _url(store: str, path: str) -> str:
-    proto = store.split("://", 1)[0] + "://" if "://" in store else ""
-    return path if not proto or path.startswith(proto) else proto + path
-
-
 def run_folder(store: str, run_id: str) -> str:
-    return f"{store.rstrip('/')}/{RUN_PREFIX}{run_id}"
+    """URL of the folder of run `run_id`: `<store>/run-<id>`."""
+    return join_url(store, f"{RUN_PREFIX}{run_id}")
+
+
+def run_summary_url(folder: str) -> str:
+    """URL of a run folder's run summary (run.json; written last: the run is complete once it
+    exists)."""
+    return join_url(folder, RUN_SUMMARY)
+
+
+def table_file_name(prefix: str, index: int, count: int) -> str:
+    """The file name of table shard `index` of `count`: `<prefix>-SSSSS-of-NNNNN.parquet`
+    (prefix: a value of TABLE_PREFIXES)."""
+    return f"{prefix}-{index:05d}-of-{count:05d}.parquet"
+
+
+def write_run_summary(folder: str, summary: dict) -> str:
+    """Write a run's run.json (through a temporary name), the step that completes the run.
+    -> its URL."""
+    url = run_summary_url(folder)
+    write_json_atomic(url, summary)
+    return url
+
+
+def list_completed_runs(store: str) -> list[CompletedRun]:
+    """The completed runs of a store (those with a run.json), oldest first; [] when the store
+    does not exist."""
+    return scan_store(store)[0]
+
+
+def run_files(run: CompletedRun, kind: str) -> list[str]:
+    """URLs of a completed run's tables of `kind` (a run.json key: shards, sources, tombstones,
+    dead_letter), as its run.json lists them. Tombstones of runs written before run.json
+    listed them: any `tombstones-*.parquet` in the run folder."""
+    if kind not in TABLE_PREFIXES:
+        raise ValueError(f"unknown run table {kind!r}; one of {sorted(TABLE_PREFIXES)}")
+    names = run.summary.get(kind)
+    if names is None and kind == "tombstones":
+        fs, root = fsspec.core.url_to_fs(run.folder)
+        pattern = join_url(root, f"{TABLE_PREFIXES[kind]}-*.parquet")
+        return [with_protocol(run.folder, p) for p in sorted(fs.glob(pattern))]
+    return [join_url(run.folder, n) for n in names or []]
 
 
 def scan_store(store: str) -> tuple[list[CompletedRun], list[str]]:
@@ -161,10 +203,10 @@ def scan_store(store: str) -> tuple[list[CompletedRun], list[str]]:
         name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
         if entry["type"] != "directory" or not name.startswith(RUN_PREFIX):
             continue
-        folder = _url(store, entry["name"].rstrip("/"))
-        manifest = entry["name"].rstrip("/") + "/" + RUN_SUMMARY
-        if fs.exists(manifest):
-            with fs.open(manifest, "r") as f:
+        folder = with_protocol(store, entry["name"].rstrip("/"))
+        summary = run_summary_url(entry["name"].rstrip("/"))
+        if fs.exists(summary):
+            with fs.open(summary, "r") as f:
                 complete.append(CompletedRun(name[len(RUN_PREFIX):], folder, json.load(f)))
         else:
             incomplete.append(folder)
@@ -198,12 +240,10 @@ def state_files(runs: list[CompletedRun]) -> list[tuple[int, str, str]]:
     or the embedding `shards` of runs written before the sources table existed."""
     out = []
     for i, run in enumerate(runs):
-        sources = run.summary.get("sources")
-        if sources is None:
-            out += [(i, "shards", f"{run.folder}/{s}") for s in run.summary.get("shards", [])]
-        else:
-            out += [(i, "sources", f"{run.folder}/{s}") for s in sources]
-        out += [(i, "tombstones", f"{run.folder}/{s}") for s in run.summary.get("tombstones", [])]
+        kind = "shards" if run.summary.get("sources") is None else "sources"
+        out += [(i, kind, url) for url in run_files(run, kind)]
+        out += [(i, "tombstones", join_url(run.folder, s))
+                for s in run.summary.get("tombstones", [])]
     return out
 
 
@@ -227,12 +267,3 @@ def read_state_file(run_index: int, kind: str, url: str) -> Iterator[tuple[str, 
                 else:
                     state = PreviousState(run_index, cols["id"][j], None, None, "deleted")
                 yield cols["uri"][j], state
-
-
-def write_json_atomic(url: str, data: dict) -> None:
-    """Write JSON to a temporary name, then rename (a reader never sees half a file)."""
-    fs, path = fsspec.core.url_to_fs(url)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path + ".tmp", "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-    fs.mv(path + ".tmp", path)

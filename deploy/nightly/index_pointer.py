@@ -30,8 +30,12 @@ import sys
 
 import fsspec
 
+from index_builder.manifest import MANIFEST_NAME as MANIFEST
+from index_builder.manifest import read_manifest, verify_files
+from remap_store.files import join_url, write_bytes_atomic
+from remap_store.runs import list_completed_runs
+
 POINTER = "CURRENT"
-MANIFEST = "manifest.json"
 # index folder names the nightly writes (and prune may delete): 2026-11-23 or 2026-11-23T041500Z
 INDEX_NAME = re.compile(r"^\d{4}-\d{2}-\d{2}(T\d{6}Z)?$")
 
@@ -42,16 +46,6 @@ class Refused(Exception):
 
 # --------------------------------------------------------------------------- small helpers
 
-def _join(root: str, name: str) -> str:
-    return f"{root.rstrip('/')}/{name}"
-
-
-def _url(like: str, path: str) -> str:
-    """Give a path listed by fsspec back the protocol prefix of `like`."""
-    proto = like.split("://", 1)[0] + "://" if "://" in like else ""
-    return path if not proto or path.startswith(proto) else proto + path
-
-
 def _read_json(url: str) -> dict:
     with fsspec.open(url, "r") as f:
         return json.load(f)
@@ -60,7 +54,7 @@ def _read_json(url: str) -> dict:
 def read_current(index_root: str) -> str | None:
     """URL of the published index, or None before the first publish."""
     fs, root = fsspec.core.url_to_fs(index_root)
-    path = _join(root, POINTER)
+    path = join_url(root, POINTER)
     if not fs.exists(path):
         return None
     with fs.open(path, "r") as f:
@@ -74,23 +68,17 @@ def write_current(index_root: str, index_url: str) -> None:
     new pointer, never a mix)."""
     fs, root = fsspec.core.url_to_fs(index_root)
     fs.makedirs(root, exist_ok=True)
-    body = index_url.rstrip("/") + "\n"
+    body = (index_url.rstrip("/") + "\n").encode()
     if "file" in fs.protocol or "local" in fs.protocol:
-        tmp = _join(root, f"{POINTER}.tmp")
-        with fs.open(tmp, "w") as f:
-            f.write(body)
-        fs.mv(tmp, _join(root, POINTER))
+        write_bytes_atomic(join_url(root, POINTER), body)
     else:
-        fs.pipe_file(_join(root, POINTER), body.encode())
+        fs.pipe_file(join_url(root, POINTER), body)
 
 
 def store_runs(store: str) -> list[dict]:
-    """run.json of every completed run of an embedding store (a run without run.json is
-    unfinished and not counted), oldest first."""
-    fs, root = fsspec.core.url_to_fs(store)
-    if not fs.exists(root):
-        return []
-    return [_read_json(_url(store, p)) for p in sorted(fs.glob(_join(root, "run-*/run.json")))]
+    """The run summary (run.json) of every completed run of an embedding store (a run without
+    one is unfinished and not counted), oldest first."""
+    return [run.summary for run in list_completed_runs(store)]
 
 
 def changes_anything(run: dict) -> bool:
@@ -116,7 +104,7 @@ def plan(index_root: str, store: str, date: str, now: _dt.datetime | None = None
     current = read_current(index_root)
     if current is not None:
         try:
-            covered = set(_read_json(_join(current, MANIFEST)).get("source_runs", []))
+            covered = set(_read_json(join_url(current, MANIFEST)).get("source_runs", []))
         except FileNotFoundError:
             covered = set()   # pointer to a vanished index: rebuild
         pending = [r["run_id"] for r in runs if r["run_id"] not in covered
@@ -127,10 +115,10 @@ def plan(index_root: str, store: str, date: str, now: _dt.datetime | None = None
                               "URI of the store"}
     else:
         pending = [r["run_id"] for r in runs]
-    target = _join(index_root, date)
+    target = join_url(index_root, date)
     if current is not None and current.rstrip("/") == target.rstrip("/"):
         stamp = (now or _dt.datetime.now(_dt.timezone.utc)).strftime("T%H%M%SZ")
-        target = _join(index_root, date + stamp)
+        target = join_url(index_root, date + stamp)
     fs, path = fsspec.core.url_to_fs(target)
     removed = False
     if fs.exists(path):
@@ -146,8 +134,6 @@ def check(index_url: str, index_root: str, min_recall: float, recall_k: int,
     manifest, whose measured recall@k is below `min_recall`, or which lost more than
     `max_shrink` of the published index's vectors (a listing that came back nearly empty
     tombstones everything; better to keep yesterday's index and alert)."""
-    from index_builder.manifest import read_manifest, verify_files
-
     manifest = read_manifest(index_url)          # raises when the build did not finish
     verify_files(index_url, manifest.get("index_files", []) + manifest.get("id_files", []))
     n = int(manifest.get("num_vectors", 0))
@@ -169,7 +155,7 @@ def check(index_url: str, index_root: str, min_recall: float, recall_k: int,
     before = None
     if current is not None and current.rstrip("/") != index_url.rstrip("/"):
         try:
-            before = int(_read_json(_join(current, MANIFEST)).get("num_vectors", 0))
+            before = int(_read_json(join_url(current, MANIFEST)).get("num_vectors", 0))
         except FileNotFoundError:
             before = None
     if before and n < (1.0 - max_shrink) * before:
@@ -214,7 +200,7 @@ def prune(index_root: str, keep: int) -> dict:
     deleted = []
     for name in names:
         if name not in kept:
-            fs.rm(_join(root, name), recursive=True)
+            fs.rm(join_url(root, name), recursive=True)
             deleted.append(name)
     return {"kept": sorted(kept), "deleted": deleted}
 

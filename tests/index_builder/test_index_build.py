@@ -17,6 +17,7 @@ from index_builder.synthetic import clustered_vectors, synthetic_uris, write_run
 from remap_store.schema import stable_ids
 
 N, DIM, SHARDS = 24_000, 32, 6
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 IVF = "IVF64,PQ16x4"  # 16-centroid sub-quantizers: trains in seconds on 2 cores
 
 
@@ -194,17 +195,17 @@ def test_incremental_run_adds_new_replaces_reembedded_and_removes_tombstoned(tmp
     assert idx.search_vectors(X2[:1], k=1)[0][0].id != stable_ids(new_u[:1])[0]
 
 
-def test_new_data_far_from_the_training_sample_prints_a_retrain_warning(tmp_path, capsys):
+def test_new_data_far_from_the_training_sample_logs_a_retrain_warning(tmp_path, caplog):
     store, folder = str(tmp_path / "store"), str(tmp_path / "index")
     write_run(store, "20260101T000000Z-aaaaaa", synthetic_uris(6000),
               clustered_vectors(6000, DIM, clusters=30, spread=0.3, seed=5), shards=2)
     train_step(store, folder, factory="IVF32,PQ8x4")
     add_step(store, folder, progress=False)
-    assert "quantisation error has grown" not in capsys.readouterr().err
+    assert "quantisation error has grown" not in caplog.text
     write_run(store, "20260102T000000Z-bbbbbb", synthetic_uris(3000, start=6000),
               clustered_vectors(3000, DIM, clusters=30, spread=1.5, seed=6), shards=1)
     add_step(store, folder, progress=False)
-    err = capsys.readouterr().err
+    err = caplog.text
     assert "quantisation error has grown" in err and "remap index train" in err
 
 
@@ -270,3 +271,28 @@ def test_hnsw_shards_are_rebuilt_into_one_graph_or_searched_together(tmp_path, l
     exact = stable_ids(uris)[np.argmax(xq @ X.T, axis=1)]
     found = np.array([row[0].id for row in idx.search_vectors(xq, k=1)])
     assert (found == exact).mean() >= 0.97
+
+
+def test_remap_index_shows_each_step_summary_once_on_stderr(tmp_path):
+    """index_builder logs (no prints); the console shows those lines on stderr as plain lines,
+    once each, and keeps stdout for the JSON summary. A subprocess: the console's own logging
+    configuration, not pytest's, is what is checked."""
+    import subprocess
+    import sys
+
+    store, index = str(tmp_path / "store"), str(tmp_path / "index")
+    write_run(store, "20260101T000000Z-aaaaaa", synthetic_uris(300),
+              clustered_vectors(300, DIM, seed=3), shards=2)
+    done = subprocess.run([sys.executable, "-m", "remap_cli", "index", "--embeddings", store,
+                           "--output", index, "--no-progress", "--recall-queries", "50"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              [REPO, os.environ.get("PYTHONPATH", "")])})
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["vectors"] == 300
+    lines = done.stderr.splitlines()
+    for start in ("train: 300 vectors of dim 32 in 2 shards", "train: done in",
+                  "add: 300 vectors from 2 shards of 1 runs",
+                  "merge: single index of 300 vectors", "merge: 300 vectors, Flat (single)"):
+        assert sum(start in x for x in lines) == 1, (start, done.stderr)
+        assert any(x.startswith(start) for x in lines), (start, done.stderr)
