@@ -38,7 +38,7 @@ from index_builder.recall import KS, exact_knn_stream, tune_search_params, unmea
 from index_builder.train import (ERROR_SAMPLE, check_trainable, choose_factory, error_growth,
                                  held_out_size, make_index, parse_bytes, quantization_error,
                                  reservoir_sample, train_index, training_size)
-from remap_store.files import atomic_path, is_temporary, write_json_atomic
+from remap_store.files import atomic_path, write_json_atomic
 
 INDEX_FILE = "index.faiss"
 TRAINED_FILE = "trained.faiss"
@@ -375,13 +375,15 @@ def _measure_recall(folder: str, index, state: dict, shard_paths: list[str],
 
 
 def _remove_unreferenced(folder: str, manifest: dict, state: dict) -> None:
-    """Delete index-shard generations neither the state nor the new manifest names."""
+    """Delete index-shard generations neither the state nor the new manifest names, and the
+    temporary files of writers that were killed (the merge runs after every add worker is done:
+    no temporary file there belongs to a live writer)."""
     keep = {e["path"] for e in manifest["index_files"] + manifest["id_files"]}
     keep |= {e["index"] for e in state["shards"]} | {e["ids"] for e in state["shards"]}
     shard_dir = os.path.join(folder, SHARD_DIR)
     for name in os.listdir(shard_dir) if os.path.isdir(shard_dir) else []:
         rel = f"{SHARD_DIR}/{name}"
-        if rel not in keep and not is_temporary(name):
+        if rel not in keep:
             os.remove(os.path.join(shard_dir, name))
     if manifest["layout"] != "ondisk" and os.path.exists(os.path.join(folder, "index.ivfdata")):
         os.remove(os.path.join(folder, "index.ivfdata"))

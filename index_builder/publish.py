@@ -15,12 +15,18 @@ A failed upload leaves no manifest at the destination; running it again complete
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
+import tempfile
+from typing import Callable
 
 import fsspec
 
 from index_builder.manifest import MANIFEST_NAME
 from remap_store.files import join_url
+
+log = logging.getLogger(__name__)
 
 
 def upload_index(local: str, dest: str) -> dict:
@@ -58,3 +64,20 @@ def upload_index(local: str, dest: str) -> dict:
     fs.invalidate_cache(root)
     return {"to": dest, "uploaded": len(files) + 1,
             "bytes": total + os.path.getsize(manifest_path), "removed": len(stale)}
+
+
+def build_and_upload(build: Callable[[str], dict], dest: str, staging: str | None = None
+                     ) -> tuple[dict, dict]:
+    """Run `build(local_folder)` in `staging` (default: a temporary folder, removed after),
+    then upload the folder's index to `dest`, manifest last. -> (manifest, upload summary)"""
+    folder = staging or tempfile.mkdtemp(prefix="remap-index-")
+    try:
+        manifest = build(folder)
+        log.info("upload: %s -> %s (manifest.json last)", folder, dest)
+        summary = upload_index(folder, dest)
+        log.info("upload: %d files, %.1f MiB, %d stale files of an earlier index removed",
+                 summary["uploaded"], summary["bytes"] / 2**20, summary["removed"])
+        return manifest, summary
+    finally:
+        if staging is None:
+            shutil.rmtree(folder, ignore_errors=True)

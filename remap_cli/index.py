@@ -110,6 +110,8 @@ def main(args) -> int:
 
 def _run(args) -> int:
     from index_builder.build import add_step, build_index, merge_step, train_step
+    from index_builder.publish import build_and_upload
+    from remap_store.files import is_remote
 
     check_args(args)
     step = getattr(args, "step", None)
@@ -146,32 +148,6 @@ def _run(args) -> int:
                        recall_queries=args.recall_queries, seed=args.seed)
         print(json.dumps(_summary(args.output, m)))
     return 0
-
-
-def is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
-
-
-def build_and_upload(build, dest: str, staging: str | None = None) -> tuple[dict, dict]:
-    """Run `build(local_folder)` in `staging` (default: a temporary folder, removed after),
-    then upload the folder's index to `dest`, manifest last. -> (manifest, upload summary)"""
-    import shutil
-    import sys
-    import tempfile
-
-    from index_builder.publish import upload_index
-
-    folder = staging or tempfile.mkdtemp(prefix="remap-index-")
-    try:
-        m = build(folder)
-        print(f"upload: {folder} -> {dest} (manifest.json last)", file=sys.stderr)
-        up = upload_index(folder, dest)
-        print(f"upload: {up['uploaded']} files, {up['bytes'] / 2**20:.1f} MiB, "
-              f"{up['removed']} stale files of an earlier index removed", file=sys.stderr)
-        return m, up
-    finally:
-        if staging is None:
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _summary(output: str, m: dict) -> dict:

@@ -28,6 +28,11 @@ def protocol_of(url: str) -> str:
     return url.split("://", 1)[0] + "://" if "://" in url else ""
 
 
+def is_remote(url: str) -> bool:
+    """An object-store (or any non-local fsspec) URL, as opposed to a local path."""
+    return "://" in url and not url.startswith("file://")
+
+
 def with_protocol(like: str, path: str) -> str:
     """A path as fsspec listed it, given back the protocol prefix of `like` (the URL the user
     wrote): `with_protocol("gs://b/root", "b/root/x") == "gs://b/root/x"`."""

@@ -32,10 +32,10 @@ import fsspec
 
 from index_builder.manifest import MANIFEST_NAME as MANIFEST
 from index_builder.manifest import read_manifest, verify_files
+from index_builder.search import POINTER
 from remap_store.files import join_url, write_bytes_atomic
 from remap_store.runs import list_completed_runs
 
-POINTER = "CURRENT"
 # index folder names the nightly writes (and prune may delete): 2026-11-23 or 2026-11-23T041500Z
 INDEX_NAME = re.compile(r"^\d{4}-\d{2}-\d{2}(T\d{6}Z)?$")
 

@@ -296,3 +296,17 @@ def test_remap_index_shows_each_step_summary_once_on_stderr(tmp_path):
                   "merge: single index of 300 vectors", "merge: 300 vectors, Flat (single)"):
         assert sum(start in x for x in lines) == 1, (start, done.stderr)
         assert any(x.startswith(start) for x in lines), (start, done.stderr)
+
+
+def test_a_killed_writers_temporary_files_are_removed_by_the_next_merge(store, tmp_path):
+    from remap_store.files import temporary_name
+
+    folder = str(tmp_path / "index")
+    build_index(store[0], folder, factory="Flat", recall_queries=20, workers=1,
+                progress=False)
+    shard_dir = tmp_path / "index" / "shards"
+    left = temporary_name(str(shard_dir / "run-x-00000-g0.faiss"))
+    open(left, "wb").write(b"half an index")
+    merge_step(folder, "single", 0.95, recall_queries=20)
+    assert not os.path.exists(left)
+    assert open_index(folder).search_vectors(np.zeros((1, store[1].shape[1]), np.float32), 1)

@@ -47,3 +47,10 @@ def test_atomic_open_works_on_other_filesystems():
     fs, path = fsspec.core.url_to_fs(url)
     assert json.loads(fs.cat_file(path)) == {"k": [1, 2]}
     assert [p.rsplit("/", 1)[-1] for p in fs.ls("/remap-files-test/a", detail=False)] == ["b.json"]
+
+
+def test_is_remote_tells_object_storage_from_local_paths():
+    from remap_store.files import is_remote
+
+    assert is_remote("gs://b/x") and is_remote("s3://b/x") and is_remote("memory://x")
+    assert not is_remote("/data/x") and not is_remote("rel/x") and not is_remote("file:///x")
