@@ -11,12 +11,15 @@ import pytest
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines.embed import (DEAD, LIVE_IDS, OUTCOMES, SKIPPED, TOMBSTONES, CheckIdCollisions,
-                             EmbedImages, Reconcile, _check_ids, reconcile, summarize)
+from pipelines.inference import EmbedImages
 from pipelines.prepare import PreparedImage
-from remap_store.runs import PreviousState
+from pipelines.reconcile import (LIVE_IDS, OUTCOMES, SKIPPED, TOMBSTONES, CheckIdCollisions,
+                                 Reconcile, _check_ids, reconcile)
 from pipelines.shards import WriteParquetShards, shard_count, shard_name
+from pipelines.tables import summarize
 from pipelines.uris import Source
+from pipelines.workers import DEAD
+from remap_store.runs import PreviousState
 from remap_core.descriptor.checkpoint import load_model
 from remap_store.schema import stable_id
 
@@ -194,9 +197,15 @@ def test_embed_images_buckets_by_shape_and_dead_letters_a_failing_forward(tiny_m
 def test_model_is_loaded_once_per_process_and_shared_by_threads(tiny_model_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipelines.model_cache import shared_model
+    from apache_beam.utils.shared import Shared
 
+    from pipelines.inference import EmbedModelHandler
+
+    # what RunInference does with the handler in each worker process: one Shared handle, the
+    # model loaded by the first thread that asks and handed to every other one
+    fingerprint = load_model(tiny_model_path, device="cpu").fingerprint
+    handler, shared = EmbedModelHandler(tiny_model_path, fingerprint, device="cpu"), Shared()
     with ThreadPoolExecutor(4) as pool:
-        models = list(pool.map(lambda _: shared_model(tiny_model_path, "cpu"), range(8)))
+        models = list(pool.map(lambda _: shared.acquire(handler.load_model, tag="m"), range(8)))
     assert all(m is models[0] for m in models)
     assert models[0].device.type == "cpu" and not models[0].training

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import image_cases as C
+import image_cases
 from objectstore import moto_s3  # noqa: F401  (pytest fixture)
 from pipelines.uris import (Source, expand_input, expand_partition, list_partitions, list_uris,
                             read_manifest, stat, version_of)
@@ -47,7 +47,7 @@ def test_folder_is_listed_as_one_task_per_subfolder(tmp_path):
     (tmp_path / "a" / "deep").mkdir(parents=True)
     (tmp_path / "b").mkdir()
     for rel in ("top.jpg", "a/1.jpg", "a/deep/2.png", "b/3.jpeg", "b/notes.txt"):
-        (tmp_path / rel).write_bytes(C.jpeg(8, 8) if not rel.endswith("txt") else b"x")
+        (tmp_path / rel).write_bytes(image_cases.jpeg(8, 8) if not rel.endswith("txt") else b"x")
     parts = list_partitions(str(tmp_path))
     assert parts == [("dir", str(tmp_path / "a")), ("dir", str(tmp_path / "b")),
                      ("file", str(tmp_path / "top.jpg"))]
@@ -63,7 +63,7 @@ def test_folder_is_listed_as_one_task_per_subfolder(tmp_path):
 def test_glob_of_manifests_and_glob_of_images(tmp_path):
     for i in range(3):
         (tmp_path / f"part-{i}.txt").write_text(f"gs://b/{i}.jpg\n")
-        (tmp_path / f"img-{i}.jpg").write_bytes(C.jpeg(8, 8))
+        (tmp_path / f"img-{i}.jpg").write_bytes(image_cases.jpeg(8, 8))
     parts = list_partitions(str(tmp_path / "part-*.txt"))
     assert parts == [("manifest", str(tmp_path / f"part-{i}.txt")) for i in range(3)]
     assert [s for p in parts for s in expand_partition(*p)] == \
@@ -91,7 +91,7 @@ def test_version_of_prefers_object_generation_then_etag_then_mtime():
 
 def test_stat_reads_size_and_etag_from_s3(moto_s3):  # noqa: F811
     bucket = moto_s3.bucket("uris-s3")
-    data = C.jpeg(30, 20)
+    data = image_cases.jpeg(30, 20)
     with moto_s3.fs.open(f"{bucket}/x.jpg", "wb") as f:
         f.write(data)
     s = stat(Source(f"{bucket}/x.jpg"))
@@ -120,9 +120,9 @@ def test_parquet_manifest_splits_into_row_group_tasks(tmp_path):
 def test_an_existing_path_with_glob_characters_is_a_path(tmp_path, name):
     folder = tmp_path / name
     folder.mkdir()
-    (folder / "a.jpg").write_bytes(C.jpeg(8, 8))
-    (tmp_path / "whatX.jpg").write_bytes(C.jpeg(8, 8))   # what the glob "what?" would match
-    (tmp_path / "photos 2.jpg").write_bytes(C.jpeg(8, 8))   # ... and "photos [2024]"
+    (folder / "a.jpg").write_bytes(image_cases.jpeg(8, 8))
+    (tmp_path / "whatX.jpg").write_bytes(image_cases.jpeg(8, 8))   # what the glob "what?" would match
+    (tmp_path / "photos 2.jpg").write_bytes(image_cases.jpeg(8, 8))   # ... and "photos [2024]"
     assert expand_input(str(folder)) == ("images", [str(folder / "a.jpg")])
     assert list_partitions(str(folder)) == [("file", str(folder / "a.jpg"))]
     assert list_uris(str(folder / "a.jpg")) == [str(folder / "a.jpg")]
@@ -134,7 +134,7 @@ def test_an_existing_object_store_prefix_with_glob_characters_is_a_path(moto_s3)
     for key in ("photos [2024]/a.jpg", "photos [2024]/sub/b.jpg", "photos 2/c.jpg",
                 "what?/d.jpg", "whatX/e.jpg"):
         with moto_s3.fs.open(f"{bucket}/{key}", "wb") as f:
-            f.write(C.jpeg(8, 8))
+            f.write(image_cases.jpeg(8, 8))
     moto_s3.fs.invalidate_cache()
     kind, uris = expand_input(f"{bucket}/photos [2024]")
     assert (kind, uris) == ("images", [f"{bucket}/photos [2024]/a.jpg",
@@ -158,7 +158,7 @@ def test_local_uris_are_normalised_and_other_files_reported(tmp_path, monkeypatc
     assert normalize_uri("file:///a/./b/../x.jpg") == "file:///a/x.jpg"
     assert normalize_uri("gs://b/./x.jpg") == "gs://b/./x.jpg"      # a valid object key there
     (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "x.jpg").write_bytes(C.jpeg(8, 8))
+    (tmp_path / "d" / "x.jpg").write_bytes(image_cases.jpeg(8, 8))
     (tmp_path / "d" / "x.txt").write_text("x")
     items = list(expand_partition("dir", "d/.", with_others=True))
     assert [type(i).__name__ for i in items] == ["Source", "NotAnImage"]
