@@ -1,4 +1,4 @@
-"""What `remap embed --input` reads, through the console entry point: a .csv manifest needs a
+"""What `remap embed --input` reads, through the console entry point: a .csv URI list needs a
 `uri` column, a path that exists is never a glob, local paths are one URI however spelt, files
 without an image extension are counted, and numeric options out of range are refused."""
 
@@ -32,7 +32,7 @@ def embedded_uris(store: Path, summary: dict) -> list[str]:
                   for u in pq.read_table(folder / s, columns=["uri"]).column("uri").to_pylist())
 
 
-def test_csv_manifest_without_a_uri_column_is_refused(tmp_path, tiny_model_path, capsys):
+def test_csv_uri_list_without_a_uri_column_is_refused(tmp_path, tiny_model_path, capsys):
     images = tmp_path / "images"
     images.mkdir()
     for i in range(2):
@@ -43,8 +43,8 @@ def test_csv_manifest_without_a_uri_column_is_refused(tmp_path, tiny_model_path,
     rc, s, err = remap_embed(capsys, tiny_model_path, headerless, store)
     assert (rc, s) == (2, None)
     last = err.strip().splitlines()[-1]
-    assert last.startswith(f"remap embed: error: manifest {headerless} has no 'uri' column")
-    assert "a .csv manifest starts with a header row naming a 'uri' column" in last
+    assert last.startswith(f"remap embed: error: URI list {headerless} has no 'uri' column")
+    assert "a .csv URI list starts with a header row naming a 'uri' column" in last
     assert not list(store.glob("run-*/run.json")) and not (store / "_lease.json").exists()
 
     named = tmp_path / "named.csv"
