@@ -9,7 +9,6 @@ them to `<prefix>-SSSSS-of-NNNNN.parquet`. A retried bundle rewrites the same na
 from __future__ import annotations
 
 import math
-import uuid
 from typing import Callable, Iterable, Iterator
 
 import apache_beam as beam
@@ -17,6 +16,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from remap_store.files import temporary_name
 from remap_store.schema import PARQUET_CODEC, ROW_GROUP_ROWS
 
 TMP_FOLDER = "_tmp"
@@ -43,10 +43,15 @@ def write_parquet_atomic(rows: Iterable[dict], schema: pa.Schema, url: str,
                          row_group_rows: int = ROW_GROUP_ROWS) -> int:
     """Stream rows into one Parquet file at `url` (zstd, `row_group_rows` rows per row group,
     the schema's metadata), written under `_tmp/` beside it and renamed at the end.
-    Returns the number of rows written."""
+    Returns the number of rows written.
+
+    Unlike remap_store.files.atomic_open (temporary name beside the target), a shard's
+    temporary file lives in the run's `_tmp/` folder: a run folder's listing never shows one,
+    and the run's last step (tables.WriteRunSummary) removes the folder with whatever a killed
+    or retried worker left there."""
     fs, path = fsspec.core.url_to_fs(url)
     folder, name = path.rsplit("/", 1)
-    tmp = f"{folder}/{TMP_FOLDER}/{name}.{uuid.uuid4().hex}"
+    tmp = temporary_name(f"{folder}/{TMP_FOLDER}/{name}")
     fs.makedirs(f"{folder}/{TMP_FOLDER}", exist_ok=True)
     n = 0
     with fs.open(tmp, "wb") as f:

@@ -1,4 +1,5 @@
-"""Where image URIs come from: a folder, a glob, or manifest files (txt, csv, parquet).
+"""Where image URIs come from: a folder, a glob, or URI lists (txt, csv, parquet files naming
+image URIs; not to be confused with an index's manifest).
 
 Plain functions over fsspec, so they work on local paths, gs:// and s3:// alike and are tested
 without a pipeline.
@@ -12,19 +13,15 @@ from typing import Iterable, Iterator, NamedTuple
 
 import fsspec
 
+from remap_store.files import with_protocol
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm")
-MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet", ".lst")
+URI_LIST_EXTENSIONS = (".txt", ".csv", ".parquet", ".lst")
 
 
-def _unstrip(fs, path: str, original: str) -> str:
-    """Give a path back its protocol prefix the way the user wrote it."""
-    proto = original.split("://", 1)[0] + "://" if "://" in original else ""
-    return proto + path if proto and not path.startswith(proto) else path
-
-
-def is_manifest(path: str) -> bool:
-    return path.lower().endswith(MANIFEST_EXTENSIONS)
+def is_uri_list(path: str) -> bool:
+    return path.lower().endswith(URI_LIST_EXTENSIONS)
 
 
 def is_image_name(path: str) -> bool:
@@ -54,24 +51,24 @@ def _is_glob(fs, path: str) -> bool:
 
 def expand_input(spec: str) -> tuple[str, list[str]]:
     """Classify an --input: ("images", [uris]) for a folder/glob of images, or
-    ("manifests", [paths]) for one or more manifest files (a glob of manifests is allowed).
+    ("uri_lists", [paths]) for one or more URI lists (a glob of them is allowed).
     An existing path is taken literally even when its name has `*`, `?` or `[`."""
     fs, path = fsspec.core.url_to_fs(spec)
     if _is_glob(fs, path):
         matches = sorted(fs.glob(path))
         if not matches:
             raise FileNotFoundError(f"--input {spec!r} matched nothing")
-        if all(is_manifest(m) for m in matches):
-            return "manifests", [_unstrip(fs, m, spec) for m in matches]
-        return "images", [normalize_uri(_unstrip(fs, m, spec)) for m in matches
+        if all(is_uri_list(m) for m in matches):
+            return "uri_lists", [with_protocol(spec, m) for m in matches]
+        return "images", [normalize_uri(with_protocol(spec, m)) for m in matches
                           if is_image_name(m)]
     if not fs.exists(path):
         raise FileNotFoundError(f"--input {spec!r} does not exist")
     if fs.isdir(path):
         files = sorted(f for f in fs.find(path) if is_image_name(f))
-        return "images", [normalize_uri(_unstrip(fs, f, spec)) for f in files]
-    if is_manifest(path):
-        return "manifests", [spec]
+        return "images", [normalize_uri(with_protocol(spec, f)) for f in files]
+    if is_uri_list(path):
+        return "uri_lists", [spec]
     return "images", [normalize_uri(spec)]
 
 
@@ -95,10 +92,10 @@ def comparable_uri(uri: str) -> str:
     return uri
 
 
-def read_manifest(path: str) -> Iterator[str]:
-    """URIs listed in one manifest, as written: .txt/.lst (one per line; blank lines and '#'
+def read_uri_list(path: str) -> Iterator[str]:
+    """URIs listed in one URI list, as written: .txt/.lst (one per line; blank lines and '#'
     comments skipped), .csv (a header row with a `uri` column), .parquet (a `uri` column).
-    A .csv or .parquet manifest without a `uri` column is refused (ValueError)."""
+    A .csv or .parquet URI list without a `uri` column is refused (ValueError)."""
     low = path.lower()
     if low.endswith(".parquet"):
         import pyarrow.parquet as pq
@@ -106,7 +103,7 @@ def read_manifest(path: str) -> Iterator[str]:
         with fsspec.open(path, "rb") as f:
             pf = pq.ParquetFile(f, pre_buffer=False)
             if "uri" not in pf.schema_arrow.names:
-                raise ValueError(f"manifest {path} has no 'uri' column "
+                raise ValueError(f"URI list {path} has no 'uri' column "
                                  f"(columns: {pf.schema_arrow.names})")
             for batch in pf.iter_batches(columns=["uri"], batch_size=65536):
                 yield from (u for u in batch.column(0).to_pylist() if u)
@@ -120,8 +117,8 @@ def read_manifest(path: str) -> Iterator[str]:
                 return
             names = [h.strip() for h in header]
             if "uri" not in names:
-                raise ValueError(f"manifest {path} has no 'uri' column (header: {names}); a "
-                                 f".csv manifest starts with a header row naming a 'uri' column")
+                raise ValueError(f"URI list {path} has no 'uri' column (header: {names}); a "
+                                 f".csv URI list starts with a header row naming a 'uri' column")
             col = names.index("uri")
             for row in reader:
                 if len(row) > col and row[col].strip():
@@ -135,11 +132,11 @@ def read_manifest(path: str) -> Iterator[str]:
 
 def list_uris(spec: str) -> list[str]:
     """Every image URI an --input names (used by the query side and tests; the pipeline reads
-    manifests in parallel instead)."""
+    URI lists in parallel instead)."""
     kind, items = expand_input(spec)
     if kind == "images":
         return items
-    return [normalize_uri(u) for m in items for u in read_manifest(m)]
+    return [normalize_uri(u) for m in items for u in read_uri_list(m)]
 
 
 def read_bytes(uri: str) -> bytes:
@@ -161,7 +158,7 @@ def iter_unique(uris: Iterable[str]) -> Iterator[str]:
 class Source(NamedTuple):
     """One image object as listed: URI plus what tells a changed object from an unchanged one.
 
-    `size` and `version` are None when the listing did not say (a manifest line): a Stat step
+    `size` and `version` are None when the listing did not say (a URI-list line): a Stat step
     fills them in before the store is compared."""
 
     uri: str
@@ -198,33 +195,33 @@ class NotAnImage(NamedTuple):
 
 
 def source_from_info(info: dict, like: str) -> Source:
-    return Source(normalize_uri(_unstrip(None, info["name"], like)), info.get("size"),
+    return Source(normalize_uri(with_protocol(like, info["name"])), info.get("size"),
                   version_of(info))
 
 
 def list_partitions(spec: str) -> list[tuple[str, str]]:
     """Split an --input into independent listing tasks, so listing spreads across workers:
-    ("manifest", path) per manifest file, ("dir", path) per top-level sub-folder,
+    ("uri_list", path) per URI list file, ("dir", path) per top-level sub-folder,
     ("file", uri) per top-level image, ("glob", pattern) for a glob of images, ("other", uri)
     per top-level file that is not an image (counted, not read). No task names an image when
     the input holds none (e.g. `[]` for an empty folder). An existing path is never a glob."""
     fs, path = fsspec.core.url_to_fs(spec)
     if _is_glob(fs, path):
         kind, items = expand_input(spec)
-        if kind == "manifests":
-            return [("manifest", m) for m in items]
+        if kind == "uri_lists":
+            return [("uri_list", m) for m in items]
         if items:
             return [("glob", spec)]
-        return [("other", _unstrip(fs, m, spec)) for m in sorted(fs.glob(path))
+        return [("other", with_protocol(spec, m)) for m in sorted(fs.glob(path))
                 if fs.isfile(m)]
     if not fs.exists(path):
         raise FileNotFoundError(f"--input {spec!r} does not exist; pass a folder, a glob or "
-                                f"manifest file(s) of image URIs")
+                                f"URI list file(s) of image URIs")
     if not fs.isdir(path):
-        return [("manifest", spec)] if is_manifest(path) else [("file", spec)]
+        return [("uri_list", spec)] if is_uri_list(path) else [("file", spec)]
     parts = []
     for entry in sorted(fs.ls(path, detail=True), key=lambda e: e["name"]):
-        name = _unstrip(fs, entry["name"].rstrip("/"), spec)
+        name = with_protocol(spec, entry["name"].rstrip("/"))
         if entry["type"] == "directory":
             parts.append(("dir", name))
         else:
@@ -239,26 +236,26 @@ def lists_no_image(parts: list[tuple]) -> bool:
 
 
 def split_partition(kind: str, arg: str, *rest) -> list[tuple]:
-    """Split a listing task further where the file allows: a Parquet manifest becomes one task
-    per row group, so one huge manifest is still read by many workers. (Split huge text/CSV
-    manifests into several files, or write them as Parquet.)"""
-    if kind == "manifest" and arg.lower().endswith(".parquet"):
+    """Split a listing task further where the file allows: a Parquet URI list becomes one task
+    per row group, so one huge URI list is still read by many workers. (Split huge text/CSV
+    URI lists into several files, or write them as Parquet.)"""
+    if kind == "uri_list" and arg.lower().endswith(".parquet"):
         import pyarrow.parquet as pq
 
         with fsspec.open(arg, "rb") as f:
             groups = pq.ParquetFile(f, pre_buffer=False).metadata.num_row_groups
-        return [("manifest_row_group", arg, i) for i in range(groups)]
+        return [("uri_list_row_group", arg, i) for i in range(groups)]
     return [(kind, arg, *rest)]
 
 
-def read_manifest_row_group(path: str, index: int) -> list[str]:
-    """URIs of one row group of a Parquet manifest."""
+def read_uri_list_row_group(path: str, index: int) -> list[str]:
+    """URIs of one row group of a Parquet URI list."""
     import pyarrow.parquet as pq
 
     with fsspec.open(path, "rb") as f:
         pf = pq.ParquetFile(f, pre_buffer=False)
         if "uri" not in pf.schema_arrow.names:
-            raise ValueError(f"manifest {path} has no 'uri' column "
+            raise ValueError(f"URI list {path} has no 'uri' column "
                              f"(columns: {pf.schema_arrow.names})")
         return [u for u in pf.read_row_group(index, columns=["uri"]).column(0).to_pylist() if u]
 
@@ -268,12 +265,12 @@ def expand_partition(kind: str, arg: str, *rest,
     """The image Sources of one listing task from `list_partitions` / `split_partition`, local
     paths normalised (`normalize_uri`). `with_others`: also a NotAnImage for each file of a
     folder or glob whose name is not an image's."""
-    if kind == "manifest":
-        for uri in read_manifest(arg):
+    if kind == "uri_list":
+        for uri in read_uri_list(arg):
             yield Source(normalize_uri(uri))
         return
-    if kind == "manifest_row_group":
-        for uri in read_manifest_row_group(arg, *rest):
+    if kind == "uri_list_row_group":
+        for uri in read_uri_list_row_group(arg, *rest):
             yield Source(normalize_uri(uri))
         return
     if kind == "other":
@@ -292,7 +289,7 @@ def expand_partition(kind: str, arg: str, *rest,
         if is_image_name(name):
             yield source_from_info({**info, "name": name}, arg)
         elif with_others:
-            yield NotAnImage(normalize_uri(_unstrip(None, name, arg)))
+            yield NotAnImage(normalize_uri(with_protocol(arg, name)))
 
 
 def stat(source: Source) -> Source:

@@ -7,7 +7,7 @@ transforms before a launch costs anything:
         --experiments=use_runner_v2 --number_of_worker_harness_threads=4 --no_auth
 
 Forces `--runner=DataflowRunner --dry_run=True` and builds the job the way `remap embed` does
-(`pipelines.embed.prepare_run`, whose dry run skips the store): the graph is built and
+(`pipelines.launch.prepare_run`, whose dry run skips the store): the graph is built and
 translated for Dataflow but not submitted. Offline as long as --input and --model are local
 (the launcher lists the input while building the graph) and --no_auth is given; the store is
 not read (the graph is built as for a first run). `remap embed ... --runner=DataflowRunner
@@ -28,10 +28,10 @@ def build_job(argv: list[str]):
     from apache_beam.options.pipeline_options import DebugOptions
     from apache_beam.portability.api import beam_runner_api_pb2
 
-    from pipelines import embed as E
+    from pipelines.launch import prepare_run
 
     argv = [a for a in argv if not a.startswith(("--runner", "--dry_run"))]
-    prepared = E.prepare_run([*argv, "--runner=DataflowRunner", "--dry_run=True"])
+    prepared = prepare_run([*argv, "--runner=DataflowRunner", "--dry_run=True"])
     options = prepared.options
     job = prepared.pipeline.run().job
     proto = job.proto_pipeline

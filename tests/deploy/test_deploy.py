@@ -169,7 +169,7 @@ def test_a_waited_run_whose_runner_returns_no_job_fails_and_gives_the_lease_back
     from apache_beam.options.pipeline_options import GoogleCloudOptions
     from apache_beam.runners.dataflow.dataflow_runner import DataflowPipelineResult
 
-    from pipelines import embed as E
+    from pipelines import embed
     from remap_store import lease as L
 
     monkeypatch.setattr(beam.Pipeline, "run",
@@ -179,7 +179,7 @@ def test_a_waited_run_whose_runner_returns_no_job_fails_and_gives_the_lease_back
                         lambda self, arg_name: None)
     store = tmp_path / "store"
     with pytest.raises(RuntimeError, match="submitted no job"):
-        E.run([f"--input={sample_dir / 'images'}", f"--output={store}",
+        embed.run([f"--input={sample_dir / 'images'}", f"--output={store}",
                f"--model={tiny_model_path}", "--runner=DataflowRunner",
                *dataflow_dry_run_flags()[2:]])
     assert L.read_lease(str(store)) is None

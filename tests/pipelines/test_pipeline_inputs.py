@@ -1,4 +1,4 @@
-"""What `remap embed --input` reads, through the console entry point: a .csv manifest needs a
+"""What `remap embed --input` reads, through the console entry point: a .csv URI list needs a
 `uri` column, a path that exists is never a glob, local paths are one URI however spelt, files
 without an image extension are counted, and numeric options out of range are refused."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-import image_cases as C
+import image_cases
 from remap_cli import main
 
 
@@ -32,19 +32,19 @@ def embedded_uris(store: Path, summary: dict) -> list[str]:
                   for u in pq.read_table(folder / s, columns=["uri"]).column("uri").to_pylist())
 
 
-def test_csv_manifest_without_a_uri_column_is_refused(tmp_path, tiny_model_path, capsys):
+def test_csv_uri_list_without_a_uri_column_is_refused(tmp_path, tiny_model_path, capsys):
     images = tmp_path / "images"
     images.mkdir()
     for i in range(2):
-        (images / f"{i}.jpg").write_bytes(C.jpeg(48, 40, seed=i))
+        (images / f"{i}.jpg").write_bytes(image_cases.jpeg(48, 40, seed=i))
     headerless = tmp_path / "list.csv"          # the issue: header and first column read as URIs
     headerless.write_text("".join(f"{images / f'{i}.jpg'},label{i}\n" for i in range(2)))
     store = tmp_path / "store"
     rc, s, err = remap_embed(capsys, tiny_model_path, headerless, store)
     assert (rc, s) == (2, None)
     last = err.strip().splitlines()[-1]
-    assert last.startswith(f"remap embed: error: manifest {headerless} has no 'uri' column")
-    assert "a .csv manifest starts with a header row naming a 'uri' column" in last
+    assert last.startswith(f"remap embed: error: URI list {headerless} has no 'uri' column")
+    assert "a .csv URI list starts with a header row naming a 'uri' column" in last
     assert not list(store.glob("run-*/run.json")) and not (store / "_lease.json").exists()
 
     named = tmp_path / "named.csv"
@@ -61,10 +61,10 @@ def test_an_existing_folder_with_glob_characters_is_a_folder(tmp_path, tiny_mode
     folder = tmp_path / name
     folder.mkdir()
     for i in range(2):
-        (folder / f"{i}.jpg").write_bytes(C.jpeg(48, 40, seed=i))
+        (folder / f"{i}.jpg").write_bytes(image_cases.jpeg(48, 40, seed=i))
     # a sibling the glob reading would have matched instead ("what?" -> "whatX")
     (tmp_path / "whatX").mkdir()
-    (tmp_path / "whatX" / "other.jpg").write_bytes(C.jpeg(48, 40, seed=9))
+    (tmp_path / "whatX" / "other.jpg").write_bytes(image_cases.jpeg(48, 40, seed=9))
     store = tmp_path / "store"
     rc, s, err = remap_embed(capsys, tiny_model_path, folder, store)
     assert rc == 0, err
@@ -80,7 +80,7 @@ def test_local_paths_are_one_uri_however_spelt(tmp_path, tiny_model_path, capsys
                                               monkeypatch):
     images = tmp_path / "dir"
     images.mkdir()
-    (images / "x.jpg").write_bytes(C.jpeg(48, 40, seed=1))
+    (images / "x.jpg").write_bytes(image_cases.jpeg(48, 40, seed=1))
     monkeypatch.chdir(tmp_path)
     manifest = tmp_path / "m.txt"
     manifest.write_text(f"dir/./x.jpg\ndir/x.jpg\n{images}//x.jpg\n{tmp_path}/dir/../dir/x.jpg\n")
@@ -96,9 +96,9 @@ def test_local_paths_are_one_uri_however_spelt(tmp_path, tiny_model_path, capsys
 def test_files_skipped_for_their_extension_are_counted(tmp_path, tiny_model_path, capsys):
     images = tmp_path / "images"
     (images / "sub").mkdir(parents=True)
-    (images / "a.jpg").write_bytes(C.jpeg(48, 40, seed=1))
-    (images / "sub" / "b.PNG").write_bytes(C.jpeg(48, 40, seed=2))   # extension, any case
-    (images / "sub" / "broken.jpg").write_bytes(C.truncated_jpeg())
+    (images / "a.jpg").write_bytes(image_cases.jpeg(48, 40, seed=1))
+    (images / "sub" / "b.PNG").write_bytes(image_cases.jpeg(48, 40, seed=2))   # extension, any case
+    (images / "sub" / "broken.jpg").write_bytes(image_cases.truncated_jpeg())
     for name in ("notes.txt", "sub/readme.md", "sub/.DS_Store", "sub/raw.cr2"):
         (images / name).write_bytes(b"not an image")
     store = tmp_path / "store"
@@ -130,7 +130,7 @@ def test_files_skipped_for_their_extension_are_counted(tmp_path, tiny_model_path
 def test_numeric_options_out_of_range_are_refused(tmp_path, tiny_model_path, capsys, flag,
                                                   message):
     (tmp_path / "images").mkdir()
-    (tmp_path / "images" / "a.jpg").write_bytes(C.jpeg(48, 40))
+    (tmp_path / "images" / "a.jpg").write_bytes(image_cases.jpeg(48, 40))
     rc, s, err = remap_embed(capsys, tiny_model_path, tmp_path / "images", tmp_path / "store",
                              flag)
     assert (rc, s) == (2, None)

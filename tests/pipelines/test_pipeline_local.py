@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import image_cases as C
+import image_cases
 from pipelines.embed import run
 from pipelines.prepare import prepare
 from remap_core.descriptor.checkpoint import load_model
@@ -55,7 +55,7 @@ def live_embeddings(store) -> dict[str, np.ndarray]:
 @pytest.fixture()
 def collection(tmp_path):
     images = tmp_path / "images"
-    cases = C.write_collection(images, n_good=6)
+    cases = image_cases.write_collection(images, n_good=6)
     return images, cases
 
 
@@ -135,7 +135,7 @@ def test_shards_follow_the_contract_and_match_the_model(collection, tmp_path, ti
 def test_nightly_run_embeds_only_new_and_changed_and_tombstones_deleted(tmp_path,
                                                                          tiny_model_path):
     images = tmp_path / "images"
-    cases = C.write_collection(images, n_good=6, odd=False, bad=False)
+    cases = image_cases.write_collection(images, n_good=6, odd=False, bad=False)
     store = tmp_path / "store"
     first = embed(images, store, tiny_model_path)
     assert (first["embedded"], first["skipped"]) == (6, 0)
@@ -145,10 +145,10 @@ def test_nightly_run_embeds_only_new_and_changed_and_tombstones_deleted(tmp_path
     assert unchanged["shards"] == [] and unchanged["accounted"]
 
     changed, deleted = cases["good"][0], cases["good"][1]
-    Path(changed).write_bytes(C.jpeg(150, 100, seed=999))
+    Path(changed).write_bytes(image_cases.jpeg(150, 100, seed=999))
     Path(deleted).unlink()
     added = images / "new_photo.jpg"
-    added.write_bytes(C.jpeg(90, 90, seed=1234))
+    added.write_bytes(image_cases.jpeg(90, 90, seed=1234))
     nightly = embed(images, store, tiny_model_path)
     assert nightly["read"] == 6
     assert (nightly["embedded"], nightly["skipped"], nightly["tombstoned"]) == (2, 4, 1)
@@ -166,11 +166,11 @@ def test_nightly_run_embeds_only_new_and_changed_and_tombstones_deleted(tmp_path
 
     again = embed(images, store, tiny_model_path)  # tombstone is not repeated
     assert (again["embedded"], again["skipped"], again["tombstoned"]) == (0, 6, 0)
-    Path(changed).write_bytes(C.truncated_jpeg())  # replaced by a broken file: old vector goes
+    Path(changed).write_bytes(image_cases.truncated_jpeg())  # replaced by a broken file: old vector goes
     broken = embed(images, store, tiny_model_path)
     assert (broken["dead_lettered"], broken["tombstoned_stale"]) == (1, 1) and broken["accounted"]
     assert changed not in live_embeddings(store)
-    Path(deleted).write_bytes(C.jpeg(64, 64, seed=77))  # comes back: embedded as new
+    Path(deleted).write_bytes(image_cases.jpeg(64, 64, seed=77))  # comes back: embedded as new
     back = embed(images, store, tiny_model_path)
     assert back["to_embed_by_reason"] == {"new": 1} and deleted in live_embeddings(store)
     assert back["skipped_by_reason"] == {"unchanged": 5, "unchanged_failed": 1}
@@ -179,8 +179,8 @@ def test_nightly_run_embeds_only_new_and_changed_and_tombstones_deleted(tmp_path
 def test_undecodable_unchanged_uri_is_not_retried_but_missing_one_is(tmp_path, tiny_model_path):
     images = tmp_path / "images"
     images.mkdir()
-    (images / "ok.jpg").write_bytes(C.jpeg())
-    (images / "broken.jpg").write_bytes(C.truncated_jpeg())
+    (images / "ok.jpg").write_bytes(image_cases.jpeg())
+    (images / "broken.jpg").write_bytes(image_cases.truncated_jpeg())
     gone = images / "gone.jpg"
     manifest = tmp_path / "m.csv"
     manifest.write_text("uri,label\n" + "".join(f"{images / n},x\n"
@@ -191,19 +191,19 @@ def test_undecodable_unchanged_uri_is_not_retried_but_missing_one_is(tmp_path, t
     second = embed(manifest, store, tiny_model_path)
     assert second["skipped_by_reason"] == {"unchanged": 1, "unchanged_failed": 1}
     assert second["dead_letter_by_reason"] == {"fetch.not_found": 1}  # retried
-    gone.write_bytes(C.jpeg(seed=5))
+    gone.write_bytes(image_cases.jpeg(seed=5))
     third = embed(manifest, store, tiny_model_path)
     assert (third["embedded"], third["skipped"]) == (1, 2)
 
 
 def test_rerun_after_a_killed_run_cleans_it_and_loses_nothing(tmp_path, tiny_model_path):
     images = tmp_path / "images"
-    cases = C.write_collection(images, n_good=6, odd=False, bad=False)
+    cases = image_cases.write_collection(images, n_good=6, odd=False, bad=False)
     store = tmp_path / "store"
     first = embed(images, store, tiny_model_path)
     # A later run was killed half-way: it wrote a shard (and a temp file) but no run.json.
     for i in range(3):
-        (images / f"late_{i}.jpg").write_bytes(C.jpeg(80, 80, seed=500 + i))
+        (images / f"late_{i}.jpg").write_bytes(image_cases.jpeg(80, 80, seed=500 + i))
     killed = store / "run-29991231T000000000Z-dead00"
     (killed / "_tmp").mkdir(parents=True)
     shutil.copy(run_dir(store, first) / first["shards"][0],
@@ -230,7 +230,7 @@ def test_run_refuses_another_model_in_the_same_store(tmp_path, tiny_model_path):
     from remap_core.descriptor.model import build_model
 
     images = tmp_path / "images"
-    C.write_collection(images, n_good=2, odd=False, bad=False)
+    image_cases.write_collection(images, n_good=2, odd=False, bad=False)
     store = tmp_path / "store"
     embed(images, store, tiny_model_path)
     other = tmp_path / "other.pt"
@@ -252,7 +252,7 @@ def test_run_killed_mid_way_is_redone_by_the_next_run(tmp_path, tiny_model_path)
     import time
 
     images = tmp_path / "images"
-    cases = C.write_collection(images, n_good=12, odd=False, bad=False)
+    cases = image_cases.write_collection(images, n_good=12, odd=False, bad=False)
     store = tmp_path / "store"
     proc = subprocess.Popen([sys.executable, "-m", "remap_cli", "embed",
                              f"--input={images}", f"--output={store}",

@@ -10,7 +10,7 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import image_cases as C
+import image_cases
 from objectstore import fake_gcs, moto_s3  # noqa: F401  (pytest fixtures)
 from pipelines.embed import run
 from remap_store.schema import META_MODEL, read_tombstone_uris, stable_id
@@ -37,10 +37,10 @@ def _read(store, url):
 
 def test_gcs_folder_to_gcs_store_then_incremental(fake_gcs, tiny_model_path):  # noqa: F811
     bucket = fake_gcs.bucket("photos-gcs")
-    files = {f"cams/a/img_{i}.jpg": C.jpeg(96, 64, seed=i) for i in range(3)}
-    files.update({f"cams/b/img_{i}.jpg": C.jpeg(64, 96, seed=10 + i) for i in range(2)})
-    files["cams/b/broken.jpg"] = C.truncated_jpeg()
-    files["cams/top.png"] = C.GOOD_ODD["alpha.png"]()
+    files = {f"cams/a/img_{i}.jpg": image_cases.jpeg(96, 64, seed=i) for i in range(3)}
+    files.update({f"cams/b/img_{i}.jpg": image_cases.jpeg(64, 96, seed=10 + i) for i in range(2)})
+    files["cams/b/broken.jpg"] = image_cases.truncated_jpeg()
+    files["cams/top.png"] = image_cases.GOOD_ODD["alpha.png"]()
     uris = _upload(fake_gcs, bucket, files)
     out = fake_gcs.bucket("embeddings-gcs") + "/store"
 
@@ -58,7 +58,7 @@ def test_gcs_folder_to_gcs_store_then_incremental(fake_gcs, tiny_model_path):  #
 
     # nightly: one object rewritten (new generation), one deleted. Run in worker processes,
     # which reach the server only through --fsspec_config (as Dataflow workers would).
-    _upload(fake_gcs, bucket, {"cams/a/img_0.jpg": C.jpeg(96, 64, seed=500)})
+    _upload(fake_gcs, bucket, {"cams/a/img_0.jpg": image_cases.jpeg(96, 64, seed=500)})
     fake_gcs.fs.rm(f"{bucket}/cams/b/img_1.jpg")
     fake_gcs.fs.invalidate_cache()
     assert "STORAGE_EMULATOR_HOST" not in os.environ
@@ -76,8 +76,8 @@ def test_gcs_folder_to_gcs_store_then_incremental(fake_gcs, tiny_model_path):  #
 
 def test_s3_parquet_manifests_to_s3_store(moto_s3, tiny_model_path):  # noqa: F811
     bucket = moto_s3.bucket("photos-s3")
-    uris = _upload(moto_s3, bucket, {f"p/{i:02d}.jpg": C.jpeg(80, 60, seed=i) for i in range(5)})
-    uris += _upload(moto_s3, bucket, {"p/cmyk.jpg": C.cmyk_jpeg(), "p/empty.jpg": b""})
+    uris = _upload(moto_s3, bucket, {f"p/{i:02d}.jpg": image_cases.jpeg(80, 60, seed=i) for i in range(5)})
+    uris += _upload(moto_s3, bucket, {"p/cmyk.jpg": image_cases.cmyk_jpeg(), "p/empty.jpg": b""})
     manifests = [uris[:4], uris[4:] + [f"{bucket}/p/missing.jpg"]]
     for i, part in enumerate(manifests):
         buf = io.BytesIO()

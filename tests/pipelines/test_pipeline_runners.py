@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import image_cases as C
+import image_cases
 from objectstore import LOOPBACK, free_port
 from pipelines.embed import local_defaults, run
 from remap_store.schema import embeddings_to_numpy
@@ -96,10 +96,10 @@ def worker_pool(tmp_path_factory):
 def collection(tmp_path_factory, tiny_model_path):
     """A small mixed collection and the rows the in-process default runner makes of it."""
     root = tmp_path_factory.mktemp("runners")
-    cases = C.write_collection(root / "images", n_good=4, odd=False, bad=False)
+    cases = image_cases.write_collection(root / "images", n_good=4, odd=False, bad=False)
     for name in ("cmyk.jpg", "animated.gif"):
-        (root / "images" / name).write_bytes(C.GOOD_ODD[name]())
-    (root / "images" / "truncated.jpg").write_bytes(C.truncated_jpeg())
+        (root / "images" / name).write_bytes(image_cases.GOOD_ODD[name]())
+    (root / "images" / "truncated.jpg").write_bytes(image_cases.truncated_jpeg())
     reference = run([f"--input={root / 'images'}", f"--output={root / 'reference'}",
                      f"--model={tiny_model_path}", "--progress_seconds=0"])
     return root, cases, _rows(root / "reference", reference)

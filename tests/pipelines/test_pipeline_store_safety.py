@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-import image_cases as C
+import image_cases
 from remap_cli import main
 from remap_store.schema import read_tombstone_uris
 
@@ -52,7 +52,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 def photos(folder: Path, n: int, seed: int) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        (folder / f"img_{i}.jpg").write_bytes(C.jpeg(48, 40, seed=seed + i))
+        (folder / f"img_{i}.jpg").write_bytes(image_cases.jpeg(48, 40, seed=seed + i))
     return [str(folder / f"img_{i}.jpg") for i in range(n)]
 
 

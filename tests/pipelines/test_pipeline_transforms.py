@@ -11,12 +11,15 @@ import pytest
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines.embed import (DEAD, LIVE_IDS, OUTCOMES, SKIPPED, TOMBSTONES, CheckIdCollisions,
-                             EmbedImages, Reconcile, _check_ids, reconcile, summarize)
+from pipelines.inference import EmbedImages
 from pipelines.prepare import PreparedImage
-from remap_store.runs import PreviousState
+from pipelines.reconcile import (LIVE_IDS, OUTCOMES, SKIPPED, TOMBSTONES, CheckIdCollisions,
+                                 Reconcile, _check_ids, reconcile)
 from pipelines.shards import WriteParquetShards, shard_count, shard_name
+from pipelines.tables import summarize
 from pipelines.uris import Source
+from pipelines.workers import DEAD
+from remap_store.runs import PreviousState
 from remap_core.descriptor.checkpoint import load_model
 from remap_store.schema import stable_id
 
@@ -194,9 +197,47 @@ def test_embed_images_buckets_by_shape_and_dead_letters_a_failing_forward(tiny_m
 def test_model_is_loaded_once_per_process_and_shared_by_threads(tiny_model_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipelines.model_cache import shared_model
+    from apache_beam.utils.shared import Shared
 
+    from pipelines.inference import EmbedModelHandler
+
+    # what RunInference does with the handler in each worker process: one Shared handle, the
+    # model loaded by the first thread that asks and handed to every other one
+    fingerprint = load_model(tiny_model_path, device="cpu").fingerprint
+    handler, shared = EmbedModelHandler(tiny_model_path, fingerprint, device="cpu"), Shared()
     with ThreadPoolExecutor(4) as pool:
-        models = list(pool.map(lambda _: shared_model(tiny_model_path, "cpu"), range(8)))
+        models = list(pool.map(lambda _: shared.acquire(handler.load_model, tag="m"), range(8)))
     assert all(m is models[0] for m in models)
     assert models[0].device.type == "cpu" and not models[0].training
+
+
+def test_batch_by_shape_keeps_one_shape_per_batch_and_every_image_once():
+    from pipelines.inference import BatchByShape
+
+    shapes = [(64, 32, 3), (32, 64, 3), (64, 64, 3)]
+    images = [_prepared(f"u{i}", shapes[i % 3 if i < 20 else 0], i) for i in range(25)]
+
+    def check(batches):
+        assert sorted(p.uri for b in batches for p in b) == sorted(p.uri for p in images)
+        for b in batches:
+            assert 1 <= len(b) <= 4 and len({p.pixels.shape for p in b}) == 1
+        # fewest batches a shape can take: only the last of each shape may be short
+        counts = {s: sum(1 for p in images if p.pixels.shape == s) for s in shapes}
+        assert len(batches) == sum(-(-n // 4) for n in counts.values())
+
+    with test_pipeline.TestPipeline(runner=RUNNER) as p:
+        batches = p | beam.Create(images, reshuffle=False) | beam.ParDo(BatchByShape(4))
+        assert_that(batches | beam.combiners.ToList(), lambda got: check(got[0]))
+
+
+def test_a_batch_failing_whole_is_dead_lettered_image_by_image():
+    """What RunInference.with_exception_handling hands back for a batch whose inference raised
+    (the batch, (type, repr, traceback)) becomes one embed failure per image."""
+    from pipelines.inference import failed_batch_results
+
+    batch = [_prepared("a", (32, 32, 3)), _prepared("b", (32, 32, 3), 1)]
+    results = failed_batch_results((batch, (MemoryError, "MemoryError('oom')", ["tb"])))
+    assert [(r.example.uri, r.inference.stage, r.inference.error_type, r.inference.message,
+             r.inference.size, r.inference.version) for r in results] == [
+        ("a", "embed", "MemoryError", "MemoryError('oom')", 1, "v"),
+        ("b", "embed", "MemoryError", "MemoryError('oom')", 1, "v")]

@@ -13,7 +13,7 @@ import pytest
 
 import image_cases as C
 from objectstore import fake_gcs, moto_s3  # noqa: F401  (pytest fixtures)
-from pipelines import embed as E
+from pipelines import decode, launch
 from remap_store import lease as L
 
 
@@ -22,7 +22,7 @@ def lease_for(run_id: str, seconds: float = 600, *, local: bool = True, **kw) ->
 
 
 def embed(inp, out, model, *extra):
-    return E.run([f"--input={inp}", f"--output={out}", f"--model={model}",
+    return launch.run([f"--input={inp}", f"--output={out}", f"--model={model}",
                   "--progress_seconds=0", *extra])
 
 
@@ -167,7 +167,7 @@ def test_a_job_that_lost_its_lease_does_not_complete_its_run(tmp_path, tiny_mode
     images = tmp_path / "images"
     C.write_collection(images, n_good=2, odd=False, bad=False)
     store = tmp_path / "store"
-    prepared = E.prepare_run([f"--input={images}", f"--output={store}",
+    prepared = launch.prepare_run([f"--input={images}", f"--output={store}",
                               f"--model={tiny_model_path}", "--progress_seconds=0"])
     assert L.read_lease(str(store))["run_id"] == prepared.run_id
     # while its job runs, its lease lapses and another run takes the store over
@@ -186,7 +186,7 @@ def test_a_failed_run_gives_the_lease_back(tmp_path, tiny_model_path, monkeypatc
     def boom(self, *a, **k):
         raise RuntimeError("worker crashed")
 
-    monkeypatch.setattr(E._FetchAndDecodeFn, "process", boom)
+    monkeypatch.setattr(decode._FetchAndDecodeFn, "process", boom)
     with pytest.raises(Exception, match="worker crashed"):
         embed(images, store, tiny_model_path)
     assert L.read_lease(str(store)) is None          # a retry need not wait for it to lapse

@@ -1,0 +1,189 @@
+"""The embed step on Beam's RunInference. `EmbedModelHandler` owns the model's life: loaded once
+per worker process (RunInference shares it across the process's threads), torch's threads set
+there, the checkpoint's fingerprint checked against the job's. `EmbedImages` keeps images of one
+shape together, so every forward pass is a full batch without cropping:
+
+    PreparedImage | BatchByShape | RunInference(EmbedModelHandler).with_exception_handling()
+      | ShardRows                 -> shard rows + dead letter
+
+One bad image never loses its batch: a batch whose forward fails is embedded again one image at
+a time, and only the image that fails alone is dead-lettered (stage "embed").
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Sequence
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
+from apache_beam.transforms.window import GlobalWindows
+
+from remap_core.descriptor.batching import shape_batches
+from pipelines.prepare import Failure, PreparedImage
+from pipelines.uris import apply_fsspec_config
+from pipelines.workers import DEAD, NAMESPACE, Progress, count
+
+
+def set_torch_threads(torch_threads: int | None) -> None:
+    """torch's intra-op threads for this process; None leaves torch's default (OMP_NUM_THREADS,
+    else the core count) alone."""
+    if torch_threads is None:
+        return
+    if torch_threads < 1:
+        raise ValueError(f"torch_threads must be at least 1, got {torch_threads}")
+    import torch
+
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
+
+
+def embed_failure(p: PreparedImage, error_type: str, message: str) -> Failure:
+    """The dead-letter row of an image the model could not embed."""
+    return Failure(p.uri, "embed", error_type, message, p.listed_size, p.version)
+
+
+def embed_group(model, group: list[PreparedImage]) -> list:
+    """One forward pass over images of one shape -> a float32 (D,) vector per image; when the
+    pass fails, each image again alone, a Failure for each image that fails alone."""
+    try:
+        vectors = model.embed_arrays([p.pixels for p in group], batch_size=len(group))
+    except Exception as e:  # retry one by one: one bad image must not lose the batch
+        if len(group) == 1:
+            return [embed_failure(group[0], type(e).__name__, str(e))]
+        return [out for p in group for out in embed_group(model, [p])]
+    Metrics.distribution(NAMESPACE, "batch_size").update(len(group))
+    return list(vectors)
+
+
+class EmbedModelHandler(ModelHandler[PreparedImage, PredictionResult, Any]):
+    """RunInference's handler for remap's descriptor: PreparedImage -> PredictionResult whose
+    `inference` is the (D,) float32 embedding, or the image's `Failure`; `model_id` is the
+    model's fingerprint.
+
+    `batch_size`: images per forward pass, also RunInference's own max batch size when it
+    batches (EmbedImages batches by shape itself and hands RunInference whole batches)."""
+
+    def __init__(self, model_uri: str | None, fingerprint: str, batch_size: int = 32,
+                 device: str | None = None, torch_threads: int | None = None,
+                 fsspec_config: dict | None = None):
+        super().__init__(max_batch_size=batch_size)
+        self.model_uri, self.fingerprint, self.batch_size = model_uri, fingerprint, batch_size
+        self.device, self.torch_threads = device, torch_threads
+        self.fsspec_config = fsspec_config
+
+    def load_model(self):
+        """The checkpoint at `model_uri` in eval mode on `device`; refuses one whose fingerprint
+        is not the job's (the checkpoint changed after the launch)."""
+        from remap_core.descriptor.checkpoint import load_model
+
+        apply_fsspec_config(self.fsspec_config)
+        set_torch_threads(self.torch_threads)
+        model = load_model(self.model_uri, device=self.device)
+        if model.fingerprint != self.fingerprint:
+            raise RuntimeError(f"worker loaded model {model.fingerprint} but the job was "
+                               f"launched for {self.fingerprint}; the checkpoint changed mid-run: "
+                               f"relaunch the job")
+        return model
+
+    def run_inference(self, batch: Sequence[PreparedImage], model,
+                      inference_args: dict | None = None) -> list[PredictionResult]:
+        """One forward pass per shape among `batch` (at most `batch_size` images each)."""
+        out: list = [None] * len(batch)
+        for positions in shape_batches([p.pixels for p in batch], self.batch_size):
+            for i, result in zip(positions, embed_group(model, [batch[i] for i in positions])):
+                out[i] = result
+        return [PredictionResult(p, r, self.fingerprint) for p, r in zip(batch, out)]
+
+    def get_num_bytes(self, batch: Sequence[PreparedImage]) -> int:
+        return sum(p.pixels.nbytes for p in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return NAMESPACE
+
+    def share_model_across_processes(self) -> bool:
+        return False    # one model per worker process, shared by its threads
+
+
+class BatchByShape(beam.DoFn):
+    """PreparedImage -> lists of up to `batch_size` images of one input shape: buckets by shape
+    within a bundle, a full bucket as soon as it fills, the partial ones at the bundle's end."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+
+    def start_bundle(self):
+        self.buckets = defaultdict(list)
+
+    def process(self, image: PreparedImage):
+        bucket = self.buckets[image.pixels.shape]
+        bucket.append(image)
+        if len(bucket) >= self.batch_size:
+            del self.buckets[image.pixels.shape]
+            yield bucket
+
+    def finish_bundle(self):
+        buckets, self.buckets = self.buckets, defaultdict(list)
+        for bucket in buckets.values():
+            yield GlobalWindows.windowed_value(bucket)
+
+
+def failed_batch_results(failed) -> list[PredictionResult]:
+    """A batch RunInference dead-lettered whole ((batch, (type, repr, traceback)) from
+    with_exception_handling) -> a Failure result per image."""
+    batch, (exc_type, exc_repr, _) = failed
+    return [PredictionResult(p, embed_failure(p, exc_type.__name__, exc_repr), None)
+            for p in batch]
+
+
+def shard_row(p: PreparedImage, vector, fingerprint: str) -> dict:
+    return {"id": p.id, "uri": p.uri, "embedding": vector, "content_sha1": p.content_sha1,
+            "size_bytes": p.size_bytes, "width": p.width, "height": p.height,
+            "model": fingerprint,
+            # not shard columns: carried to the sources table
+            "_listed_size": p.listed_size, "_version": p.version}
+
+
+class _ShardRowsFn(beam.DoFn):
+    """PredictionResult -> shard row, or its Failure on the dead-letter output; counts both."""
+
+    def __init__(self, fingerprint: str, progress_seconds: float):
+        self.fingerprint, self.progress_seconds = fingerprint, progress_seconds
+
+    def setup(self):
+        self.progress = Progress("embedded", self.progress_seconds)
+
+    def process(self, result: PredictionResult):
+        if isinstance(result.inference, Failure):
+            count("dead_lettered")
+            count(f"dead_letter.{result.inference.reason}")
+            yield beam.pvalue.TaggedOutput(DEAD, result.inference)
+            return
+        count("embedded")
+        self.progress.add(1)
+        yield shard_row(result.example, result.inference, self.fingerprint)
+
+
+class EmbedImages(beam.PTransform):
+    """PreparedImage -> shard rows (dicts, `embedding` a float32 array) + `dead_letter`."""
+
+    def __init__(self, model_uri, fingerprint, batch_size=32, device=None, progress_seconds=15.0,
+                 fsspec_config=None, torch_threads=None):
+        super().__init__()
+        self.handler = EmbedModelHandler(model_uri, fingerprint, batch_size, device,
+                                         torch_threads, fsspec_config)
+        self.progress_seconds = progress_seconds
+
+    def expand(self, images):
+        handler = self.handler
+        predictions, failed = (
+            images
+            | "BatchByShape" >> beam.ParDo(BatchByShape(handler.batch_size))
+            | "RunInference" >> RunInference(handler.with_no_batching()
+                                             ).with_exception_handling())
+        failed_results = failed.failed_inferences | "FailedBatches" >> beam.FlatMap(
+            failed_batch_results)
+        return ((predictions, failed_results) | "AllResults" >> beam.Flatten()
+                | "ShardRows" >> beam.ParDo(_ShardRowsFn(
+                    handler.fingerprint, self.progress_seconds)).with_outputs(DEAD, main="rows"))

@@ -1,0 +1,226 @@
+"""Launching `remap embed`: check the options, the input and the store, take the store's lease,
+build the job (pipelines/embed.py) and run it, renewing the lease while waiting for it; or, with
+--dry_run, only build (and for Dataflow translate) its graph."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import logging
+import secrets
+from typing import NamedTuple
+
+import apache_beam as beam
+import fsspec
+from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
+                                                  StandardOptions, TestOptions)
+from apache_beam.runners.runner import PipelineState
+
+from remap_store import lease, runs
+from pipelines import uris
+from pipelines.options import EmbedOptions, EmbedWorkerOptions, check_option_ranges
+from pipelines.tables import make_run_info
+
+LOCAL_RUNNER = "FnApiRunner"
+# Runners whose job runs inside the launcher's process: a dead launcher is a dead job.
+IN_PROCESS_RUNNERS = ("FnApiRunner", "DirectRunner", "direct", "BundleBasedDirectRunner",
+                      "SwitchingDirectRunner")
+log = logging.getLogger(__name__)
+
+def default_run_id() -> str:
+    now = _dt.datetime.now(_dt.timezone.utc)
+    return (now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z-"
+            + secrets.token_hex(3))
+
+
+def local_defaults(argv: list[str]) -> list[str]:
+    """The local runners, kept off the network: the in-process FnApiRunner unless the user
+    named a runner; with `--runner=DirectRunner`, `--allow_unsafe_triggers` (no effect on this
+    batch pipeline) is what Beam 2.77's DirectRunner checks before trying Prism, whose binary it
+    would otherwise download."""
+    runner = None
+    for i, a in enumerate(argv):
+        if a == "--runner" and i + 1 < len(argv):
+            runner = argv[i + 1]
+        elif a.startswith("--runner="):
+            runner = a.split("=", 1)[1]
+    if runner is None:
+        return [*argv, f"--runner={LOCAL_RUNNER}"]
+    if runner.split(".")[-1] in ("DirectRunner", "direct") and \
+            "--allow_unsafe_triggers" not in argv:
+        return [*argv, "--allow_unsafe_triggers"]
+    return argv
+
+
+def is_dry_run(options: PipelineOptions) -> bool:
+    """Beam's --dry_run is a string option (`--dry_run=False` is truthy to Beam): read it as a
+    boolean."""
+    value = options.view_as(TestOptions).dry_run
+    if isinstance(value, str):
+        return value.strip().lower() not in ("", "false", "0", "no", "none")
+    return bool(value)
+
+
+class PreparedRun(NamedTuple):
+    pipeline: beam.Pipeline
+    options: PipelineOptions
+    run_id: str
+    run_dir: str
+    info: dict           # run.json's launch-time facts (make_run_info)
+    dry_run: bool
+    wait: bool           # False: a job is submitted and nothing waits for it
+    store: str
+    lease: dict | None   # the store lease this run holds (None: dry run)
+    in_process: bool     # the job runs in this process (a local runner)
+
+
+def prepare_run(argv: list[str]) -> PreparedRun:
+    """Check the options, the input and the store, take the store's lease, and build the
+    pipeline (run.json is its last step) without running it; the caller runs it or gives the
+    lease back (`lease.release`). Nothing is written before the lease, and a refusal (a bad
+    option or run id, an --output that is a file, an --input without images) leaves the store
+    as it was. With --dry_run the store is not read, leased or cleaned (nothing over the
+    network but what listing --input and loading --model need): built as for a first run."""
+    from remap_core.descriptor.checkpoint import load_model
+    from pipelines.embed import build_pipeline   # embed.py re-exports this module's names
+
+    argv = local_defaults(list(argv))
+    options = PipelineOptions(argv)
+    opts = options.view_as(EmbedOptions)
+    for name in ("input", "output"):
+        if not getattr(opts, name):
+            raise ValueError(f"--{name} is required: remap embed --input <folder|glob|URI list> "
+                             f"--output <store>")
+    threads = options.view_as(EmbedWorkerOptions).torch_threads
+    if threads is not None and threads < 1:
+        raise ValueError(f"--torch_threads must be at least 1 (got {threads}); omit it to keep "
+                         f"torch's default")
+    check_option_ranges(opts)
+    run_id = opts.run_id or default_run_id()
+    runs.check_run_id(run_id)
+    dry_run = is_dry_run(options)
+    options.view_as(TestOptions).dry_run = dry_run   # Beam then agrees with us on "False"
+    std = options.view_as(StandardOptions)
+    wait = not (dry_run or std.no_wait_until_finish
+                or options.view_as(GoogleCloudOptions).template_location)
+    in_process = std.runner.split(".")[-1] in IN_PROCESS_RUNNERS
+    fsconf = json.loads(opts.fsspec_config) if opts.fsspec_config else None
+    uris.apply_fsspec_config(fsconf)
+    store = opts.output.rstrip("/")
+    if not dry_run:
+        runs.check_store_path(store)
+    partitions = uris.list_partitions(opts.input)
+    if opts.min_listed > 0 and uris.lists_no_image(partitions):
+        others = f" (only {len(partitions)} other files)" if partitions else ""
+        raise ValueError(f"--input {opts.input!r} holds no images{others}; nothing was run. "
+                         f"Check --input (an unmounted folder, a mistyped prefix); pass "
+                         f"--min_listed=0 to run on an empty listing")
+    model = load_model(opts.model, device="cpu")
+    cfg = model.config
+    taken = None
+    if not dry_run:
+        seconds = opts.lease_minutes * 60 if wait else opts.unattended_lease_hours * 3600
+        taken = lease.acquire(store, lease.new_lease(run_id, seconds, local=in_process,
+                                                    renewed=wait),
+                              break_lease=opts.break_lease)
+    try:
+        if dry_run:
+            previous, state = [], []
+            log.info("dry run %s: the store %s is not read; graph built as for a first run",
+                     run_id, store)
+        else:
+            previous, incomplete = runs.scan_store(store)
+            runs.check_new_run([] if opts.full else previous, run_id, model.fingerprint, store)
+            runs.remove_incomplete(incomplete)
+            state = [] if opts.full else runs.state_files(previous)
+            log.info("run %s: %d earlier runs in %s (%d state files)", run_id, len(previous),
+                     store, len(state))
+        scope = runs.input_scope(opts.input, previous)
+        run_dir = runs.run_folder(store, run_id)
+        info = make_run_info(options, run_id, model.fingerprint, model.dim,
+                             [r.run_id for r in previous])
+        info["lease"] = taken is not None
+        pipeline = beam.Pipeline(options=options)
+        build_pipeline(pipeline, opts, run_dir, run_id, model.fingerprint, model.dim,
+                       cfg["max_side"], cfg["multiple"], state, info, scope, partitions)
+    except BaseException:
+        if taken is not None:
+            lease.release(store, run_id)
+        raise
+    return PreparedRun(pipeline, options, run_id, run_dir, info, dry_run, wait, store, taken,
+                       in_process)
+
+
+def top_level_transforms(pipeline: beam.Pipeline) -> list[str]:
+    return [t.full_label for t in pipeline.transforms_stack[0].parts]
+
+
+def _job_ended(result) -> bool:
+    try:
+        return PipelineState.is_terminal(result.state)
+    except Exception:       # the runner could not be asked: assume the job may still run
+        return False
+
+
+def run(argv: list[str]) -> dict:
+    """Run the embed pipeline. Waits for the job and returns its run summary (run.json, which
+    the job's last step wrote); with --dry_run builds the graph (DataflowRunner: translates it,
+    offline), runs nothing and returns {"run_id", "submitted": True, "dry_run": True,
+    "transforms": [...]}.
+
+    When nothing waits for the job it returns {"run_id", "submitted": True} and the run keeps
+    the store's lease for --unattended_lease_hours; the job's last step gives it back after
+    run.json (else it lapses). That is:
+    - --no_wait_until_finish: the job was submitted and runs on;
+    - --template_location: Beam 2.77 writes the job's description there and returns a result
+      without a job (`has_job` False, state DONE). The Flex Template launcher runs this with
+      --template_location and submits the job from that file once this process exits, so the
+      job, which the lease protects, is still to come. (A classic template built by hand this
+      way describes this one run, its id and its listing: launch it once, within the lease.)
+    A waited-for run whose runner returns a result without a job (no Beam 2.77 runner does
+    that without --template_location) has no job that could complete it: that is an error,
+    and the lease is given back."""
+    p = prepare_run(argv)
+    if p.dry_run:
+        if p.options.view_as(StandardOptions).runner.split(".")[-1] == "DataflowRunner":
+            p.pipeline.run()            # Beam translates the job and submits nothing
+        else:
+            p.pipeline.to_runner_api()  # other runners would run it: only translate
+        log.info("dry run: job graph of run %s built, nothing submitted or written", p.run_id)
+        return {"run_id": p.run_id, "submitted": True, "dry_run": True, "graph_built": True,
+                "run_dir": p.run_dir, "transforms": top_level_transforms(p.pipeline)}
+    result = None
+    # a launcher that waits renews the lease; a job nobody waits for holds it for its own time
+    with lease.Renewer(p.store, p.lease) if p.wait else contextlib.nullcontext():
+        try:
+            result = p.pipeline.run()
+            if not p.wait:
+                log.info("run %s submitted; its job writes %s/%s and gives the store's lease "
+                         "back when it completes (else the lease lapses)", p.run_id, p.run_dir,
+                         runs.RUN_SUMMARY)
+                return {"run_id": p.run_id, "submitted": True}
+            if getattr(result, "has_job", True) is False:
+                raise RuntimeError(f"the runner submitted no job for run {p.run_id} (a result "
+                                   f"without a job, and no --template_location); nothing ran")
+            state = result.wait_until_finish()
+        except BaseException:
+            # The job is over if it ran in this process, was never submitted, or reached a
+            # terminal state; otherwise (Ctrl-C while waiting on a remote runner) it may still
+            # run, and its lease lapses --lease_minutes after the last renewal.
+            if p.in_process or result is None or _job_ended(result):
+                lease.release(p.store, p.run_id)
+            raise
+    if state not in (None, PipelineState.DONE):
+        lease.release(p.store, p.run_id)
+        raise RuntimeError(f"pipeline ended in state {state}; run {p.run_id} is incomplete and "
+                           f"will be redone by the next run")
+    fs, root = fsspec.core.url_to_fs(p.run_dir)
+    fs.invalidate_cache(root)   # written by a worker: this process's listings may predate it
+    try:
+        with fs.open(f"{root}/{runs.RUN_SUMMARY}", "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise RuntimeError(f"the job of run {p.run_id} finished but wrote no "
+                           f"{p.run_dir}/{runs.RUN_SUMMARY}; the run is incomplete and will be redone "
+                           f"by the next run") from None

@@ -1,0 +1,99 @@
+"""The options of `remap embed`: one PipelineOptions subclass for the job's own flags (the Flex
+Template's parameters) and one for worker settings, plus the ranges the numeric flags accept.
+Every other layer (the console, deploy's template metadata) reads the flags from here."""
+
+from __future__ import annotations
+
+import math
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+
+class EmbedOptions(PipelineOptions):
+    """Options of `remap embed` (see `remap embed --help`)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        # Not argparse-required: Beam parses every registered options class for every pipeline
+        # in the process; `run` checks them instead.
+        parser.add_argument("--input", default=None,
+                            help="folder, glob, or URI list file(s) (.txt, .csv or .parquet "
+                                 "with a 'uri' column; a glob of them allowed) of image URIs; "
+                                 "local, gs:// or s3://. A path that exists is never a glob")
+        parser.add_argument("--output", default=None,
+                            help="embedding store (local, gs://, s3://): each run writes "
+                                 "run-<id>/ with shards, dead letter, tombstones and run.json")
+        parser.add_argument("--model", default=None,
+                            help="checkpoint path or fsspec URL (default: bundled EfficientNet-"
+                                 "Lite0 + GeM)")
+        parser.add_argument("--run_id", default=None,
+                            help="run id: letters, digits, '.', '_', '-' (at most 128, no '..'); "
+                                 "must sort after the store's earlier runs (default: UTC "
+                                 "timestamp)")
+        parser.add_argument("--batch_size", type=int, default=32,
+                            help="images of one shape per forward pass")
+        parser.add_argument("--num_shards", type=int, default=0,
+                            help="embedding shards per run; 0 (default): one per --shard_rows")
+        parser.add_argument("--shard_rows", type=int, default=500_000,
+                            help="target rows per embedding shard when --num_shards is 0")
+        parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+        parser.add_argument("--full", action="store_true", default=False,
+                            help="embed every URI, ignoring what earlier runs in --output did "
+                                 "(default: only new or changed URIs; deleted ones tombstoned)")
+        parser.add_argument("--min_listed", type=int, default=1,
+                            help="refuse the run (nothing tombstoned, no run.json) when --input "
+                                 "lists fewer images than this (default 1: an empty listing is "
+                                 "refused; 0 accepts one)")
+        parser.add_argument("--max_tombstone_fraction", type=float, default=0.5,
+                            help="refuse the run (nothing tombstoned, no run.json) when it would "
+                                 "tombstone more than this share of the live URIs its input "
+                                 "covers (default 0.5; 1: no bound)")
+        parser.add_argument("--fsspec_config", default=None,
+                            help='JSON of per-protocol fsspec options applied on every worker, '
+                                 'e.g. \'{"s3": {"endpoint_url": "http://host:9000"}}\'')
+        parser.add_argument("--progress_seconds", type=float, default=15.0,
+                            help="log progress per worker at most this often (0: never)")
+        parser.add_argument("--lease_minutes", type=float, default=10.0,
+                            help="a run holds the store's lease (one writer at a time); while "
+                                 "the launcher waits for the job it renews it, and it lapses "
+                                 "this long after the launcher dies")
+        parser.add_argument("--unattended_lease_hours", type=float, default=20.0,
+                            help="the lease of a job nobody waits for (Flex Template, "
+                                 "--no_wait_until_finish): its job must end within it")
+        parser.add_argument("--break_lease", action="store_true", default=False,
+                            help="take over the store's lease from a run that holds it (only "
+                                 "when that run is dead: its job failed or was cancelled)")
+
+
+class EmbedWorkerOptions(PipelineOptions):
+    """Worker settings of `remap embed` (kept apart from EmbedOptions, whose flags are the Flex
+    Template's parameters; pass these like any Beam pipeline option)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--torch_threads", type=int, default=None,
+                            help="torch intra-op threads per worker process (default: leave "
+                                 "torch's default, i.e. OMP_NUM_THREADS or the core count); "
+                                 "e.g. the core count for one SDK process per VM")
+
+
+# Numeric options of EmbedOptions: the values each accepts, and how to say so.
+OPTION_RANGES = {
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "num_shards": (lambda v: v >= 0, "at least 0 (0: one shard per --shard_rows rows)"),
+    "shard_rows": (lambda v: v >= 1, "at least 1"),
+    "progress_seconds": (lambda v: v >= 0, "at least 0 (0: no progress lines)"),
+    "lease_minutes": (lambda v: v > 0, "positive"),
+    "unattended_lease_hours": (lambda v: v > 0, "positive"),
+    "min_listed": (lambda v: v >= 0, "at least 0"),
+    "max_tombstone_fraction": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+}
+
+
+def check_option_ranges(opts: EmbedOptions) -> None:
+    """Refuse a numeric option out of its range (e.g. --batch_size 0), naming it."""
+    for name, (ok, want) in OPTION_RANGES.items():
+        value = getattr(opts, name)
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise ValueError(f"--{name} must be {want} (got {value})")
+
