@@ -14,7 +14,7 @@ import fsspec
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from remap_store import lease, runs
-from remap_store.files import write_json_atomic
+from remap_store.files import input_key, write_json_atomic
 from remap_store.schema import (DEAD_LETTER_SCHEMA, SOURCE_SCHEMA, TOMBSTONE_SCHEMA,
                                 embedding_table, stable_id)
 from pipelines import uris
@@ -33,7 +33,7 @@ def make_run_info(options: PipelineOptions, run_id: str, fingerprint: str, dim: 
     opts = options.view_as(EmbedOptions)
     return {"run_id": run_id, "runner": options.view_as(StandardOptions).runner,
             "model": fingerprint, "model_uri": opts.model, "dimension": dim,
-            "input": opts.input, "input_key": uris.input_key(opts.input),
+            "input": opts.input, "input_key": input_key(opts.input),
             "incremental": not opts.full,
             "previous_runs": list(previous_runs),
             "min_listed": opts.min_listed,

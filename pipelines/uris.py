@@ -8,12 +8,11 @@ without a pipeline.
 from __future__ import annotations
 
 import csv
-import os
 from typing import Iterable, Iterator, NamedTuple
 
 import fsspec
 
-from remap_store.files import with_protocol
+from remap_store.files import normalize_uri, with_protocol
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm")
@@ -28,19 +27,6 @@ def is_image_name(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
-LOCAL_PROTOCOLS = ("file", "local")
-
-
-def normalize_uri(uri: str) -> str:
-    """One spelling per local file: a local path (plain, or `file://`) is made absolute and
-    normalised (`dir/./x.jpg`, `dir//x.jpg` and `/cwd/dir/x.jpg` are one URI), keeping the
-    protocol prefix as written. Object-store URIs are left alone (`./` is a valid key there)."""
-    if "://" not in uri:
-        return os.path.abspath(uri)
-    proto, rest = uri.split("://", 1)
-    if proto in LOCAL_PROTOCOLS:
-        return f"{proto}://{os.path.abspath(rest)}"
-    return uri
 
 
 def _is_glob(fs, path: str) -> bool:
@@ -70,26 +56,6 @@ def expand_input(spec: str) -> tuple[str, list[str]]:
     if is_uri_list(path):
         return "uri_lists", [spec]
     return "images", [normalize_uri(spec)]
-
-
-def input_key(spec: str) -> str:
-    """The --input as a store remembers it (run.json `input_key`): local paths absolute and
-    normalised, no trailing '/' (so `photos`, `./photos/` and `/abs/photos` are one source)."""
-    key = normalize_uri(spec)
-    return key.rstrip("/") or key
-
-
-def input_is_folder(spec: str) -> bool:
-    """True when the --input is an existing folder (which its listing covers completely)."""
-    fs, path = fsspec.core.url_to_fs(spec)
-    return fs.isdir(path)
-
-
-def comparable_uri(uri: str) -> str:
-    """A URI spelt for comparison with another: `file://` dropped from local paths."""
-    if "://" in uri and uri.split("://", 1)[0] in LOCAL_PROTOCOLS:
-        return uri.split("://", 1)[1]
-    return uri
 
 
 def read_uri_list(path: str) -> Iterator[str]:

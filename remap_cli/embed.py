@@ -1,4 +1,4 @@
-"""`remap embed --input <folder|glob|manifest> --output <store> [Beam pipeline flags]`
+"""`remap embed --input <folder|glob|URI list> --output <store> [Beam pipeline flags]`
 
 The pipeline gets the command's arguments exactly as the user gave them: its PipelineOptions
 (EmbedOptions, EmbedWorkerOptions and Beam's own) parse them, as on any Beam launcher. The

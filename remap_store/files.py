@@ -21,6 +21,7 @@ from typing import IO, Iterator
 import fsspec
 
 TMP_SUFFIX = ".tmp"
+LOCAL_PROTOCOLS = ("file", "local")
 
 
 def protocol_of(url: str) -> str:
@@ -43,6 +44,38 @@ def with_protocol(like: str, path: str) -> str:
 def join_url(root: str, *names: str) -> str:
     """`root/name/...` with exactly one slash between the parts (root may be a URL)."""
     return "/".join([root.rstrip("/"), *(n.strip("/") for n in names)])
+
+
+def normalize_uri(uri: str) -> str:
+    """One spelling per local file: a local path (plain, or `file://`) is made absolute and
+    normalised (`dir/./x.jpg`, `dir//x.jpg` and `/cwd/dir/x.jpg` are one URI), keeping the
+    protocol prefix as written. Object-store URIs are left alone (`./` is a valid key there)."""
+    if "://" not in uri:
+        return os.path.abspath(uri)
+    proto, rest = uri.split("://", 1)
+    if proto in LOCAL_PROTOCOLS:
+        return f"{proto}://{os.path.abspath(rest)}"
+    return uri
+
+
+def input_key(spec: str) -> str:
+    """The --input as a store remembers it (run.json `input_key`): local paths absolute and
+    normalised, no trailing '/' (so `photos`, `./photos/` and `/abs/photos` are one source)."""
+    key = normalize_uri(spec)
+    return key.rstrip("/") or key
+
+
+def input_is_folder(spec: str) -> bool:
+    """True when the --input is an existing folder (which its listing covers completely)."""
+    fs, path = fsspec.core.url_to_fs(spec)
+    return fs.isdir(path)
+
+
+def comparable_uri(uri: str) -> str:
+    """A URI spelt for comparison with another: `file://` dropped from local paths."""
+    if "://" in uri and uri.split("://", 1)[0] in LOCAL_PROTOCOLS:
+        return uri.split("://", 1)[1]
+    return uri
 
 
 def temporary_name(path: str) -> str:

@@ -30,8 +30,8 @@ from typing import Iterator, NamedTuple
 
 import fsspec
 
-from pipelines import uris as U
-from remap_store.files import join_url, with_protocol, write_json_atomic  # noqa: F401 (re-export)
+from remap_store.files import (comparable_uri, input_is_folder, input_key, join_url, with_protocol,
+                               write_json_atomic)
 
 RUN_PREFIX = "run-"
 RUN_SUMMARY = "run.json"
@@ -75,8 +75,8 @@ class InputScope(NamedTuple):
         if 0 <= run_index < len(self.run_keys) and self.run_keys[run_index] == self.key:
             return True
         if self.folder:
-            prefix = U.comparable_uri(self.key).rstrip("/") + "/"
-            return U.comparable_uri(uri).startswith(prefix)
+            prefix = comparable_uri(self.key).rstrip("/") + "/"
+            return comparable_uri(uri).startswith(prefix)
         return False
 
 
@@ -85,13 +85,13 @@ def run_input_key(summary: dict) -> str | None:
     --input, normalised now)."""
     if summary.get("input_key"):
         return summary["input_key"]
-    return U.input_key(summary["input"]) if summary.get("input") else None
+    return input_key(summary["input"]) if summary.get("input") else None
 
 
 def input_scope(spec: str, runs: list["CompletedRun"]) -> InputScope:
     """This run's InputScope over the store's completed `runs` (oldest first). Asks storage
     whether --input is a folder only when there are earlier runs (a dry run has none)."""
-    return InputScope(U.input_key(spec), bool(runs) and U.input_is_folder(spec),
+    return InputScope(input_key(spec), bool(runs) and input_is_folder(spec),
                       tuple(run_input_key(r.summary) for r in runs))
 
 
