@@ -1,4 +1,4 @@
-"""One writer per embedding store: the store lease (pipelines/lease.py), on the local filesystem
+"""One writer per embedding store: the store lease (remap_store/lease.py), on the local filesystem
 and on real object-storage servers on 127.0.0.1, and `remap embed` honouring it."""
 
 from __future__ import annotations
