@@ -97,3 +97,19 @@ def check_option_ranges(opts: EmbedOptions) -> None:
         if value is not None and not (math.isfinite(value) and ok(value)):
             raise ValueError(f"--{name} must be {want} (got {value})")
 
+
+
+def unknown_options(argv: list[str]) -> list[str]:
+    """The flags of `argv` that no registered PipelineOptions class defines, as Beam's own
+    parser sees them (Beam drops such flags with only a log line, so a misspelt
+    `--break_leas` would silently do nothing). -> the flags as written, without values."""
+    from apache_beam.options.pipeline_options import _BeamArgumentParser
+
+    classes = {}
+    for cls in PipelineOptions.__subclasses__():     # as PipelineOptions.get_all_options
+        classes.setdefault(str(cls), cls)
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    for cls in classes.values():
+        cls._add_argparse_args(parser)
+    _, unknown = parser.parse_known_args(list(argv))
+    return [a.split("=", 1)[0] for a in unknown if a.startswith("-")]

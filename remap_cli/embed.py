@@ -32,6 +32,13 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     from pipelines.embed import run
+    from pipelines.options import unknown_options
+
+    unknown = unknown_options(args.argv)
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)}: neither remap embed nor Apache "
+                         f"Beam defines them (Beam would drop them silently); check the spelling "
+                         f"(remap embed --help lists remap's options)")
 
     logging.getLogger("pipelines").setLevel(logging.INFO)
     if not logging.getLogger().handlers:
