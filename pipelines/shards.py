@@ -17,13 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from remap_store.files import temporary_name
+from remap_store.runs import table_file_name
 from remap_store.schema import PARQUET_CODEC, ROW_GROUP_ROWS
 
 TMP_FOLDER = "_tmp"
-
-
-def shard_name(prefix: str, index: int, num_shards: int) -> str:
-    return f"{prefix}-{index:05d}-of-{num_shards:05d}.parquet"
 
 
 def shard_count(rows: int, shard_rows: int, fixed: int = 0) -> int:
@@ -81,7 +78,7 @@ class _WriteShardFn(beam.DoFn):
 
     def process(self, keyed, num_shards):
         index, rows = keyed
-        name = shard_name(self.prefix, index, num_shards)
+        name = table_file_name(self.prefix, index, num_shards)
         n = write_parquet_atomic(rows, self.schema, f"{self.folder}/{name}", self.to_table,
                                  self.row_group_rows)
         yield name, n

@@ -141,12 +141,13 @@ class WriteRunTables(beam.PTransform):
         run_id, d = self.run_id, self.run_dir
         uris.apply_fsspec_config(self.fsspec_config)
         written = {}
+        prefix = runs.TABLE_PREFIXES      # run.json key -> file name prefix
         written["shards"] = rows | "Shards" >> WriteParquetShards(
-            d, "embeddings", self.schema, lambda r: r["id"], self.num_shards, self.shard_rows,
-            to_table=embedding_table)
+            d, prefix["shards"], self.schema, lambda r: r["id"], self.num_shards,
+            self.shard_rows, to_table=embedding_table)
         written["dead_letter"] = (
             dead | "DeadRows" >> beam.Map(lambda f: f.row(run_id))
-            | "DeadLetter" >> WriteParquetShards(d, "dead_letter", DEAD_LETTER_SCHEMA,
+            | "DeadLetter" >> WriteParquetShards(d, prefix["dead_letter"], DEAD_LETTER_SCHEMA,
                                                  lambda r: stable_id(r["uri"]),
                                                  shard_rows=4 * self.shard_rows))
         # a URI embedded earlier that now fails (replaced by a broken object, gone since the
@@ -156,13 +157,14 @@ class WriteRunTables(beam.PTransform):
                                                       "run_id": run_id}))
         written["tombstones"] = (
             (tombstones, stale) | "AllTombstones" >> beam.Flatten()
-            | "Tombstones" >> WriteParquetShards(d, "tombstones", TOMBSTONE_SCHEMA,
+            | "Tombstones" >> WriteParquetShards(d, prefix["tombstones"], TOMBSTONE_SCHEMA,
                                                  lambda r: r["id"],
                                                  shard_rows=4 * self.shard_rows))
         written["sources"] = (
             (rows, dead) | "SourceItems" >> beam.Flatten()
             | "SourceRows" >> beam.Map(_source_row, run_id)
-            | "Sources" >> WriteParquetShards(d, "sources", SOURCE_SCHEMA, lambda r: r["id"],
+            | "Sources" >> WriteParquetShards(d, prefix["sources"], SOURCE_SCHEMA,
+                                              lambda r: r["id"],
                                               shard_rows=4 * self.shard_rows))
         dead_outcomes = dead | "DeadOutcomes" >> beam.FlatMap(
             lambda f: ["dead_lettered", f"dead_letter.{f.reason}"]

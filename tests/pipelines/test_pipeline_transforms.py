@@ -15,7 +15,8 @@ from pipelines.inference import EmbedImages
 from pipelines.prepare import PreparedImage
 from pipelines.reconcile import (LIVE_IDS, OUTCOMES, SKIPPED, TOMBSTONES, CheckIdCollisions,
                                  Reconcile, _check_ids, reconcile)
-from pipelines.shards import WriteParquetShards, shard_count, shard_name
+from pipelines.shards import WriteParquetShards, shard_count
+from remap_store.runs import table_file_name as shard_name
 from pipelines.tables import summarize
 from pipelines.uris import Source
 from pipelines.workers import DEAD
