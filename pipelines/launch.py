@@ -215,12 +215,12 @@ def run(argv: list[str]) -> dict:
         lease.release(p.store, p.run_id)
         raise RuntimeError(f"pipeline ended in state {state}; run {p.run_id} is incomplete and "
                            f"will be redone by the next run")
-    fs, root = fsspec.core.url_to_fs(p.run_dir)
-    fs.invalidate_cache(root)   # written by a worker: this process's listings may predate it
+    summary_url = runs.run_summary_url(p.run_dir)
+    fs, path = fsspec.core.url_to_fs(summary_url)
+    fs.invalidate_cache(path.rsplit("/", 1)[0])   # written by a worker: listings may predate it
     try:
-        with fs.open(f"{root}/{runs.RUN_SUMMARY}", "r") as f:
+        with fs.open(path, "r") as f:
             return json.load(f)
     except FileNotFoundError:
-        raise RuntimeError(f"the job of run {p.run_id} finished but wrote no "
-                           f"{p.run_dir}/{runs.RUN_SUMMARY}; the run is incomplete and will be redone "
-                           f"by the next run") from None
+        raise RuntimeError(f"the job of run {p.run_id} finished but wrote no {summary_url}; "
+                           f"the run is incomplete and will be redone by the next run") from None

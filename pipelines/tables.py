@@ -14,7 +14,7 @@ import fsspec
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from remap_store import lease, runs
-from remap_store.files import input_key, write_json_atomic
+from remap_store.files import input_key
 from remap_store.schema import (DEAD_LETTER_SCHEMA, SOURCE_SCHEMA, TOMBSTONE_SCHEMA,
                                 embedding_table, stable_id)
 from pipelines import uris
@@ -232,12 +232,12 @@ class _WriteRunSummaryFn(StorageDoFn):
         if fs.exists(f"{root}/{TMP_FOLDER}"):
             fs.rm(f"{root}/{TMP_FOLDER}", recursive=True)
         check_tables_present(fs, root, summary)
-        write_json_atomic(f"{self.run_dir}/{runs.RUN_SUMMARY}", summary)
+        written = runs.write_run_summary(self.run_dir, summary)
         if leased:
             try:        # taken over between the check and the write: the run is not complete
                 lease.check_held(store, run_id)
             except lease.LeaseLost:
-                fs.rm(f"{root}/{runs.RUN_SUMMARY}")
+                fs.rm(fsspec.core.url_to_fs(written)[1])
                 raise
             lease.release(store, run_id)
         log.info("run %s complete: %d read, %d embedded, %d dead-lettered, %d skipped (%d live "
