@@ -34,7 +34,7 @@ import time
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from remap_store import runs as R
+from remap_store import runs
 from remap_store.files import atomic_path, join_url, temporary_name
 
 LEASE = "_lease.json"
@@ -146,7 +146,7 @@ def _remove(store: str) -> None:
 
 
 def _run_completed(store: str, run_id: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(R.run_summary_url(R.run_folder(store, run_id)))
+    fs, path = fsspec.core.url_to_fs(runs.run_summary_url(runs.run_folder(store, run_id)))
     fs.invalidate_cache(path)
     return fs.exists(path)
 
