@@ -134,6 +134,41 @@ class ShardedIndex:
         heap.finalize()
         return heap.D, heap.I
 
+    def search_and_reconstruct(self, xq: np.ndarray, k: int
+                               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As faiss.Index.search_and_reconstruct: (scores (Q, k), ids (Q, k), vectors (Q, k, d))
+        merged over the shards by score."""
+        xq = np.ascontiguousarray(xq, dtype=np.float32)
+        parts = [search_and_reconstruct(p, xq, k) for p in self.parts]
+        D = np.concatenate([p[0] for p in parts], axis=1)
+        I = np.concatenate([p[1] for p in parts], axis=1)
+        R = np.concatenate([p[2] for p in parts], axis=1)
+        big_first = self.metric_type == faiss.METRIC_INNER_PRODUCT
+        key = np.where(I == -1, np.inf, -D if big_first else D)
+        order = np.argsort(key, axis=1, kind="stable")[:, :k]
+        return (np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1),
+                np.take_along_axis(R, order[..., None], 1))
+
+
+def search_and_reconstruct(index, xq: np.ndarray, k: int
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Search and also decode the results' vectors: (scores (Q, k), ids (Q, k), vectors
+    (Q, k, d)), NaN vectors where there is no result. IndexIDMap2 (Flat, HNSW layouts) looks
+    each id up (faiss's own search_and_reconstruct on it mistakes negative ids for missing ones);
+    IVF indexes (also behind OPQ) decode from the inverted lists."""
+    if isinstance(index, ShardedIndex):
+        return index.search_and_reconstruct(xq, k)
+    xq = np.ascontiguousarray(xq, dtype=np.float32)
+    if isinstance(index, faiss.IndexIDMap2):
+        D, I = index.search(xq, k)
+        R = np.full((len(xq), k, index.d), np.nan, np.float32)
+        for q, row in enumerate(I):
+            for j, i in enumerate(row):
+                if i != -1:
+                    R[q, j] = index.reconstruct(int(i))
+        return D, I, R
+    return index.search_and_reconstruct(xq, k)
+
 
 def set_search_params(index, params: dict) -> None:
     """Apply FAISS search parameters (nprobe, efSearch, quantizer_efSearch, ...) to an index or

@@ -101,8 +101,14 @@ class RemapIndex:
     def uri_of(self, ids: np.ndarray) -> list[str | None]:
         return self.id_map.lookup(ids)
 
-    def search_vectors(self, vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
-        """(Q, D) query descriptors -> for each query, up to k hits, best first."""
+    def search_vectors(self, vectors: np.ndarray, k: int = 10, qe: int | None = None,
+                       qe_alpha: float = 3.0) -> list[list[Hit]]:
+        """(Q, D) query descriptors -> for each query, up to k hits, best first.
+
+        `qe`: alpha query expansion (`index_builder.rerank`) over the top `qe` results of a
+        first search, weighted by score ** qe_alpha; 0 turns it off; None: the index's default
+        (its manifest's `rerank.qe`, else 0). The reported scores are those of the expanded
+        query."""
         xq = np.ascontiguousarray(np.atleast_2d(np.asarray(vectors, dtype=np.float32)))
         if xq.ndim != 2 or xq.shape[1] != self.dimension:
             raise ValueError(f"query vectors have shape {xq.shape}, this index takes (Q, "
@@ -111,6 +117,12 @@ class RemapIndex:
             raise ValueError("query vectors contain NaN or infinity")
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
+        if qe is None:
+            qe = int((self.manifest.get("rerank") or {}).get("qe", 0))
+        if qe < 0:
+            raise ValueError(f"qe must be >= 0 (0: no query expansion), got {qe}")
+        if qe > 0 and len(self):
+            xq = self._expand(xq, qe, qe_alpha)
         scores, ids = self.index.search(xq, min(k, max(len(self), 1)))
         out = []
         for srow, irow in zip(scores, ids):
@@ -119,6 +131,20 @@ class RemapIndex:
             out.append([Hit(r + 1, int(i), u, float(s))
                         for r, (i, u, s) in enumerate(zip(irow[keep], uris, srow[keep]))])
         return out
+
+    def _expand(self, xq: np.ndarray, qe: int, alpha: float) -> np.ndarray:
+        """alpha-QE: a first search that also returns the (decoded) vectors of its results."""
+        from index_builder.merge import search_and_reconstruct
+        from index_builder.rerank import alpha_query_expansion
+
+        n = min(qe, len(self))
+        try:
+            scores, ids, vecs = search_and_reconstruct(self.index, xq, n)
+        except RuntimeError as e:
+            raise ValueError(f"query expansion needs an index that can decode its vectors; "
+                             f"{self.manifest.get('factory')} cannot ({e}); search with qe=0") from e
+        scores = np.where(ids == -1, np.nan, scores)
+        return alpha_query_expansion(xq, vecs, scores, k=n, alpha=alpha)
 
     def model(self, model_uri: str | None = "manifest"):
         """The query model (loaded once); refuses one whose fingerprint differs from the index."""
@@ -145,7 +171,8 @@ class RemapIndex:
         return vectors
 
     def search_images(self, images, k: int = 10, model_uri: str | None = "manifest",
-                      errors: str = "raise", **prep) -> list:
+                      errors: str = "raise", qe: int | None = None, qe_alpha: float = 3.0,
+                      **prep) -> list:
         """Query images -> for each, up to k hits, best first.
 
         A query image that cannot be read or decoded raises QueryImageError (naming it) by
@@ -158,7 +185,7 @@ class RemapIndex:
         vectors, failed = self._embed_each(images, model_uri, **prep)
         if failed and errors == "raise":
             raise next(iter(failed.values()))
-        hits = iter(self.search_vectors(vectors, k) if len(vectors) else [])
+        hits = iter(self.search_vectors(vectors, k, qe, qe_alpha) if len(vectors) else [])
         return [failed[i] if i in failed else next(hits) for i in range(len(images))]
 
     def _embed_each(self, images, model_uri, denoise: bool = False, autocontrast: bool = False

@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"multi-scale inference for every method (default {_D.scales})")
     m.add_argument("--levels", type=int, default=_D.levels,
                    help="R-MAC/REMAP region grid levels")
+    m.add_argument("--layer-norm", action="store_true",
+                   help="REMAP rows: L2-normalise each layer before concatenation (learned layer "
+                   "weights, here 1)")
     m.add_argument("--klw-method", choices=("gaussian", "histogram"), default=_D.klw_method)
     m.add_argument("--whiten", choices=("learned", "pca"), default=_D.whiten,
                    help="whitening learned on the train split (default: Radenović's learned)")
@@ -67,7 +70,8 @@ def main(args: argparse.Namespace) -> int:
         side=args.side, seed=args.seed, category=args.category, max_photos=args.max_photos,
         backbone=args.backbone, weights=args.weights, taps=args.taps,
         baseline_taps=args.baseline_taps, max_side=args.max_side, scales=args.scales,
-        levels=args.levels, klw_method=args.klw_method, whiten=args.whiten,
+        levels=args.levels, layer_norm=args.layer_norm, klw_method=args.klw_method,
+        whiten=args.whiten,
         whiten_dim=args.whiten_dim, batch_size=args.batch_size, model=args.model,
         save_model=args.save_model))
     if args.output:

@@ -23,6 +23,11 @@ def add_arguments(parser) -> None:
                         help="a .npy file of (Q, D) query vectors instead of images")
     parser.add_argument("--denoise", action="store_true", help="median-filter query images")
     parser.add_argument("--autocontrast", action="store_true", help="stretch query contrast")
+    parser.add_argument("--qe", type=int, default=None, metavar="N",
+                        help="alpha query expansion over the top N results of a first search "
+                        "(0: off; default: the index's own default, see `remap index --qe`)")
+    parser.add_argument("--qe-alpha", type=float, default=3.0,
+                        help="query expansion weight exponent: result i weighs score_i ** alpha")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip checksum verification of the index files")
     parser.add_argument("images", nargs="*", help="query image paths or URLs")
@@ -56,13 +61,14 @@ def main(args) -> int:
         vecs = _load_vectors(args.vectors)
         idx = open_index(args.index, verify=not args.no_verify)
         names = [f"{args.vectors}[{i}]" for i in range(len(np.atleast_2d(vecs)))]
-        results = idx.search_vectors(vecs, args.k)
+        results = idx.search_vectors(vecs, args.k, args.qe, args.qe_alpha)
     else:
         idx = open_index(args.index, verify=not args.no_verify)
         names = list(args.images)
         model = None if args.model in ("default", "none") else args.model
         results = idx.search_images(names, args.k, model_uri=model, errors="return",
-                                    denoise=args.denoise, autocontrast=args.autocontrast)
+                                    denoise=args.denoise, autocontrast=args.autocontrast,
+                                    qe=args.qe, qe_alpha=args.qe_alpha)
     failed = 0
     for name, hits in zip(names, results):
         if isinstance(hits, QueryImageError):

@@ -57,6 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "matching pairs: on few training classes it separates every training tuple "
                    "already, so the loss starts at zero)")
     m.add_argument("--whiten-dim", type=int, default=_D.whiten_dim, help="whitened dimension (default 256)")
+    m.add_argument("--whiten-shrinkage", type=float, default=_D.whiten_shrinkage,
+                   help="pca whitening: add this x the mean eigenvalue before the inverse square "
+                   "root (0: full whitening; larger: weak directions amplified less)")
+    m.add_argument("--layer-norm", action="store_true", default=_D.layer_norm,
+                   help="L2-normalise each tapped layer's REMAP vector before concatenation, "
+                   "with a learned weight per layer")
     m.add_argument("--klw-pairs", type=int, default=_D.klw_pairs,
                    help="matching and non-matching pairs for the KLW initialisation (default 400)")
     m.add_argument("--no-klw-init", action="store_true",
@@ -77,6 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--lr-whiten", type=float, default=d.lr_whiten,
                    help="whitening learning rate")
     t.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    t.add_argument("--optimizer", choices=("adam", "sgd"), default=d.optimizer,
+                   help="adam (default) or sgd with momentum 0.9, as in the REMAP paper")
     t.add_argument("--freeze", type=int, default=_D.freeze, help="leading backbone units kept frozen "
                    "(EfficientNet-Lite0: stem + 16 blocks + conv head = 18; default 12 trains "
                    "stage 6, stage 7 and the conv head)")

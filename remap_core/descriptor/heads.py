@@ -66,19 +66,36 @@ class REMAPHead(nn.Module):
     map; each region of an actual map uses the weight of its nearest canonical region.
     Weights are stored as `klw_raw` with weight = softplus(klw_raw), so they stay positive under
     SGD and any positive initial value (e.g. a KL divergence) is represented exactly.
+
+    `layer_norm=True`: each layer's weighted sum is L2-normalised before the concatenation and
+    then scaled by a learnable non-negative layer weight (`layer_weights`, initially 1). The
+    region weights then act within a layer only, and the layers' shares are learned separately
+    instead of following the layers' channel counts and KL magnitudes (without it, the
+    1280-channel head layer outweighs a 112-channel stage-5 layer whatever the weights say).
     """
 
     MIN_WEIGHT = 1e-6
 
-    def __init__(self, channels: list[int], levels: int = 3, include_global: bool = True):
+    def __init__(self, channels: list[int], levels: int = 3, include_global: bool = True,
+                 layer_norm: bool = False):
         super().__init__()
         self.levels = int(levels)
         self.include_global = bool(include_global)
+        self.layer_norm = bool(layer_norm)
         self.out_dim = int(sum(channels))
         self.n_layers = len(channels)
         self.n_regions = canonical_region_count(self.levels, self.include_global)
         self.klw_raw = nn.Parameter(self._inverse_softplus(torch.ones(self.n_layers,
                                                                       self.n_regions)))
+        if self.layer_norm:
+            self.layer_raw = nn.Parameter(self._inverse_softplus(torch.ones(self.n_layers)))
+
+    @property
+    def layer_weights(self) -> torch.Tensor:
+        """Non-negative per-layer weights (n_layers,); all 1 without `layer_norm`."""
+        if not self.layer_norm:
+            return torch.ones(self.n_layers, device=self.klw_raw.device)
+        return nn.functional.softplus(self.layer_raw)
 
     @staticmethod
     def _inverse_softplus(w: torch.Tensor) -> torch.Tensor:
@@ -121,7 +138,10 @@ class REMAPHead(nn.Module):
         outs = []
         for layer, (regions, idx) in enumerate(self.region_vectors(feats)):
             wl = w[layer, torch.as_tensor(idx, device=w.device)]
-            outs.append(P.weighted_region_sum(regions, wl))
+            v = P.weighted_region_sum(regions, wl)
+            if self.layer_norm:
+                v = P.l2n(v) * self.layer_weights[layer]
+            outs.append(v)
         return torch.cat(outs, dim=1)
 
 

@@ -72,6 +72,7 @@ class EvalOptions:
     max_side: int = 320               # long side of the network input
     scales: str | Sequence[float] = "1,1/sqrt(2),1/2"   # text as `parse_scales` reads it
     levels: int = 3
+    layer_norm: bool = False          # REMAP: L2 per layer before concatenation (see REMAPHead)
     klw_method: str = "gaussian"      # or "histogram"
     whiten: str = "learned"           # or "pca"
     whiten_dim: int = 256
@@ -240,13 +241,14 @@ def run(options: EvalOptions) -> dict:
         return Method(name, m, [all_taps.index(t) for t in taps])
 
     levels = {"levels": options.levels}
+    remap_args = {**levels, **({"layer_norm": True} if options.layer_norm else {})}
     methods = [method("MAC", "mac", base_taps, {}), method("SPoC", "spoc", base_taps, {}),
                method("GeM", "gem", base_taps, {"p": 3.0}),
                method("R-MAC", "rmac", base_taps, levels),
                method(f"R-MAC + {WHITEN_LABEL[options.whiten]}", "rmac", base_taps, levels),
-               method("REMAP uniform weights", "remap", remap_taps, levels),
-               method("REMAP KLW, no whitening", "remap", remap_taps, levels),
-               method("REMAP", "remap", remap_taps, levels)]
+               method("REMAP uniform weights", "remap", remap_taps, remap_args),
+               method("REMAP KLW, no whitening", "remap", remap_taps, remap_args),
+               method("REMAP", "remap", remap_taps, remap_args)]
     rmac_w, remap_uniform, remap_klw, remap = methods[4:]
 
     common_bench = dict(cache_dir=cache, views_per_nuisance=options.views_per_nuisance,
@@ -316,6 +318,7 @@ def run(options: EvalOptions) -> dict:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch "
                    f"{torch.__version__}, cuda={'yes' if torch.cuda.is_available() else 'no'}",
         "backbone": options.backbone, "scales": scales, "levels": options.levels,
+        "layer_norm": options.layer_norm,
         "max_side": options.max_side, "whiten": options.whiten, "whiten_dims": dims,
         "klw_method": options.klw_method,
         "klw_weights": {t: [round(float(v), 4) for v in row] for t, row in zip(remap_taps, klw)},

@@ -25,14 +25,16 @@ def _as_matrix(x: np.ndarray, name: str = "descriptors") -> np.ndarray:
     return x
 
 
-def pca_whitening(x: np.ndarray, dim: int | None = None, eps: float = 1e-9
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def pca_whitening(x: np.ndarray, dim: int | None = None, eps: float = 1e-9,
+                  shrinkage: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """PCA-whitening of descriptors x (N, D) -> (mean (D,), projection (d, D)).
 
     (x - mean) @ projection.T has identity covariance (denominator N - 1) on the training data.
     d = dim, or the rank of the centred data when None; asking for more than the rank is an
     error (the extra directions would be pure noise blown up to unit variance).
-    `eps` is added to the eigenvalues before the inverse square root.
+    `eps` is added to the eigenvalues before the inverse square root, and so is `shrinkage` x
+    the mean of the kept eigenvalues: 0 whitens fully; larger values scale the weak directions
+    up less (noise in them is not blown up to unit variance), tending to plain PCA.
     """
     x = _as_matrix(x)
     n, d_in = x.shape
@@ -46,7 +48,9 @@ def pca_whitening(x: np.ndarray, dim: int | None = None, eps: float = 1e-9
     if not 1 <= dim <= rank:
         raise ValueError(f"whitening dim {dim} exceeds the rank {rank} of {n} training "
                          f"descriptors of size {d_in}; use more images or a smaller whiten_dim")
-    projection = vt[:dim] / np.sqrt(eig[:dim] + eps)[:, None]
+    if shrinkage < 0:
+        raise ValueError(f"whitening shrinkage must be >= 0, got {shrinkage}")
+    projection = vt[:dim] / np.sqrt(eig[:dim] + eps + shrinkage * eig[:dim].mean())[:, None]
     return mean, projection
 
 
@@ -122,18 +126,19 @@ def set_model_whitening(model, mean: np.ndarray, projection: np.ndarray) -> None
     model.config["whiten_dim"] = int(d_out)
 
 
-def fit_whitening(x_by_scale, kind: str, dim: int, pairs: np.ndarray | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def fit_whitening(x_by_scale, kind: str, dim: int, pairs: np.ndarray | None = None,
+                  shrinkage: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """The whitening of pooled descriptors that `remap eval` and `remap train` both learn:
     x_by_scale (S, N, D), the pooled (pre-whitening) descriptors of N images at S scales, each
     scale a sample of its own. kind "pca": `pca_whitening`; "learned": `learned_whitening` from
-    `pairs` (P, 2) matching image positions, paired within every scale.
+    `pairs` (P, 2) matching image positions, paired within every scale. `shrinkage`: see
+    `pca_whitening` (pca only).
     -> (mean (D,), projection (dim, D))."""
     x_by_scale = [np.asarray(x) for x in x_by_scale]
     n = len(x_by_scale[0])
     x = np.concatenate(x_by_scale)
     if kind == "pca":
-        return pca_whitening(x, dim)
+        return pca_whitening(x, dim, shrinkage=shrinkage)
     if kind == "learned":
         if pairs is None:
             raise ValueError("learned whitening needs matching pairs")

@@ -59,6 +59,8 @@ class TrainRun:
     scales: str | None = None             # comma-separated test-time scales; None: the head's
     whiten: str = "pca"                   # "pca", "learned" or "none"
     whiten_dim: int = 256
+    whiten_shrinkage: float = 0.0         # pca: eigenvalues + shrinkage x their mean
+    layer_norm: bool = False              # L2 per layer before concatenation, learned layer weights
     klw_pairs: int = 400
     no_klw_init: bool = False
     # training (see TrainOptions)
@@ -72,6 +74,7 @@ class TrainRun:
     lr_head: float = _T.lr_head
     lr_whiten: float = _T.lr_whiten
     weight_decay: float = _T.weight_decay
+    optimizer: str = _T.optimizer
     freeze: int = 12
     no_cache: bool = False
     seed: int = 0
@@ -105,7 +108,8 @@ def train_options(options: TrainRun) -> TrainOptions:
                         negatives=options.negatives, pool_size=options.pool_size,
                         batch_tuples=options.batch, margin=options.margin, lr=options.lr,
                         lr_head=options.lr_head, lr_whiten=options.lr_whiten,
-                        weight_decay=options.weight_decay, freeze=options.freeze, seed=options.seed,
+                        weight_decay=options.weight_decay, optimizer=options.optimizer,
+                        freeze=options.freeze, seed=options.seed,
                         amp=not options.no_amp, cache=not options.no_cache)
 
 
@@ -206,7 +210,8 @@ def new_model(options: TrainRun, device):
                              f"head; remap train trains REMAP heads")
         return model
     cfg = {"backbone": options.backbone, "taps": [t.strip() for t in options.taps.split(",")],
-           "head": "remap", "head_args": {"levels": options.levels, "include_global": True},
+           "head": "remap", "head_args": {"levels": options.levels, "include_global": True,
+                                          **({"layer_norm": True} if options.layer_norm else {})},
            "max_side": options.max_side, "whiten_dim": None}
     if options.scales:
         cfg["scales"] = [float(s) for s in options.scales.split(",")]
@@ -319,7 +324,8 @@ def initialise_model(model, ts, options: TrainRun, caches: dict) -> None:
               f"{w.min():.3f}..{w.max():.3f} (layers x regions {w.shape[0]}x{w.shape[1]})")
     if options.whiten != "none":
         initialise_whitening(model, ts.images, ts.labels, options.whiten_dim, options.whiten,
-                             n_pairs=max(options.klw_pairs, 1000), rng=rng, caches=caches)
+                             n_pairs=max(options.klw_pairs, 1000), rng=rng, caches=caches,
+                             shrinkage=options.whiten_shrinkage)
         print(f"{options.whiten} whitening initialised: {model.head.out_dim} -> {model.dim}")
 
 

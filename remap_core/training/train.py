@@ -52,6 +52,7 @@ class TrainOptions:
     # gains on all five
     lr_whiten: float = 1e-6
     weight_decay: float = 1e-6
+    optimizer: str = "adam"       # "adam", or "sgd" (momentum 0.9) as in the paper
     freeze: int = 0               # leading backbone units (stem, blocks / stages) kept frozen
     seed: int = 0
     amp: bool = True              # mixed precision when training on CUDA
@@ -124,6 +125,10 @@ def make_optimizer(model: RetrievalNet, opts: TrainOptions) -> torch.optim.Optim
     groups = parameter_groups(model, opts)
     if not groups:
         raise ValueError("nothing to train: every parameter is frozen; lower --freeze")
+    if opts.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=opts.lr, momentum=0.9, weight_decay=opts.weight_decay)
+    if opts.optimizer != "adam":
+        raise ValueError(f"unknown optimizer {opts.optimizer!r}; use adam or sgd")
     return torch.optim.Adam(groups, weight_decay=opts.weight_decay)
 
 
@@ -318,7 +323,8 @@ def initialise_klw(model: RetrievalNet, images: list[np.ndarray], labels: np.nda
 def initialise_whitening(model: RetrievalNet, images: list[np.ndarray], labels: np.ndarray,
                          dim: int, kind: str = "learned", n_pairs: int = 1000,
                          rng: np.random.Generator | None = None,
-                         caches: dict[float, FrozenTrunkCache] | None = None) -> None:
+                         caches: dict[float, FrozenTrunkCache] | None = None,
+                         shrinkage: float = 0.0) -> None:
     """Learn a whitening on the model's pooled descriptors of the training images and put it
     into the model (`whiten.set_model_whitening`). Every test-time scale of the model gives one
     sample per image (as `remap eval` learns it). kind: "pca" or "learned" (Radenović's Lw,
@@ -333,7 +339,7 @@ def initialise_whitening(model: RetrievalNet, images: list[np.ndarray], labels: 
     match = None
     if kind == "learned":
         match, _ = sample_pairs(labels, n_pairs, rng or np.random.default_rng(0))
-    mean, projection = fit_whitening(x, kind, dim, match)
+    mean, projection = fit_whitening(x, kind, dim, match, shrinkage=shrinkage)
     set_model_whitening(model, mean, projection)
 
 

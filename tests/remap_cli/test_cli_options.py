@@ -229,10 +229,12 @@ def record_search(rec: Recorder) -> None:
                         lambda vectors, *a, **k: [[] for _ in np.atleast_2d(vectors)])
 
         def search_images(self, images, k: int = 10, model_uri: str | None = "manifest",
-                          errors: str = "raise", **prep):
+                          errors: str = "raise", qe: int | None = None, qe_alpha: float = 3.0,
+                          **prep):
             raise AssertionError("replaced by a recorder")
 
-        def search_vectors(self, vectors, k: int = 10):
+        def search_vectors(self, vectors, k: int = 10, qe: int | None = None,
+                           qe_alpha: float = 3.0):
             raise AssertionError("replaced by a recorder")
 
     assert list(inspect.signature(RecordedIndex.search_images).parameters) == \

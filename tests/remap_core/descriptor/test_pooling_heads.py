@@ -61,6 +61,31 @@ def test_remap_head_matches_numpy_weighted_region_sum_over_two_layers():
     assert head.out_dim == 10
 
 
+def test_remap_layer_norm_normalises_each_layer_then_scales_it_by_its_learned_weight():
+    torch.manual_seed(1)
+    feats = [torch.rand(2, 6, 10, 14), torch.rand(2, 4, 5, 7)]
+    head = REMAPHead([6, 4], levels=3, layer_norm=True)
+    weights = np.random.RandomState(1).uniform(0.1, 3.0, (2, head.n_regions))
+    head.set_region_weights(weights)
+    with torch.no_grad():
+        head.layer_raw.copy_(REMAPHead._inverse_softplus(torch.tensor([0.5, 2.0])))
+    got = head(feats).detach().numpy()
+    for b in range(2):
+        parts = []
+        for layer, (f, lw) in enumerate(zip(feats, (0.5, 2.0))):
+            f = f[b].numpy()
+            idx = canonical_region_index(f.shape[1], f.shape[2], 3, True)
+            v = (_l2(_regions_np(f, 3)) * weights[layer, list(idx)][:, None]).sum(0)
+            parts.append(_l2(v) * lw)
+        np.testing.assert_allclose(got[b], np.concatenate(parts), rtol=1e-4)
+    # the layer weights are trained: they get gradients
+    head(feats).sum().backward()
+    assert head.layer_raw.grad is not None and torch.all(head.layer_raw.grad != 0)
+    # without layer_norm there is no such parameter and the weights read as 1
+    assert not hasattr(REMAPHead([6, 4]), "layer_raw")
+    assert REMAPHead([6, 4]).layer_weights.tolist() == [1.0, 1.0]
+
+
 def test_remap_with_uniform_weights_and_one_layer_is_rmac():
     x = torch.rand(2, 8, 9, 12)
     remap = REMAPHead([8], levels=3)

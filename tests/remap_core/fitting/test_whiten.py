@@ -90,3 +90,22 @@ def test_learned_whitening_with_fewer_descriptors_than_dimensions_works_in_their
     np.testing.assert_allclose(p @ span.T @ span, p, atol=1e-8)
     with pytest.raises(ValueError, match="rank"):
         learned_whitening(x, pairs, dim=40)
+
+
+def test_pca_whitening_shrinkage_scales_each_direction_by_the_shrunk_eigenvalue():
+    from remap_core.fitting.whiten import pca_whitening
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(500, 6)) * np.array([10.0, 5.0, 2.0, 1.0, 0.5, 0.1])
+    _, full = pca_whitening(x, 4)
+    _, shrunk = pca_whitening(x, 4, shrinkage=0.5)
+    eig = np.linalg.svd(x - x.mean(0), compute_uv=False)[:4] ** 2 / (len(x) - 1)
+    # same directions; row norms 1/sqrt(eig) (full) and 1/sqrt(eig + 0.5 * mean(eig)) (shrunk)
+    np.testing.assert_allclose(np.linalg.norm(full, axis=1), 1 / np.sqrt(eig), rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(shrunk, axis=1),
+                               1 / np.sqrt(eig + 0.5 * eig.mean()), rtol=1e-6)
+    np.testing.assert_allclose(np.abs(np.sum(full / np.linalg.norm(full, axis=1, keepdims=True) *
+                                             shrunk / np.linalg.norm(shrunk, axis=1, keepdims=True),
+                                             axis=1)), 1.0, rtol=1e-9)
+    with pytest.raises(ValueError, match="shrinkage"):
+        pca_whitening(x, 4, shrinkage=-1)

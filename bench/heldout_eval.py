@@ -1,0 +1,321 @@
+"""Benchmark: instance retrieval on photos and a view generator that training never uses.
+
+`remap eval` scores view families drawn by `remap_core/data/views.py`, the same generator
+`remap train` learns from. This script draws its own families with a *second* generator, written
+here and used nowhere else, with harder and different nuisances (clutter and occlusion made of
+real photos instead of synthetic shapes, stronger crops and warps, colour and noise changes, and
+chains of them), on any folder of photos. It is how a model is checked for what it learned: the
+invariances, or one view generator.
+
+    python bench/heldout_eval.py --photos 'photos/**/*.jpg' --backgrounds 'bg/*.webp' \
+        --model gem --model path/to/model.pt --model path/to/model.pt@512 --rerank qe --rerank dba
+
+--model: "gem" (the Lite0 GeM baseline, 512 px), "remap" (the shipped default model), or a
+checkpoint path; "@N" sets the network input's long side. Every view is a query; the rest of its
+family (the original and its other views) are the positives; the query itself is junk; every
+other image, and the background photos themselves, are distractors. revisitop mAP per nuisance;
+intervals: 95 % paired bootstrap over photos against the first model. Prints a table and one
+JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+NUISANCES = ("illumination", "scale", "perspective", "occlusion", "clutter", "combined")
+
+
+# --------------------------------------------------------------------------- the second generator
+
+def _rgb(img):
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _bg_crop(backgrounds, size, rng):
+    """A random crop of a random background photo, resized to `size`."""
+    bg = backgrounds[rng.randint(len(backgrounds))]
+    w, h = bg.size
+    f = rng.uniform(0.4, 1.0)
+    cw, ch = max(8, int(w * f)), max(8, int(h * f))
+    x0, y0 = rng.randint(0, w - cw + 1), rng.randint(0, h - ch + 1)
+    return bg.crop((x0, y0, x0 + cw, y0 + ch)).resize(size, Image.Resampling.BILINEAR)
+
+
+def illumination(img, rng, backgrounds):
+    img = _rgb(img)
+    x = np.asarray(img, np.float64) / 255.0
+    x = x ** np.exp(rng.uniform(np.log(0.4), np.log(2.5)))
+    x = x * rng.uniform(0.5, 1.5) * rng.uniform(0.7, 1.3, 3)
+    x = x + rng.normal(0, rng.uniform(0, 0.03), x.shape)
+    out = Image.fromarray(np.clip(x * 255 + 0.5, 0, 255).astype(np.uint8), "RGB")
+    out = ImageEnhance.Color(out).enhance(rng.uniform(0.2, 1.7))
+    if rng.rand() < 0.5:
+        out = out.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 2.0)))
+    buf = io.BytesIO()
+    out.save(buf, "JPEG", quality=int(rng.randint(25, 90)))
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def scale(img, rng, backgrounds):
+    img = _rgb(img)
+    w, h = img.size
+    f = rng.uniform(0.25, 0.6)
+    cw, ch = max(16, int(w * f * rng.uniform(0.85, 1.15))), max(16, int(h * f * rng.uniform(0.85, 1.15)))
+    cw, ch = min(cw, w), min(ch, h)
+    x0, y0 = rng.randint(0, w - cw + 1), rng.randint(0, h - ch + 1)
+    s = rng.uniform(0.5, 1.0) * max(w, h) / max(cw, ch)
+    return img.crop((x0, y0, x0 + cw, y0 + ch)).resize((max(16, int(cw * s)), max(16, int(ch * s))),
+                                                       Image.Resampling.LANCZOS)
+
+
+def perspective(img, rng, backgrounds):
+    from remap_core.data.views import homography_coefficients
+
+    img = _rgb(img)
+    w, h = img.size
+    corners = np.array([[0, 0], [w, 0], [w, h], [0, h]], np.float64)
+    moved = corners + rng.uniform(-0.25, 0.25, (4, 2)) * [w, h]
+    t = np.deg2rad(rng.uniform(-25, 25))
+    rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    c = np.array([w / 2, h / 2])
+    moved = (moved - c) @ rot.T + c
+    lo, hi = moved.min(0), moved.max(0)
+    moved = (moved - (lo + hi) / 2) * min(1.0, w / (hi[0] - lo[0]), h / (hi[1] - lo[1])) + c
+    warped = img.convert("RGBA").transform((w, h), Image.Transform.PERSPECTIVE,
+                                           homography_coefficients(corners, moved),
+                                           Image.Resampling.BILINEAR)
+    out = _bg_crop(backgrounds, (w, h), rng)
+    out.paste(warped, (0, 0), warped)
+    return out
+
+
+def occlusion(img, rng, backgrounds):
+    img = _rgb(img).copy()
+    w, h = img.size
+    n = rng.randint(1, 5)
+    total = rng.uniform(0.25, 0.5) * w * h
+    for _ in range(n):
+        a = np.exp(rng.uniform(np.log(0.4), np.log(2.5)))
+        ow = int(min(w, max(8, np.sqrt(total / n * a))))
+        oh = int(min(h, max(8, total / n / ow)))
+        img.paste(_bg_crop(backgrounds, (ow, oh), rng),
+                  (rng.randint(0, w - ow + 1), rng.randint(0, h - oh + 1)))
+    return img
+
+
+def clutter(img, rng, backgrounds):
+    img = _rgb(img)
+    w, h = img.size
+    out = _bg_crop(backgrounds, (w, h), rng)
+    s = rng.uniform(0.25, 0.5)
+    sw, sh = max(8, int(w * s)), max(8, int(h * s))
+    out.paste(img.resize((sw, sh), Image.Resampling.LANCZOS),
+              (rng.randint(0, w - sw + 1), rng.randint(0, h - sh + 1)))
+    return out
+
+
+SINGLE = {"illumination": illumination, "scale": scale, "perspective": perspective,
+          "occlusion": occlusion, "clutter": clutter}
+
+
+def combined(img, rng, backgrounds):
+    names = list(SINGLE)
+    for i in rng.permutation(len(names))[:rng.randint(2, 4)]:
+        img = SINGLE[names[i]](img, rng, backgrounds)
+    return img
+
+
+GENERATORS = dict(SINGLE, combined=combined)
+
+
+# --------------------------------------------------------------------------- the collection
+
+def _fit(img, side):
+    img = _rgb(img)
+    s = side / max(img.size)
+    return img.resize((max(16, round(img.width * s)), max(16, round(img.height * s))),
+                      Image.Resampling.LANCZOS) if s < 1 else img
+
+
+def read_photos(patterns, min_side, side):
+    photos = {}
+    for pat in patterns:
+        for f in sorted(glob.glob(pat, recursive=True)):
+            try:
+                im = Image.open(f)
+                if im.mode in ("RGBA", "LA", "P"):
+                    im = im.convert("RGBA")
+                    flat = Image.new("RGB", im.size, (255, 255, 255))
+                    flat.paste(im, (0, 0), im)
+                    im = flat
+                if min(im.size) < min_side:
+                    continue
+                photos[f] = _fit(im, side)
+            except OSError as e:
+                print(f"skipping {f}: {e}", file=sys.stderr)
+    return photos
+
+
+def build_collection(photos, backgrounds, views, seed):
+    """-> images, family id per image (-1: distractor), nuisance per image (None: original)."""
+    images, family, kind = [], [], []
+    for fi, (name, img) in enumerate(sorted(photos.items())):
+        images.append(img), family.append(fi), kind.append(None)
+        for ni, nuisance in enumerate(NUISANCES):
+            for k in range(views):
+                rng = np.random.RandomState((seed * 1_000_003 + fi * 101 + ni * 7 + k) % 2**31)
+                images.append(GENERATORS[nuisance](img, rng, backgrounds))
+                family.append(fi), kind.append(nuisance)
+    for bg in backgrounds:
+        images.append(bg), family.append(-1), kind.append(None)
+    return images, np.asarray(family), kind
+
+
+def ground_truth(family, kind):
+    queries = [i for i, k in enumerate(kind) if k is not None]
+    gnd = [{"ok": np.flatnonzero((family == family[q]) & (np.arange(len(family)) != q)),
+            "junk": [q]} for q in queries]
+    return queries, gnd
+
+
+# --------------------------------------------------------------------------- models and scoring
+
+def load(spec):
+    from remap_core.descriptor.checkpoint import load_model
+
+    path, _, side = spec.partition("@")
+    if path == "gem":
+        model = load_model(None, device="cpu")
+    elif path == "remap":
+        from remap_core.descriptor.checkpoint import DEFAULT_MODEL
+        model = load_model(DEFAULT_MODEL, device="cpu")
+    else:
+        model = load_model(path, device="cpu")
+    if side:
+        model.config["max_side"] = int(side)
+    return model
+
+
+def embed(model, images, batch_size=16):
+    from remap_core.data.preprocess import resize_for_model
+
+    arrays = [resize_for_model(im, model.config["max_side"], model.config["multiple"])
+              for im in images]
+    return model.embed_arrays(arrays, batch_size)
+
+
+def search_scores(qv, db, rerank, family_db):
+    from index_builder.rerank import alpha_query_expansion, database_augmentation
+
+    if "dba" in rerank:
+        db = database_augmentation(db, k=2, alpha=3.0)
+    sims = qv @ db.T
+    if "qe" in rerank:
+        top = np.argsort(-sims, axis=1)[:, :2]
+        qv = alpha_query_expansion(qv, db[top], np.take_along_axis(sims, top, 1), k=2, alpha=3.0)
+        sims = qv @ db.T
+    return sims
+
+
+def score(desc, family, kind, rerank=()):
+    from remap_core.evaluation.metrics import compute_map
+
+    queries, gnd = ground_truth(family, kind)
+    sims = search_scores(desc[queries], desc, rerank, family)
+    ranks = np.argsort(-sims, axis=1, kind="stable")
+    _, aps, _, _ = compute_map(ranks, gnd)
+    return aps
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--photos", action="append", required=True, help="glob of family photos")
+    ap.add_argument("--backgrounds", action="append", required=True,
+                    help="glob of background photos (clutter, occluders, warp fill, distractors)")
+    ap.add_argument("--min-side", type=int, default=256)
+    ap.add_argument("--side", type=int, default=768, help="long side of the stored photos")
+    ap.add_argument("--views", type=int, default=2, help="views per nuisance and photo")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", action="append", required=True)
+    ap.add_argument("--rerank", action="append", default=[], choices=["qe", "dba", "qe+dba"])
+    ap.add_argument("--output")
+    ap.add_argument("--cache", help="folder for descriptors, keyed by model and collection")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from remap_core.evaluation.metrics import paired_bootstrap
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    t0 = time.time()
+    photos = read_photos(args.photos, args.min_side, args.side)
+    backgrounds = list(read_photos(args.backgrounds, 64, args.side).values())
+    images, family, kind = build_collection(photos, backgrounds, args.views, args.seed)
+    queries, _ = ground_truth(family, kind)
+    qkind = np.asarray([kind[q] for q in queries])
+    groups = family[queries]
+    print(f"{len(photos)} photos, {len(backgrounds)} backgrounds, {len(images)} images, "
+          f"{len(queries)} queries ({time.time() - t0:.0f} s)", file=sys.stderr)
+
+    rows = {}
+    for spec in args.model:
+        t = time.time()
+        model = load(spec)
+        key = f"{model.fingerprint}.{model.config['max_side']}.{args.seed}.{args.views}.{len(images)}"
+        cached = os.path.join(args.cache, key + ".npy") if args.cache else None
+        if cached and os.path.exists(cached):
+            desc = np.load(cached)
+        else:
+            desc = embed(model, images)
+            if cached:
+                os.makedirs(args.cache, exist_ok=True)
+                np.save(cached, desc)
+        variants = [()] + [tuple(r.split("+")) for r in args.rerank]
+        for v in variants:
+            name = spec + ("" if not v else " +" + "+".join(v))
+            rows[name] = {"aps": score(desc, family, kind, v), "fingerprint": model.fingerprint,
+                          "seconds": round(time.time() - t, 1)}
+        print(f"{spec}: {time.time() - t:.0f} s", file=sys.stderr)
+
+    ref = next(iter(rows))
+    header = f"{'model':44s}" + "".join(f"{n[:8]:>9s}" for n in ("overall",) + NUISANCES) + \
+        "   overall - ref [95% CI]"
+    print(header)
+    report = {}
+    for name, r in rows.items():
+        aps = r["aps"]
+        per = {n: float(np.nanmean(aps[qkind == n]) * 100) for n in NUISANCES}
+        overall = float(np.nanmean(aps) * 100)
+        d, lo, hi = paired_bootstrap(aps, rows[ref]["aps"], groups)
+        per_ci = {n: [round(x * 100, 1) for x in paired_bootstrap(
+            aps[qkind == n], rows[ref]["aps"][qkind == n], groups[qkind == n])] for n in NUISANCES}
+        report[name] = {"overall": round(overall, 1), **{n: round(v, 1) for n, v in per.items()},
+                        "vs_ref": [round(d * 100, 1), round(lo * 100, 1), round(hi * 100, 1)],
+                        "vs_ref_per_nuisance": per_ci, "fingerprint": r["fingerprint"]}
+        print(f"{name[-44:]:44s}{overall:9.1f}" + "".join(f"{per[n]:9.1f}" for n in NUISANCES) +
+              f"   {d * 100:+.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}]")
+    line = {"bench": "heldout_eval", "photos": len(photos), "backgrounds": len(backgrounds),
+            "images": len(images), "queries": len(queries), "views": args.views,
+            "seed": args.seed, "reference": ref, "results": report,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+            "load_avg_1m": round(os.getloadavg()[0], 2), "seconds": round(time.time() - t0, 1)}
+    print(json.dumps(line))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(line, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

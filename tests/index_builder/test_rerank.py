@@ -1,0 +1,85 @@
+"""alpha query expansion and database-side augmentation: the numpy functions against a loop
+written from the definitions, and query expansion through a built index."""
+
+import numpy as np
+import pytest
+
+from index_builder.rerank import (alpha_query_expansion, database_augmentation,
+                                  weighted_expansion)
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _reference_expand(q, vecs, sims, alpha):
+    acc = q.astype(np.float64).copy()
+    for v, s in zip(vecs, sims):
+        if np.isfinite(s) and s > 0:
+            acc += (s ** alpha) * v
+    return acc / np.linalg.norm(acc)
+
+
+def test_weighted_expansion_matches_the_definition_and_ignores_negative_and_missing():
+    rng = np.random.default_rng(0)
+    q = _unit(rng.normal(size=(3, 8)))
+    nb = _unit(rng.normal(size=(3, 4, 8)))
+    sims = np.array([[0.9, 0.5, -0.2, 0.1], [np.nan, 0.7, 0.3, 0.0], [0.2, 0.2, 0.2, 0.2]])
+    got = weighted_expansion(q, nb, sims, alpha=3.0)
+    for i in range(3):
+        np.testing.assert_allclose(got[i], _reference_expand(q[i], nb[i], sims[i], 3.0),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_alpha_query_expansion_uses_only_the_top_k_and_k0_is_the_query():
+    rng = np.random.default_rng(1)
+    q = _unit(rng.normal(size=(2, 6)))
+    nb = _unit(rng.normal(size=(2, 5, 6)))
+    s = np.sort(rng.uniform(0.1, 0.9, (2, 5)))[:, ::-1]
+    got = alpha_query_expansion(q, nb, s, k=2, alpha=1.0)
+    for i in range(2):
+        np.testing.assert_allclose(got[i], _reference_expand(q[i], nb[i, :2], s[i, :2], 1.0),
+                                   rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(alpha_query_expansion(q, nb, s, k=0), q, rtol=1e-6)
+
+
+def test_database_augmentation_averages_each_vector_with_its_nearest_others():
+    rng = np.random.default_rng(2)
+    x = _unit(rng.normal(size=(40, 16)))
+    got = database_augmentation(x, k=3, alpha=2.0, batch=7)   # several blocks
+    sims = x @ x.T
+    for i in range(40):
+        s = sims[i].copy()
+        s[i] = -np.inf
+        nn = np.argsort(-s)[:3]
+        np.testing.assert_allclose(got[i], _reference_expand(x[i], x[nn], s[nn], 2.0),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_query_expansion_through_an_index_matches_the_numpy_definition(tmp_path):
+    faiss = pytest.importorskip("faiss")
+    from index_builder.search import RemapIndex
+    from index_builder.id_map import IdMap
+    import pyarrow as pa
+
+    rng = np.random.default_rng(3)
+    x = _unit(rng.normal(size=(200, 32))).astype(np.float32)
+    ids = rng.integers(-2**62, 2**62, 200)
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(32))
+    index.add_with_ids(x, ids)
+    table = pa.table({"id": pa.array(ids, pa.int64()),
+                      "uri": pa.array([f"img{i}.jpg" for i in range(200)])})
+    idx = RemapIndex("mem://", {"model": "m", "dimension": 32}, index, IdMap.from_tables([table]))
+    q = _unit(x[:5] + 0.3 * rng.normal(size=(5, 32))).astype(np.float32)
+    hits = idx.search_vectors(q, k=10, qe=3, qe_alpha=3.0)
+    sims = q @ x.T
+    for i in range(5):
+        top = np.argsort(-sims[i])[:3]
+        expanded = _reference_expand(q[i], x[top], sims[i, top], 3.0)
+        want = np.argsort(-(x @ expanded))[:10]
+        assert [h.uri for h in hits[i]] == [f"img{j}.jpg" for j in want]
+        np.testing.assert_allclose([h.score for h in hits[i]], (x @ expanded)[want], rtol=1e-4)
+    plain = idx.search_vectors(q, k=10)          # the manifest has no default: no expansion
+    assert [h.uri for h in plain[0]][0] == "img0.jpg"
+    with pytest.raises(ValueError, match="qe must be >= 0"):
+        idx.search_vectors(q, k=10, qe=-1)
