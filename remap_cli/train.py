@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="clutter views of every class share N generated backgrounds (default "
                      "16), so the background never identifies a class; 0: a new background per "
                      "view")
+    src.add_argument("--photo-backgrounds", type=int, default=_D.photo_backgrounds, metavar="N",
+                     help="also paste clutter views onto N crops of the training photos (real "
+                     "scenes behind the pasted photo; default 0)")
     src.add_argument("--view-seed", type=int, default=None,
                      help="seed of the generated views (default: derived from --seed, and "
                      "different from every benchmark seed)")
@@ -43,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m = parser.add_argument_group("model")
     m.add_argument("--init-model", help="start from this checkpoint instead of the ImageNet "
                    "backbone with a fresh head (its KLW/whitening are kept unless re-initialised)")
+    m.add_argument("--head", choices=("remap", "gem", "rmac"), default=_D.head,
+                   help="remap (default), or a baseline head trained the same way (gem with a "
+                   "learned p, rmac) for comparisons at equal budget; baselines usually take "
+                   "--taps head")
     m.add_argument("--backbone", default=_D.backbone)
     m.add_argument("--taps", default=DEFAULT_TAPS, help=f"backbone layers REMAP aggregates "
                    f"(default {DEFAULT_TAPS})")

@@ -255,6 +255,25 @@ def clutter_pool(n: int, seed: int, size: tuple[int, int] = (512, 384)) -> list[
     return [clutter_background(size, int(s)) for s in seeds]
 
 
+def photo_backgrounds(photos: dict[str, Image.Image], n: int, seed: int,
+                      size: tuple[int, int] = (512, 384)) -> list[Image.Image]:
+    """`n` real-photo clutter backgrounds: random crops (30-100 % of each side) of random photos
+    of the training set, resized to `size`. Real scenes behind a pasted photo are what clutter
+    looks like in a collection; generated shapes alone teach the model to ignore shapes."""
+    if n <= 0 or not photos:
+        return []
+    rng = np.random.RandomState(np.random.SeedSequence([seed, 0xB6]).generate_state(1)[0])
+    names = sorted(photos)
+    out = []
+    for _ in range(n):
+        img = photos[names[rng.randint(len(names))]].convert("RGB")
+        w, h = img.size
+        cw, ch = max(8, int(w * rng.uniform(0.3, 1.0))), max(8, int(h * rng.uniform(0.3, 1.0)))
+        x0, y0 = rng.randint(0, w - cw + 1), rng.randint(0, h - ch + 1)
+        out.append(img.crop((x0, y0, x0 + cw, y0 + ch)).resize(size, Image.Resampling.BICUBIC))
+    return out
+
+
 def compound_view(photo: Image.Image, seed: int, max_nuisances: int = 2,
                   backgrounds: Sequence[Image.Image] | None = None) -> Image.Image:
     """A training view: 1..max_nuisances distinct nuisances of `views.py` chained in a random

@@ -31,6 +31,7 @@ import numpy as np
 from remap_core.training.train import TrainOptions
 
 DEFAULT_TAPS = "stage5,head"   # as `remap eval`
+TRAINABLE_HEADS = ("remap", "gem", "rmac")
 _T = TrainOptions()
 
 
@@ -48,10 +49,12 @@ class TrainRun:
     tiles: int = 2                        # cut every photo into tiles x tiles classes
     no_extra_photos: bool = False         # --benchmark-views without training-only wallpapers
     clutter_backgrounds: int = 16         # shared clutter backgrounds; 0: one per view
+    photo_backgrounds: int = 0            # also paste clutter views onto crops of the photos
     view_seed: int | None = None          # None: training_view_seed(seed)
     resume: bool = False                  # continue from out/last.pt
     # model
     init_model: str | None = None         # start from this checkpoint
+    head: str = "remap"                   # remap, or a baseline trained the same way: gem, rmac
     backbone: str = "efficientnet_lite0"
     taps: str = DEFAULT_TAPS              # comma-separated
     levels: int = 3
@@ -129,8 +132,9 @@ def _photo_files(spec: str) -> list[str]:
 
 def load_training_set(options: TrainRun, max_side: int, multiple: int = 32):
     """The TrainingSet the arguments ask for, with a one-line description of it."""
-    from remap_core.data.training_sets import (clutter_pool, compound_view, load_labelled, photo_tiles,
-                             read_image, read_labelled_layout, view_families)
+    from remap_core.data.training_sets import (clutter_pool, compound_view, load_labelled,
+                                               photo_backgrounds, photo_tiles, read_image,
+                                               read_labelled_layout, view_families)
 
     chosen = [bool(options.data), bool(options.photos), bool(options.benchmark_views)]
     if sum(chosen) != 1:
@@ -162,10 +166,13 @@ def load_training_set(options: TrainRun, max_side: int, multiple: int = 32):
                          f"needs {options.negatives} negatives from other classes; add photos or "
                          f"lower --negatives")
     make_view = compound_view
-    if options.clutter_backgrounds > 0:
-        pool = clutter_pool(options.clutter_backgrounds, view_seed)
+    if options.clutter_backgrounds > 0 or options.photo_backgrounds > 0:
+        pool = (clutter_pool(options.clutter_backgrounds, view_seed)
+                if options.clutter_backgrounds > 0 else [])
+        pool += photo_backgrounds(photos, options.photo_backgrounds, view_seed)
         make_view = functools.partial(compound_view, backgrounds=pool)
-        source += f", clutter on {options.clutter_backgrounds} shared backgrounds"
+        source += (f", clutter on {options.clutter_backgrounds} shared generated and "
+                   f"{options.photo_backgrounds} photo backgrounds")
     ts = view_families(photos, options.views_per_photo, view_seed, make_view, max_side, multiple,
                        progress=progress)
     return ts, f"{source}, {options.views_per_photo} views each, view seed {view_seed}"
@@ -175,7 +182,7 @@ def load_training_set(options: TrainRun, max_side: int, multiple: int = 32):
 
 RUN_KEYS = ("data", "photos", "benchmark_views", "views_per_photo", "view_seed", "max_side",
             "val_seed", "views_per_nuisance", "side", "no_debian", "max_photos", "tiles",
-            "no_extra_photos", "clutter_backgrounds")
+            "no_extra_photos", "clutter_backgrounds", "photo_backgrounds")
 
 
 def _run_record(options: TrainRun, max_side: int) -> dict:
@@ -205,16 +212,29 @@ def new_model(options: TrainRun, device):
 
     if options.init_model:
         model = load_model(options.init_model, device=str(device))
-        if model.config["head"] != "remap":
+        if model.config["head"] not in TRAINABLE_HEADS:
             raise ValueError(f"--init-model {options.init_model} has a {model.config['head']!r} "
-                             f"head; remap train trains REMAP heads")
+                             f"head; remap train trains {', '.join(TRAINABLE_HEADS)} heads")
         return model
-    cfg = {"backbone": options.backbone, "taps": [t.strip() for t in options.taps.split(",")],
-           "head": "remap", "head_args": {"levels": options.levels, "include_global": True,
-                                          **({"layer_norm": True} if options.layer_norm else {})},
-           "max_side": options.max_side, "whiten_dim": None}
-    if options.scales:
-        cfg["scales"] = [float(s) for s in options.scales.split(",")]
+    if options.head not in TRAINABLE_HEADS:
+        raise ValueError(f"--head {options.head!r}: remap train trains "
+                         f"{', '.join(TRAINABLE_HEADS)} heads")
+    taps = [t.strip() for t in options.taps.split(",")]
+    if options.head == "remap":
+        head_args = {"levels": options.levels, "include_global": True,
+                     **({"layer_norm": True} if options.layer_norm else {})}
+    elif options.head == "gem":
+        head_args = {"p": 3.0, "learn_p": True}          # p trained, as Radenovic et al.
+    else:
+        head_args = {"levels": options.levels}
+    cfg = {"backbone": options.backbone, "taps": taps, "head": options.head,
+           "head_args": head_args, "max_side": options.max_side, "whiten_dim": None}
+    # every head gets the same test-time scales (REMAP's multi-scale default), so trained
+    # baselines and REMAP compare at equal inference as well as equal training
+    from remap_core.descriptor.model import REMAP_SCALES
+
+    cfg["scales"] = ([float(s) for s in options.scales.split(",")] if options.scales
+                     else list(REMAP_SCALES))
     return build_model(cfg).to(device).eval()
 
 
@@ -317,7 +337,7 @@ def initialise_model(model, ts, options: TrainRun, caches: dict) -> None:
     from remap_core.training.train import initialise_klw, initialise_whitening
 
     rng = np.random.default_rng([options.seed, 2024])
-    if not options.no_klw_init:
+    if not options.no_klw_init and model.config["head"] == "remap":
         w = initialise_klw(model, ts.images, ts.labels, options.klw_pairs, rng,
                            cache=caches.get(1.0))
         print(f"KLW initialised from {options.klw_pairs} matching / non-matching pairs: weights "
