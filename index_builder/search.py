@@ -238,20 +238,21 @@ class RemapIndex:
         return vectors
 
     def search_images(self, images, k: int = 10, model_uri: str | None = "manifest",
-                      errors: str = "raise", **prep) -> list:
+                      errors: str = "raise", filters: dict | None = None, dedupe: bool = False,
+                      **prep) -> list:
         """Query images -> for each, up to k hits, best first.
 
         A query image that cannot be read or decoded raises QueryImageError (naming it) by
         default; with errors="return" the other queries are still answered and that query's
         entry is its QueryImageError instead of a hit list. A problem with the whole search
-        (the index, the query model) always raises."""
+        (the index, the query model) always raises. `filters`, `dedupe`: as search_vectors."""
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         images = list(images)
         vectors, failed = self._embed_each(images, model_uri, **prep)
         if failed and errors == "raise":
             raise next(iter(failed.values()))
-        hits = iter(self.search_vectors(vectors, k) if len(vectors) else [])
+        hits = iter(self.search_vectors(vectors, k, filters, dedupe) if len(vectors) else [])
         return [failed[i] if i in failed else next(hits) for i in range(len(images))]
 
     def _embed_each(self, images, model_uri, denoise: bool = False, autocontrast: bool = False
@@ -260,9 +261,8 @@ class RemapIndex:
         {position: QueryImageError} of those that could not)."""
         from remap_core.data.preprocess import decode_image, enhance_query, resize_for_model
 
-        model = self.model(model_uri)
-        arrays, failed = [], {}
-        for i, im in enumerate(images):
+        decoded, failed = [], {}
+        for i, im in enumerate(images):   # every image decoded before the model is loaded
             name = f"<bytes #{i}>" if isinstance(im, (bytes, bytearray)) else str(im)
             try:
                 data = im if isinstance(im, (bytes, bytearray)) else _read_bytes(im)
@@ -273,9 +273,12 @@ class RemapIndex:
             except ValueError as e:  # ImageDecodeError: "<reason>: <message>"
                 failed[i] = QueryImageError(name, f"not a readable image ({e})")
                 continue
-            arrays.append(resize_for_model(img, model.config["max_side"], model.config["multiple"]))
-        if not arrays:
+            decoded.append(img)
+        if not decoded:
             return np.zeros((0, self.dimension), np.float32), failed
+        model = self.model(model_uri)
+        arrays = [resize_for_model(img, model.config["max_side"], model.config["multiple"])
+                  for img in decoded]
         return model.embed_arrays(arrays), failed
 
 
