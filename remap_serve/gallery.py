@@ -55,7 +55,7 @@ def _hit_html(hit, thumb_src: Callable, link: Callable | None) -> str:
     meta = "".join(f"<div class='meta'>{e(str(k))}: {e(str(v))}</div>"
                    for k, v in (hit.metadata or {}).items() if v not in (None, ""))
     src = thumb_src(hit)
-    img = f"<img src='{e(src)}' alt='{e(hit.uri or '')}' loading='lazy'>" if src else \
+    img = f"<img src='{e(src)}' alt='{e(hit.uri or '')}'>" if src else \
         "<div class='meta'>(no thumbnail)</div>"
     if link:
         img = f"<a href='{e(link(hit))}'>{img}</a>"
