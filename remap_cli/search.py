@@ -99,31 +99,13 @@ def main(args) -> int:
             for h in hits:
                 print(f"  {h.rank:>3}  {h.score:8.4f}  {h.uri}")
     if args.html:
-        write_html(args.html, names, results, bool(args.images), idx)
+        from remap_serve.gallery import write_results_page
+
+        write_results_page(args.html, names, results, idx, query_images=bool(args.images))
+        print(f"remap search: wrote {args.html}", file=sys.stderr)
     if failed:
         if len(names) > 1:
             print(f"remap search: {failed} of {len(names)} queries failed", file=sys.stderr)
         return 2 if failed == len(names) else 1
     return 0
 
-
-def write_html(path: str, names: list[str], results: list, images: bool, idx) -> None:
-    """The results as the gallery page `remap serve` shows, thumbnails embedded as data: URIs."""
-    from remap_serve import gallery
-    from remap_store.files import write_bytes_atomic
-
-    sections = []
-    for name, hits in zip(names, results):
-        section = {"query": name}
-        if images:
-            section["query_src"] = gallery.file_thumbnail(name)
-        if isinstance(hits, Exception):
-            section["error"] = str(hits)
-        else:
-            section["hits"] = hits
-        sections.append(section)
-    page = gallery.render_page(sections, lambda hit: gallery.file_thumbnail(hit.uri),
-                               info=f"index {idx.folder} · {len(idx)} images · model "
-                                    f"{idx.fingerprint}")
-    write_bytes_atomic(path, page.encode("utf-8"))
-    print(f"remap search: wrote {path}", file=sys.stderr)

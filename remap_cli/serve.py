@@ -46,7 +46,7 @@ def main(args) -> int:
                              f"{getattr(args, name)}")
     if args.max_k < 1 or args.image_threads < 1 or args.faiss_threads < 1:
         raise ValueError("--max-k, --image-threads and --faiss-threads must be at least 1")
-    settings = Settings(max_body_bytes=int(args.max_upload_mb * 2**20),
+    settings = Settings(max_upload_mb=args.max_upload_mb,
                         decode_timeout=args.decode_timeout, max_k=args.max_k,
                         image_threads=args.image_threads)
     server = build_server(args.index, args.host, args.port, args.reload_interval,

@@ -44,12 +44,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Settings:
-    max_body_bytes: int = 20 << 20        # request bodies (uploads, JSON) above this: 413
+    max_upload_mb: float = 20.0           # request bodies (uploads, JSON) above this: 413
     decode_timeout: float = 10.0          # seconds to decode + embed one query image: 408
     max_k: int = 1000
     max_queries: int = 256                # vectors in one request
     image_threads: int = 2                # query images decoded + embedded at once
     thumb_source_bytes: int = gallery.MAX_SOURCE_BYTES
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
 
 
 class ApiError(Exception):

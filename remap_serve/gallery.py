@@ -116,3 +116,23 @@ def file_thumbnail(uri: str) -> str:
         return data_uri(thumbnail_jpeg(data))
     except (OSError, ValueError):
         return ""
+
+
+def write_results_page(path: str, queries: list[str], results: list, index,
+                       query_images: bool = True) -> None:
+    """The results of `remap search` as the page `remap serve` shows, standing alone (thumbnails
+    embedded as data: URIs). `results[i]`: the hits of `queries[i]`, or its error."""
+    from remap_store.files import write_bytes_atomic
+
+    sections = []
+    for name, hits in zip(queries, results):
+        section = {"query": name, "query_src": file_thumbnail(name) if query_images else None}
+        if isinstance(hits, Exception):
+            section["error"] = str(hits)
+        else:
+            section["hits"] = hits
+        sections.append(section)
+    page = render_page(sections, lambda hit: file_thumbnail(hit.uri),
+                       info=f"index {index.folder} · {len(index)} images · model "
+                            f"{index.fingerprint}")
+    write_bytes_atomic(path, page.encode("utf-8"))
