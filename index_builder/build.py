@@ -13,6 +13,7 @@ Files of an index folder:
     shards/<name>.faiss               one index shard per embedding shard (immutable: a removal
     shards/<name>.ids.parquet         writes a new generation), with its id -> uri table
     index.faiss [+ index.ivfdata]     the merged index (layouts single / ondisk)
+    id_map.ids.npy, id_map.arrow      the id-sorted id -> URI/metadata map readers memory-map
     recall_queries.npz                the held-out queries and exact neighbours of the recall
     manifest.json                     written last (DESIGN.md section 4)
 """
@@ -32,6 +33,7 @@ import numpy as np
 from index_builder.add import AddJob, add_shards, ids_path, remove_ids, write_index_atomic
 from index_builder.embeddings import (LiveShard, check_store_model, iter_shard_batches, list_runs,
                                       plan_live_shards)
+from index_builder.id_map import shard_rows, write_id_map
 from index_builder.manifest import MANIFEST_NAME, file_entry, write_manifest
 from index_builder.merge import LAYOUTS, merge_in_memory, merge_to_ondisk
 from index_builder.recall import KS, exact_knn_stream, tune_search_params, unmeasured_recall
@@ -300,6 +302,7 @@ def merge_step(folder: str, layout: str = "single", target_recall: float = 0.95,
         "factory": train["factory"], "layout": layout, "search_params": {},
         "index_files": index_files,
         "id_files": [file_entry(folder, e["ids"]) for e in state["shards"]],
+        "id_map": _write_id_map(folder, state),
         "num_vectors": int(sum(e["vectors"] for e in state["shards"])),
         "training_sample": train["training_sample"],
     }
@@ -335,6 +338,15 @@ def merge_step(folder: str, layout: str = "single", target_recall: float = 0.95,
                  f", {recall['queries_per_second']} q/s" if recall["measured"]
                  else f"recall not measured ({recall['reason']})"))
     return manifest
+
+
+def _write_id_map(folder: str, state: dict) -> list[dict]:
+    """The id-sorted id -> URI/metadata map readers memory-map (index_builder.id_map)."""
+    t0 = time.time()
+    names = write_id_map(folder, [shard_rows(os.path.join(folder, e["ids"]), e["source"])
+                                  for e in state["shards"]])
+    log.info(f"merge: id map written in {time.time() - t0:.1f}s")
+    return [file_entry(folder, n) for n in names]
 
 
 def _measure_recall(folder: str, index, state: dict, shard_paths: list[str],

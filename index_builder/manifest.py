@@ -10,7 +10,10 @@ import fsspec
 from remap_store.files import join_url, write_json_atomic
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+# 2: adds `id_map` (the id-sorted, memory-mappable id -> URI/metadata map, index_builder.id_map).
+# Version 1 manifests (no id_map; readers use the per-shard id_files) are still read.
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 
 
 def file_sha256(path: str, chunk: int = 1 << 22) -> tuple[str, int]:
@@ -58,10 +61,27 @@ def read_manifest(folder: str) -> dict:
     if not isinstance(manifest, dict):
         raise ValueError(f"{path} is not an index manifest (a JSON object); copy the index "
                          f"again, or rebuild it with `remap index`")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READ_VERSIONS:
         raise ValueError(f"index at {folder} has manifest format {manifest.get('format_version')}, "
-                         f"this library reads {FORMAT_VERSION}; rebuild or upgrade remap")
+                         f"this library reads {' and '.join(map(str, READ_VERSIONS))}; rebuild or "
+                         f"upgrade remap")
     return manifest
+
+
+def manifest_files(manifest: dict) -> list[dict]:
+    """Every file entry the manifest lists (index files, id files, id map), once each."""
+    seen, out = set(), []
+    for e in manifest["index_files"] + manifest["id_files"] + manifest.get("id_map", []):
+        if e["path"] not in seen:
+            seen.add(e["path"])
+            out.append(e)
+    return out
+
+
+def reader_files(manifest: dict) -> list[dict]:
+    """The file entries a query reader needs: the index files and the id map (format 2), or the
+    per-shard id files (format 1, no id map)."""
+    return manifest["index_files"] + (manifest.get("id_map") or manifest["id_files"])
 
 
 def verify_files(folder: str, entries: list[dict]) -> None:

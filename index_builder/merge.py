@@ -118,17 +118,24 @@ class ShardedIndex:
     def ntotal(self) -> int:
         return int(sum(p.ntotal for p in self.parts))
 
-    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(Q, D) -> (scores (Q, k), ids (Q, k)), best first; -1 ids where fewer than k."""
+    def search(self, xq: np.ndarray, k: int, params: list | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, D) -> (scores (Q, k), ids (Q, k)), best first; -1 ids where fewer than k.
+        `params`: one faiss.SearchParameters per part (e.g. carrying an id selector)."""
         from concurrent.futures import ThreadPoolExecutor
 
         xq = np.ascontiguousarray(xq, dtype=np.float32)
         heap = faiss.ResultHeap(len(xq), k, keep_max=self.metric_type == faiss.METRIC_INNER_PRODUCT)
+        params = params or [None] * len(self.parts)
+
+        def one(i):
+            return self.parts[i].search(xq, k, params=params[i])
+
         if self.threads > 1:
             with ThreadPoolExecutor(self.threads) as pool:
-                results = list(pool.map(lambda p: p.search(xq, k), self.parts))
+                results = list(pool.map(one, range(len(self.parts))))
         else:
-            results = [p.search(xq, k) for p in self.parts]
+            results = [one(i) for i in range(len(self.parts))]
         for D, I in results:
             heap.add_result(D, I)
         heap.finalize()

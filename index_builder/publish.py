@@ -23,7 +23,7 @@ from typing import Callable
 
 import fsspec
 
-from index_builder.manifest import MANIFEST_NAME
+from index_builder.manifest import MANIFEST_NAME, manifest_files
 from remap_store.files import join_url
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def upload_index(local: str, dest: str) -> dict:
     with open(manifest_path) as f:
         manifest = json.load(f)
     # the files the manifest names (index files, then id files, once each) and their sizes
-    sizes = {e["path"]: e["bytes"] for e in manifest["index_files"] + manifest["id_files"]}
+    sizes = {e["path"]: e["bytes"] for e in manifest_files(manifest)}
     files = list(sizes)
     fs, root = fsspec.core.url_to_fs(dest)
     root = root.rstrip("/")

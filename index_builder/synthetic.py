@@ -41,8 +41,11 @@ def synthetic_uris(n: int, prefix: str = "gs://bucket/img", start: int = 0) -> l
     return [f"{prefix}/{i:09d}.jpg" for i in range(start, start + n)]
 
 
-def write_shard(path: str, uris: list[str], X: np.ndarray, model: str) -> None:
-    """One embedding shard (DESIGN.md section 3) at a local path, written via a temp name."""
+def write_shard(path: str, uris: list[str], X: np.ndarray, model: str,
+                metadata: dict[str, pa.Array] | None = None) -> None:
+    """One embedding shard (DESIGN.md section 3) at a local path, written via a temp name;
+    `metadata` {column: values}: extra columns (as a URI list's travel) or values for the
+    standard ones (content_sha1, size_bytes, width, height)."""
     n, dim = X.shape
     schema = embedding_schema(dim, model)
     flat = pa.array(np.ascontiguousarray(X, np.float32).reshape(-1), pa.float32())
@@ -56,15 +59,24 @@ def write_shard(path: str, uris: list[str], X: np.ndarray, model: str) -> None:
         "height": pa.array(np.zeros(n, np.int32)),
         "model": pa.array([model] * n, pa.string()),
     }
+    for name, values in (metadata or {}).items():
+        values = pa.array(values)
+        if name in schema.names:
+            values = values.cast(schema.field(name).type)
+        else:
+            schema = schema.append(pa.field(name, values.type))
+        cols[name] = values
     table = pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression=PARQUET_CODEC, row_group_size=ROW_GROUP_ROWS)
 
 
 def write_run(store: str, run_id: str, uris: list[str], X: np.ndarray, shards: int = 4,
-              tombstone_uris: list[str] = (), model: str | None = None) -> str:
+              tombstone_uris: list[str] = (), model: str | None = None,
+              metadata: dict[str, list] | None = None) -> str:
     """A completed embedding run: `shards` Parquet shards, an optional tombstone table, and
-    run.json written last. -> the run folder."""
+    run.json written last. `metadata` {column: one value per URI} (see write_shard).
+    -> the run folder."""
     model = model or SYNTHETIC_MODEL.format(dim=X.shape[1])
     folder = run_folder(store, run_id)
     os.makedirs(folder, exist_ok=True)
@@ -73,7 +85,8 @@ def write_run(store: str, run_id: str, uris: list[str], X: np.ndarray, shards: i
     for s in range(shards):
         name = table_file_name(TABLE_PREFIXES["shards"], s, shards)
         write_shard(os.path.join(folder, name), uris[bounds[s]:bounds[s + 1]],
-                    X[bounds[s]:bounds[s + 1]], model)
+                    X[bounds[s]:bounds[s + 1]], model,
+                    {c: v[bounds[s]:bounds[s + 1]] for c, v in (metadata or {}).items()})
         names.append(name)
     summary = {"run_id": run_id, "model": model, "model_uri": None, "dimension": int(X.shape[1]),
                "embedded": len(uris), "shards": names}

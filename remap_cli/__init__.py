@@ -1,5 +1,5 @@
 """The `remap` console command: all of remap's argument parsing. Each subcommand is one module
-here (embed, index, search, eval, train, samples) with `add_arguments(parser)` and
+here (embed, index, search, serve, eval, train, samples) with `add_arguments(parser)` and
 `main(args) -> int`, which parses and calls one library function; modules are imported only
 when their subcommand runs (so `remap search` never imports Beam). This dispatcher turns the
 errors a user can fix (ValueError, FileNotFoundError, PermissionError) into one line and exit 2.
@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "embed": ("remap_cli.embed", "embed images into Parquet shards (Apache Beam pipeline)"),
     "index": ("remap_cli.index", "build a FAISS index from embedding shards"),
     "search": ("remap_cli.search", "search a built index with query images or vectors"),
+    "serve": ("remap_cli.serve", "serve an index over HTTP: search API, results page, metrics"),
     "eval": ("remap_cli.eval", "benchmark the descriptor heads on generated view families"),
     "train": ("remap_cli.train", "train REMAP end to end with a triplet loss"),
     "samples": ("remap_cli.samples", "write the bundled sample images and altered queries"),

@@ -30,6 +30,14 @@ def add_arguments(parser) -> None:
                         help="query expansion weight exponent: result i weighs score_i ** alpha")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip checksum verification of the index files")
+    parser.add_argument("--html", default=None, metavar="OUT.html",
+                        help="also write the results as a gallery page (thumbnails embedded: "
+                             "the file stands alone)")
+    parser.add_argument("--filter", action="append", default=[], metavar="COLUMN=VALUE",
+                        help="only hits whose metadata COLUMN equals VALUE (repeatable; the same "
+                             "COLUMN twice: either value)")
+    parser.add_argument("--dedupe", action="store_true",
+                        help="keep one hit per identical image bytes (content_sha1)")
     parser.add_argument("images", nargs="*", help="query image paths or URLs")
 
 
@@ -45,6 +53,18 @@ def _load_vectors(path: str):
                          f"(Q, D) float32 vectors") from None
 
 
+def parse_filters(items: list[str]) -> dict | None:
+    """["col=a", "col=b", "other=c"] -> {"col": ["a", "b"], "other": ["c"]}; values that read as
+    integers are integers (e.g. width=640)."""
+    out: dict[str, list] = {}
+    for item in items:
+        column, sep, value = item.partition("=")
+        if not sep or not column:
+            raise ValueError(f"--filter takes COLUMN=VALUE, got {item!r}")
+        out.setdefault(column, []).append(int(value) if value.lstrip("-").isdigit() else value)
+    return out or None
+
+
 def main(args) -> int:
     from index_builder.search import QueryImageError, open_index
 
@@ -55,20 +75,22 @@ def main(args) -> int:
         raise ValueError("give query IMAGE paths or --vectors FILE.npy")
     if args.k < 1:
         raise ValueError(f"--k must be at least 1, got {args.k}")
+    filters = parse_filters(args.filter)
     if args.vectors:
         import numpy as np
 
         vecs = _load_vectors(args.vectors)
         idx = open_index(args.index, verify=not args.no_verify)
         names = [f"{args.vectors}[{i}]" for i in range(len(np.atleast_2d(vecs)))]
-        results = idx.search_vectors(vecs, args.k, args.qe, args.qe_alpha)
+        results = idx.search_vectors(vecs, args.k, filters, args.dedupe, args.qe, args.qe_alpha)
     else:
         idx = open_index(args.index, verify=not args.no_verify)
         names = list(args.images)
         model = None if args.model in ("default", "none") else args.model
         results = idx.search_images(names, args.k, model_uri=model, errors="return",
-                                    denoise=args.denoise, autocontrast=args.autocontrast,
-                                    qe=args.qe, qe_alpha=args.qe_alpha)
+                                    filters=filters, dedupe=args.dedupe, denoise=args.denoise,
+                                    autocontrast=args.autocontrast, qe=args.qe,
+                                    qe_alpha=args.qe_alpha)
     failed = 0
     for name, hits in zip(names, results):
         if isinstance(hits, QueryImageError):
@@ -82,8 +104,14 @@ def main(args) -> int:
             print(f"query: {name}")
             for h in hits:
                 print(f"  {h.rank:>3}  {h.score:8.4f}  {h.uri}")
+    if args.html:
+        from remap_serve.gallery import write_results_page
+
+        write_results_page(args.html, names, results, idx, query_images=bool(args.images))
+        print(f"remap search: wrote {args.html}", file=sys.stderr)
     if failed:
         if len(names) > 1:
             print(f"remap search: {failed} of {len(names)} queries failed", file=sys.stderr)
         return 2 if failed == len(names) else 1
     return 0
+

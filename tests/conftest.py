@@ -12,6 +12,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _index_cache_in_tmp(tmp_path_factory):
+    """Remote indexes opened by tests are cached in a temporary folder, never in ~/.cache."""
+    os.environ["REMAP_INDEX_CACHE"] = str(tmp_path_factory.mktemp("index-cache"))
+
+
 @pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory):
     """The bundled sample collection: images/*.jpg and queries/<name>__<alteration>.jpg."""

@@ -31,7 +31,7 @@ import sys
 import fsspec
 
 from index_builder.manifest import MANIFEST_NAME as MANIFEST
-from index_builder.manifest import read_manifest, verify_files
+from index_builder.manifest import manifest_files, read_manifest, verify_files
 from index_builder.search import POINTER
 from remap_store.files import join_url, write_bytes_atomic
 from remap_store.runs import list_completed_runs
@@ -135,7 +135,7 @@ def check(index_url: str, index_root: str, min_recall: float, recall_k: int,
     `max_shrink` of the published index's vectors (a listing that came back nearly empty
     tombstones everything; better to keep yesterday's index and alert)."""
     manifest = read_manifest(index_url)          # raises when the build did not finish
-    verify_files(index_url, manifest.get("index_files", []) + manifest.get("id_files", []))
+    verify_files(index_url, manifest_files(manifest))
     n = int(manifest.get("num_vectors", 0))
     if n <= 0:
         raise Refused(f"index {index_url} holds no vectors")

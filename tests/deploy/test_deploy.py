@@ -283,6 +283,24 @@ def test_deployment_files_parse():
     assert "reindex.sh" in " ".join(
         cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"])
 
+    serve = {d["kind"]: d for d in yaml.safe_load_all((DEPLOY / "serve" / "k8s.yaml").read_text())}
+    pod = serve["Deployment"]["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    port = container["ports"][0]
+    assert serve["Service"]["spec"]["ports"][0]["targetPort"] in (port["name"],
+                                                                 port["containerPort"])
+    assert serve["Service"]["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert pod["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
+    assert {"--index"} <= set(container["args"])
+    # the options the Deployment passes are options `remap serve` takes
+    from remap_cli import serve as serve_cli
+    import argparse
+    parser = argparse.ArgumentParser()
+    serve_cli.add_arguments(parser)
+    parser.parse_args(container["args"] + ["--host", "0.0.0.0", "--port", "8080"])
+
     ast.parse((DEPLOY / "nightly" / "airflow_dag.py").read_text())   # valid Python, no Airflow
     for script in DEPLOY.rglob("*.sh"):
         if script.read_text().startswith("#!"):
@@ -299,7 +317,7 @@ def test_images_are_pinned_and_run_as_an_unprivileged_user():
     other than root's (a numeric uid lets Kubernetes' runAsNonRoot check it)."""
     import re
 
-    assert len(_dockerfiles()) == 2
+    assert len(_dockerfiles()) == 3
     for dockerfile in _dockerfiles():
         lines = [ln.strip() for ln in dockerfile.read_text().splitlines()]
         for image in (ln.split()[1] for ln in lines if ln.upper().startswith("FROM ")):

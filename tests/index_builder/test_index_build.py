@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from index_builder.build import add_step, build_index, merge_step, train_step
+from index_builder.manifest import manifest_files
 from index_builder.search import open_index
 from index_builder.synthetic import clustered_vectors, synthetic_uris, write_run
 from remap_store.schema import stable_ids
@@ -128,7 +129,7 @@ def test_manifest_lists_every_file_with_its_checksum_and_a_damaged_shard_is_refu
 
     merge_step(ivf_folder, layout="shards", recall_queries=300)
     m = json.load(open(os.path.join(ivf_folder, "manifest.json")))
-    for e in m["index_files"] + m["id_files"] + [m["recall"]["queries_file"]]:
+    for e in manifest_files(m) + [m["recall"]["queries_file"]]:
         data = open(os.path.join(ivf_folder, e["path"]), "rb").read()
         assert e["bytes"] == len(data) and e["sha256"] == hashlib.sha256(data).hexdigest()
     victim = os.path.join(ivf_folder, m["index_files"][2]["path"])
@@ -248,7 +249,7 @@ def test_an_index_on_object_storage_opens_in_every_layout(store, ivf_folder, lay
     m = merge_step(ivf_folder, layout=layout, recall_queries=300)
     fs = fsspec.filesystem("memory")
     url = f"memory://bucket/{layout}"
-    for e in m["index_files"] + m["id_files"] + [m["recall"]["queries_file"]]:
+    for e in manifest_files(m) + [m["recall"]["queries_file"]]:
         fs.put_file(os.path.join(ivf_folder, e["path"]), f"/bucket/{layout}/{e['path']}")
     fs.put_file(os.path.join(ivf_folder, "manifest.json"), f"/bucket/{layout}/manifest.json")
     remote, local = open_index(url), open_index(ivf_folder)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -32,8 +33,8 @@ def open_by_contract(folder: str):
     """Only what the README's Index bullet says, with json, faiss and pyarrow:
     -> (search(xq, k) -> (scores, ids), {id: uri}, manifest)."""
     manifest = json.loads(Path(folder, "manifest.json").read_text())
-    assert manifest["format_version"] == 1 and manifest["metric"] == "inner_product"
-    for e in manifest["index_files"] + manifest["id_files"]:
+    assert manifest["format_version"] == 2 and manifest["metric"] == "inner_product"
+    for e in manifest["index_files"] + manifest["id_files"] + manifest["id_map"]:
         data = Path(folder, e["path"]).read_bytes()
         assert len(data) == e["bytes"] and hashlib.sha256(data).hexdigest() == e["sha256"]
     paths = [os.path.join(folder, e["path"]) for e in manifest["index_files"]]
@@ -65,6 +66,13 @@ def open_by_contract(folder: str):
             assert i not in uris
             uris[i] = u
     assert len(uris) == manifest["num_vectors"]
+    # the id map: sorted ids (numpy), row i of the Arrow file is ids[i]'s
+    paths = {os.path.basename(e["path"]): os.path.join(folder, e["path"])
+             for e in manifest["id_map"]}
+    ids = np.load(paths["id_map.ids.npy"], mmap_mode="r")
+    table = pa.ipc.open_file(pa.memory_map(paths["id_map.arrow"])).read_all()
+    assert isinstance(ids, np.memmap) and (np.diff(ids) > 0).all()
+    assert dict(zip(ids.tolist(), table.column("uri").to_pylist())) == uris
     return search, uris, parts, manifest
 
 
@@ -85,7 +93,7 @@ def test_a_built_index_opens_with_faiss_and_pyarrow_as_the_readme_says(store, tm
                   "--layout", layout, "--no-progress"]) == 0
     search, id_to_uri, parts, manifest = open_by_contract(folder)
     contract = readme_index_contract()
-    for e in manifest["index_files"] + manifest["id_files"]:   # every file is as described
+    for e in manifest["index_files"] + manifest["id_files"] + manifest["id_map"]:  # as described
         generic = re.sub(r"shards/.*-g\d+\.", "shards/<run>-<shard>-g<generation>.", e["path"])
         assert f"`{generic}" in contract or f"`{generic}`" in contract, generic
     for key in manifest["search_params"]:

@@ -9,7 +9,7 @@ import fsspec
 import numpy as np
 import pytest
 
-from index_builder.manifest import MANIFEST_NAME
+from index_builder.manifest import MANIFEST_NAME, manifest_files
 from index_builder.publish import upload_index
 from index_builder.search import open_index
 from index_builder.synthetic import clustered_vectors, synthetic_uris, write_run
@@ -98,7 +98,7 @@ def test_remap_index_to_gcs_then_search_from_it(fake_gcs, tmp_path, capsys):  # 
     root = dest.split("://", 1)[1]
     remote = sorted(p[len(root) + 1:] for p in fs.find(root))
     manifest = json.loads(fs.cat(f"{root}/{MANIFEST_NAME}"))
-    listed = sorted({e["path"] for e in manifest["index_files"] + manifest["id_files"]})
+    listed = sorted({e["path"] for e in manifest_files(manifest)})
     assert remote == sorted(listed + [MANIFEST_NAME]) and manifest["layout"] == "single"
     assert (staging / MANIFEST_NAME).exists()                # a given staging folder is kept
     np.testing.assert_array_equal(

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from index_builder.manifest import (MANIFEST_NAME, file_entry, read_manifest, verify_files,
-                                    write_manifest)
+from index_builder.manifest import (FORMAT_VERSION, MANIFEST_NAME, file_entry, read_manifest,
+                                    verify_files, write_manifest)
 
 
 def test_manifest_is_written_via_a_temporary_name_and_read_back(tmp_path):
@@ -20,7 +20,7 @@ def test_manifest_is_written_via_a_temporary_name_and_read_back(tmp_path):
     write_manifest(str(tmp_path), {"index_files": [entry]})
     assert sorted(os.listdir(tmp_path)) == ["a.bin", MANIFEST_NAME]  # no .tmp left behind
     m = read_manifest(str(tmp_path))
-    assert m["format_version"] == 1 and m["index_files"] == [entry]
+    assert m["format_version"] == FORMAT_VERSION == 2 and m["index_files"] == [entry]
     verify_files(str(tmp_path), m["index_files"])
 
 

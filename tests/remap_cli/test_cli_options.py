@@ -40,6 +40,12 @@ import remap_cli as cli
 # Options whose value must be something real: (command, dest) -> function(tmp_path) -> value.
 SAMPLES = {
     ("search", "vectors"): lambda tmp: _npy(tmp / "queries.npy"),
+    ("search", "html"): lambda tmp: str(tmp / "results.html"),
+    ("search", "filter"): lambda tmp: ["colour=red"],
+}
+# What the code should see where it is not the value given: (command, dest) -> value.
+EXPECTED = {
+    ("search", "filter"): ["red"],           # --filter colour=red -> filters {"colour": ["red"]}
 }
 # Options that act only together with others: (command, dest) -> {dest: tokens} set as well
 # (in the run without the option too).
@@ -113,7 +119,7 @@ def sample(name: str, action: argparse.Action, tmp_path: Path) -> tuple[list[str
     opt = action.option_strings[-1] if action.option_strings else action.dest
     if (name, action.dest) in SAMPLES:
         value = SAMPLES[(name, action.dest)](tmp_path)
-        return _tokens(action, value), value
+        return _tokens(action, value), EXPECTED.get((name, action.dest), value)
     if isinstance(action, argparse._StoreTrueAction):
         return [opt], True
     if isinstance(action, argparse._StoreFalseAction):
@@ -221,20 +227,29 @@ def record_index(rec: Recorder) -> None:
 
 def record_search(rec: Recorder) -> None:
     from index_builder import search
+    from remap_serve import gallery
+
+    rec.replace(gallery, "write_results_page")
 
     class RecordedIndex:
+        folder, fingerprint = "recorded-index", "recorded-model"
+
+        def __len__(self):
+            return 0
+
         def __init__(self):
             rec.replace(self, "search_images", lambda images, *a, **k: [[] for _ in images])
             rec.replace(self, "search_vectors",
                         lambda vectors, *a, **k: [[] for _ in np.atleast_2d(vectors)])
 
         def search_images(self, images, k: int = 10, model_uri: str | None = "manifest",
-                          errors: str = "raise", qe: int | None = None, qe_alpha: float = 3.0,
+                          errors: str = "raise", filters: dict | None = None,
+                          dedupe: bool = False, qe: int | None = None, qe_alpha: float = 3.0,
                           **prep):
             raise AssertionError("replaced by a recorder")
 
-        def search_vectors(self, vectors, k: int = 10, qe: int | None = None,
-                           qe_alpha: float = 3.0):
+        def search_vectors(self, vectors, k: int = 10, filters: dict | None = None,
+                           dedupe: bool = False, qe: int | None = None, qe_alpha: float = 3.0):
             raise AssertionError("replaced by a recorder")
 
     assert list(inspect.signature(RecordedIndex.search_images).parameters) == \
@@ -242,6 +257,16 @@ def record_search(rec: Recorder) -> None:
     assert list(inspect.signature(RecordedIndex.search_vectors).parameters) == \
         list(inspect.signature(search.RemapIndex.search_vectors).parameters)
     rec.replace(search, "open_index", lambda *a, **k: RecordedIndex())
+
+
+def record_serve(rec: Recorder) -> None:
+    import remap_serve
+
+    class NotServed:
+        def run(self):
+            pass
+
+    rec.replace(remap_serve, "build_server", lambda *a, **k: NotServed())
 
 
 def record_embed(rec: Recorder) -> None:
@@ -270,6 +295,7 @@ def record_samples(rec: Recorder) -> None:
 
 
 RECORDERS = {"embed": record_embed, "index": record_index, "search": record_search,
+             "serve": record_serve,
              "eval": record_eval, "train": record_train, "samples": record_samples}
 
 
@@ -323,6 +349,7 @@ def test_every_command_and_step_has_its_options_found():
                      "embed --unattended_lease_hours", "embed --torch_threads",
                      "index --layout", "index train --factory", "index add --workers",
                      "index merge --target-recall", "search --k", "search images",
+                     "serve --index", "serve --reload-interval",
                      "eval --whiten", "train --epochs", "samples --output"):
         assert expected in cases, expected
 
