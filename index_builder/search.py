@@ -165,7 +165,7 @@ class RemapIndex:
                     ) -> tuple[np.ndarray, dict[int, QueryImageError]]:
         """-> ((G, D) descriptors of the images that could be prepared, in order;
         {position: QueryImageError} of those that could not)."""
-        from remap_core.data.preprocess import decode_image, enhance_query, resize_for_model
+        from remap_core.data.preprocess import enhance_query, image_for_model
 
         model = self.model(model_uri)
         arrays, failed = [], {}
@@ -173,14 +173,16 @@ class RemapIndex:
             name = f"<bytes #{i}>" if isinstance(im, (bytes, bytearray)) else str(im)
             try:
                 data = im if isinstance(im, (bytes, bytearray)) else _read_bytes(im)
-                img = enhance_query(decode_image(bytes(data)), denoise, autocontrast)
+                prepared = image_for_model(
+                    bytes(data), model.config["max_side"], model.config["multiple"],
+                    enhance=lambda img: enhance_query(img, denoise, autocontrast))
             except QueryImageError as e:
                 failed[i] = e
                 continue
             except ValueError as e:  # ImageDecodeError: "<reason>: <message>"
                 failed[i] = QueryImageError(name, f"not a readable image ({e})")
                 continue
-            arrays.append(resize_for_model(img, model.config["max_side"], model.config["multiple"]))
+            arrays.append(prepared.pixels)
         if not arrays:
             return np.zeros((0, self.dimension), np.float32), failed
         return model.embed_arrays(arrays), failed
