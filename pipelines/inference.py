@@ -21,6 +21,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 from apache_beam.transforms.window import GlobalWindows
 
 from remap_core.descriptor.batching import shape_batches
+from remap_store.files import redact_logs
 from pipelines.prepare import Failure, PreparedImage
 from pipelines.uris import apply_fsspec_config
 from pipelines.workers import DEAD, NAMESPACE, Progress, count
@@ -78,6 +79,7 @@ class EmbedModelHandler(ModelHandler[PreparedImage, PredictionResult, Any]):
         is not the job's (the checkpoint changed after the launch)."""
         from remap_core.descriptor.checkpoint import load_model
 
+        redact_logs()
         apply_fsspec_config(self.fsspec_config)
         set_torch_threads(self.torch_threads)
         model = load_model(self.model_uri, device=self.device)
@@ -152,6 +154,7 @@ class _ShardRowsFn(beam.DoFn):
         self.fingerprint, self.progress_seconds = fingerprint, progress_seconds
 
     def setup(self):
+        redact_logs()
         self.progress = Progress("embedded", self.progress_seconds)
 
     def process(self, result: PredictionResult):

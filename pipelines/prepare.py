@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from remap_core.data.preprocess import MAX_BYTES, ImageDecodeError, image_for_model
+from remap_store.files import redact
 from remap_store.schema import stable_id
 
 from pipelines.uris import Source, read_bytes
@@ -32,8 +33,10 @@ class Failure:
     replaces: bool = False        # an earlier run embedded this URI (its vector is now stale)
 
     def row(self, run_id: str) -> dict:
-        return {"uri": self.uri, "stage": self.stage, "error_type": self.error_type,
-                "message": self.message[:2000], "run_id": run_id}
+        """Credentials in the URI and the message (`user:pass@`, signed-URL signatures) are
+        redacted (remap_store.files.redact); the URI's path is kept."""
+        return {"uri": redact(self.uri), "stage": self.stage, "error_type": self.error_type,
+                "message": redact(self.message)[:2000], "run_id": run_id}
 
     @property
     def reason(self) -> str:

@@ -7,8 +7,8 @@ that one path. Every failure raises `ImageDecodeError` with a reason a person ca
 Decoding at the size needed: a JPEG is decoded at the smallest DCT scale (1/1, 1/2, 1/4 or 1/8,
 Pillow's `draft`) that still covers twice the model's input size (DRAFT_MARGIN) in both
 directions, so a 12 MP photo headed for 512 px decodes a quarter of its pixels; the final resize
-then shrinks by `reduce` (integer box steps) before its bicubic pass (`reducing_gap`). Other formats decode in
-full and take the same resize.
+then shrinks by `reduce` (integer box steps) before its bicubic pass (`reducing_gap`). Other
+formats decode in full and take the same resize.
 
 Limits on hostile input, each a dead-letter reason: `max_bytes` (too_large), `max_pixels`
 (too_large, checked from the header before any pixel is decoded) and `seconds` (timeout: checked
