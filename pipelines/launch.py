@@ -107,6 +107,10 @@ def prepare_run(argv: list[str]) -> PreparedRun:
     wait = not (dry_run or std.no_wait_until_finish
                 or options.view_as(GoogleCloudOptions).template_location)
     in_process = std.runner.split(".")[-1] in IN_PROCESS_RUNNERS
+    if in_process:   # the workers are this machine: a --device it lacks is refused now
+        from remap_core.descriptor.devices import resolve_device
+
+        resolve_device(opts.device)
     fsconf = json.loads(opts.fsspec_config) if opts.fsspec_config else None
     uris.apply_fsspec_config(fsconf)
     store = opts.output.rstrip("/")
