@@ -40,7 +40,7 @@ from index_builder.recall import KS, exact_knn_stream, tune_search_params, unmea
 from index_builder.train import (ERROR_SAMPLE, check_trainable, choose_factory, error_growth,
                                  held_out_size, make_index, parse_bytes, quantization_error,
                                  reservoir_sample, train_index, training_size)
-from remap_store.files import atomic_path, write_json_atomic
+from remap_store.files import atomic_path, redact, write_json_atomic
 
 INDEX_FILE = "index.faiss"
 TRAINED_FILE = "trained.faiss"
@@ -193,7 +193,7 @@ def add_step(store: str, folder: str, workers: int | None = None,
     runs = list_runs(store)
     new_runs = [r for r in runs if r.run_id not in done]
     if not new_runs:
-        log.info(f"add: every run of {store} is already in {folder}; nothing to add")
+        log.info(f"add: every run of {redact(store)} is already in {folder}; nothing to add")
         return {"runs": [], "added": 0, "removed": 0, "seconds": 0.0}
     if any(r.shard_paths for r in new_runs):  # a run may hold only tombstones
         check_store_model(new_runs, expect=train["model"])

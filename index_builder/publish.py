@@ -24,7 +24,7 @@ from typing import Callable
 import fsspec
 
 from index_builder.manifest import MANIFEST_NAME, manifest_files
-from remap_store.files import join_url
+from remap_store.files import join_url, redact
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def build_and_upload(build: Callable[[str], dict], dest: str, staging: str | Non
     folder = staging or tempfile.mkdtemp(prefix="remap-index-")
     try:
         manifest = build(folder)
-        log.info("upload: %s -> %s (manifest.json last)", folder, dest)
+        log.info("upload: %s -> %s (manifest.json last)", folder, redact(dest))
         summary = upload_index(folder, dest)
         log.info("upload: %d files, %.1f MiB, %d stale files of an earlier index removed",
                  summary["uploaded"], summary["bytes"] / 2**20, summary["removed"])

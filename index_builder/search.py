@@ -285,27 +285,33 @@ class RemapIndex:
     def _embed_each(self, images, model_uri, denoise: bool = False, autocontrast: bool = False
                     ) -> tuple[np.ndarray, dict[int, QueryImageError]]:
         """-> ((G, D) descriptors of the images that could be prepared, in order;
-        {position: QueryImageError} of those that could not)."""
-        from remap_core.data.preprocess import decode_image, enhance_query, resize_for_model
+        {position: QueryImageError} of those that could not). Every image is read before the
+        query model is loaded, so a set of unreadable queries never loads it."""
+        from remap_core.data.preprocess import enhance_query, image_for_model
 
-        decoded, failed = [], {}
-        for i, im in enumerate(images):   # every image decoded before the model is loaded
-            name = f"<bytes #{i}>" if isinstance(im, (bytes, bytearray)) else str(im)
+        read, failed = [], {}
+        for i, im in enumerate(images):
             try:
-                data = im if isinstance(im, (bytes, bytearray)) else _read_bytes(im)
-                img = enhance_query(decode_image(bytes(data)), denoise, autocontrast)
+                read.append((i, im if isinstance(im, (bytes, bytearray)) else _read_bytes(im)))
             except QueryImageError as e:
                 failed[i] = e
-                continue
+        if not read:
+            return np.zeros((0, self.dimension), np.float32), failed
+        model = self.model(model_uri)
+        arrays = []
+        for i, data in read:
+            im = images[i]
+            name = f"<bytes #{i}>" if isinstance(im, (bytes, bytearray)) else str(im)
+            try:
+                prepared = image_for_model(
+                    bytes(data), model.config["max_side"], model.config["multiple"],
+                    enhance=lambda img: enhance_query(img, denoise, autocontrast))
             except ValueError as e:  # ImageDecodeError: "<reason>: <message>"
                 failed[i] = QueryImageError(name, f"not a readable image ({e})")
                 continue
-            decoded.append(img)
-        if not decoded:
+            arrays.append(prepared.pixels)
+        if not arrays:
             return np.zeros((0, self.dimension), np.float32), failed
-        model = self.model(model_uri)
-        arrays = [resize_for_model(img, model.config["max_side"], model.config["multiple"])
-                  for img in decoded]
         return model.embed_arrays(arrays), failed
 
 

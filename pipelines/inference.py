@@ -12,6 +12,7 @@ a time, and only the image that fails alone is dead-lettered (stage "embed").
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from typing import Any, Sequence
 
@@ -21,9 +22,12 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 from apache_beam.transforms.window import GlobalWindows
 
 from remap_core.descriptor.batching import shape_batches
+from remap_store.files import redact_logs
 from pipelines.prepare import Failure, PreparedImage
 from pipelines.uris import apply_fsspec_config
 from pipelines.workers import DEAD, NAMESPACE, Progress, count
+
+log = logging.getLogger(__name__)
 
 
 def set_torch_threads(torch_threads: int | None) -> None:
@@ -44,11 +48,13 @@ def embed_failure(p: PreparedImage, error_type: str, message: str) -> Failure:
     return Failure(p.uri, "embed", error_type, message, p.listed_size, p.version)
 
 
-def embed_group(model, group: list[PreparedImage]) -> list:
-    """One forward pass over images of one shape -> a float32 (D,) vector per image; when the
-    pass fails, each image again alone, a Failure for each image that fails alone."""
+def embed_group(model, group: list[PreparedImage], max_batch: int | None = None) -> list:
+    """One forward pass over images of one shape (several of at most `max_batch` when given)
+    -> a float32 (D,) vector per image; when a pass fails, each image again alone, a Failure for
+    each image that fails alone."""
     try:
-        vectors = model.embed_arrays([p.pixels for p in group], batch_size=len(group))
+        vectors = model.embed_arrays([p.pixels for p in group],
+                                     batch_size=min(len(group), max_batch or len(group)))
     except Exception as e:  # retry one by one: one bad image must not lose the batch
         if len(group) == 1:
             return [embed_failure(group[0], type(e).__name__, str(e))]
@@ -74,17 +80,27 @@ class EmbedModelHandler(ModelHandler[PreparedImage, PredictionResult, Any]):
         self.fsspec_config = fsspec_config
 
     def load_model(self):
-        """The checkpoint at `model_uri` in eval mode on `device`; refuses one whose fingerprint
-        is not the job's (the checkpoint changed after the launch)."""
+        """The checkpoint at `model_uri` in eval mode on `device` (None: this worker's GPU when
+        it has one, else its CPU; "cuda" on a worker without one fails the step, saying so);
+        refuses one whose fingerprint is not the job's (the checkpoint changed after the
+        launch). On a GPU the forward batch is capped to what half its free memory holds at the
+        model's largest input (`model.max_forward_batch`)."""
         from remap_core.descriptor.checkpoint import load_model
+        from remap_core.descriptor.devices import device_name, memory_batch_size, resolve_device
 
+        redact_logs()
         apply_fsspec_config(self.fsspec_config)
         set_torch_threads(self.torch_threads)
-        model = load_model(self.model_uri, device=self.device)
+        device = resolve_device(self.device)
+        model = load_model(self.model_uri, device=device)
         if model.fingerprint != self.fingerprint:
             raise RuntimeError(f"worker loaded model {model.fingerprint} but the job was "
                                f"launched for {self.fingerprint}; the checkpoint changed mid-run: "
                                f"relaunch the job")
+        side = int(model.config["max_side"])
+        model.max_forward_batch = memory_batch_size(model, side, side, self.batch_size)
+        log.info("embedding with model %s on %s, %d images per forward pass", model.fingerprint,
+                 device_name(device), model.max_forward_batch)
         return model
 
     def run_inference(self, batch: Sequence[PreparedImage], model,
@@ -92,7 +108,9 @@ class EmbedModelHandler(ModelHandler[PreparedImage, PredictionResult, Any]):
         """One forward pass per shape among `batch` (at most `batch_size` images each)."""
         out: list = [None] * len(batch)
         for positions in shape_batches([p.pixels for p in batch], self.batch_size):
-            for i, result in zip(positions, embed_group(model, [batch[i] for i in positions])):
+            for i, result in zip(positions, embed_group(model, [batch[i] for i in positions],
+                                                        getattr(model, "max_forward_batch",
+                                                                None))):
                 out[i] = result
         return [PredictionResult(p, r, self.fingerprint) for p, r in zip(batch, out)]
 
@@ -152,6 +170,7 @@ class _ShardRowsFn(beam.DoFn):
         self.fingerprint, self.progress_seconds = fingerprint, progress_seconds
 
     def setup(self):
+        redact_logs()
         self.progress = Progress("embedded", self.progress_seconds)
 
     def process(self, result: PredictionResult):

@@ -18,6 +18,7 @@ from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOp
 from apache_beam.runners.runner import PipelineState
 
 from remap_store import lease, runs
+from remap_store.files import redact, redact_logs
 from pipelines import uris
 from pipelines.options import EmbedOptions, EmbedWorkerOptions, check_option_ranges
 from pipelines.tables import make_run_info
@@ -85,6 +86,7 @@ def prepare_run(argv: list[str]) -> PreparedRun:
     from remap_core.descriptor.checkpoint import load_model
     from pipelines.embed import build_pipeline   # embed.py re-exports this module's names
 
+    redact_logs()
     argv = local_defaults(list(argv))
     options = PipelineOptions(argv)
     opts = options.view_as(EmbedOptions)
@@ -105,6 +107,10 @@ def prepare_run(argv: list[str]) -> PreparedRun:
     wait = not (dry_run or std.no_wait_until_finish
                 or options.view_as(GoogleCloudOptions).template_location)
     in_process = std.runner.split(".")[-1] in IN_PROCESS_RUNNERS
+    if in_process:   # the workers are this machine: a --device it lacks is refused now
+        from remap_core.descriptor.devices import resolve_device
+
+        resolve_device(opts.device)
     fsconf = json.loads(opts.fsspec_config) if opts.fsspec_config else None
     uris.apply_fsspec_config(fsconf)
     store = opts.output.rstrip("/")
@@ -128,14 +134,14 @@ def prepare_run(argv: list[str]) -> PreparedRun:
         if dry_run:
             previous, state = [], []
             log.info("dry run %s: the store %s is not read; graph built as for a first run",
-                     run_id, store)
+                     run_id, redact(store))
         else:
             previous, incomplete = runs.scan_store(store)
             runs.check_new_run([] if opts.full else previous, run_id, model.fingerprint, store)
             runs.remove_incomplete(incomplete)
             state = [] if opts.full else runs.state_files(previous)
             log.info("run %s: %d earlier runs in %s (%d state files)", run_id, len(previous),
-                     store, len(state))
+                     redact(store), len(state))
         scope = runs.input_scope(opts.input, previous)
         run_dir = runs.run_folder(store, run_id)
         info = make_run_info(options, run_id, model.fingerprint, model.dim,
@@ -197,7 +203,8 @@ def run(argv: list[str]) -> dict:
             result = p.pipeline.run()
             if not p.wait:
                 log.info("run %s submitted; its job writes %s/%s and gives the store's lease "
-                         "back when it completes (else the lease lapses)", p.run_id, p.run_dir,
+                         "back when it completes (else the lease lapses)", p.run_id,
+                         redact(p.run_dir),
                          runs.RUN_SUMMARY)
                 return {"run_id": p.run_id, "submitted": True}
             if getattr(result, "has_job", True) is False:

@@ -36,7 +36,9 @@ class EmbedOptions(PipelineOptions):
                             help="embedding shards per run; 0 (default): one per --shard_rows")
         parser.add_argument("--shard_rows", type=int, default=500_000,
                             help="target rows per embedding shard when --num_shards is 0")
-        parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+        parser.add_argument("--device", default=None,
+                            help="cpu or cuda (default: each worker's GPU when it has one, else "
+                                 "its CPU); cuda where no GPU is visible is an error")
         parser.add_argument("--full", action="store_true", default=False,
                             help="embed every URI, ignoring what earlier runs in --output did "
                                  "(default: only new or changed URIs; deleted ones tombstoned)")

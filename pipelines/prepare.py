@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from remap_core.data.preprocess import ImageDecodeError, decode_image, resize_for_model
+from remap_core.data.preprocess import MAX_BYTES, ImageDecodeError, image_for_model
+from remap_store.files import redact
 from remap_store.schema import stable_id
 
 from pipelines.uris import Source, read_bytes
@@ -32,8 +33,10 @@ class Failure:
     replaces: bool = False        # an earlier run embedded this URI (its vector is now stale)
 
     def row(self, run_id: str) -> dict:
-        return {"uri": self.uri, "stage": self.stage, "error_type": self.error_type,
-                "message": self.message[:2000], "run_id": run_id}
+        """Credentials in the URI and the message (`user:pass@`, signed-URL signatures) are
+        redacted (remap_store.files.redact); the URI's path is kept."""
+        return {"uri": redact(self.uri), "stage": self.stage, "error_type": self.error_type,
+                "message": redact(self.message)[:2000], "run_id": run_id}
 
     @property
     def reason(self) -> str:
@@ -66,18 +69,27 @@ def fetch_failure(uri: str, e: BaseException, stage: str = "fetch") -> Failure:
     return Failure(uri, stage, type(e).__name__, str(e))
 
 
-def fetch(uri: str) -> bytes | Failure:
+def too_large(uri: str, size: int, max_bytes: int) -> Failure:
+    return Failure(uri, "fetch", "too_large", f"{size} bytes exceeds the limit of {max_bytes} "
+                                              f"bytes")
+
+
+def fetch(uri: str, max_bytes: int = MAX_BYTES) -> bytes | Failure:
+    """The object's bytes; a Failure for a transport error or an object over `max_bytes`
+    (never more than `max_bytes` + 1 bytes are read)."""
     try:
-        return read_bytes(uri)
+        data = read_bytes(uri, max_bytes + 1)
     except Exception as e:  # any transport error: the run goes on, the URI is not lost
         return fetch_failure(uri, e)
+    if len(data) > max_bytes:
+        return too_large(uri, len(data), max_bytes)
+    return data
 
 
 def prepare(uri: str, data: bytes, max_side: int, multiple: int) -> PreparedImage | Failure:
     """Decode and resize fetched bytes; a failure is returned, never raised."""
     try:
-        img = decode_image(data)
-        pixels = resize_for_model(img, max_side, multiple)
+        prepared = image_for_model(data, max_side, multiple)
     except ImageDecodeError as e:
         return Failure(uri, "decode", e.reason, e.message)
     except MemoryError as e:
@@ -85,7 +97,8 @@ def prepare(uri: str, data: bytes, max_side: int, multiple: int) -> PreparedImag
     except Exception as e:
         return Failure(uri, "decode", type(e).__name__, str(e))
     return PreparedImage(uri=uri, id=stable_id(uri), content_sha1=hashlib.sha1(data).hexdigest(),
-                         size_bytes=len(data), width=img.width, height=img.height, pixels=pixels)
+                         size_bytes=len(data), width=prepared.width, height=prepared.height,
+                         pixels=prepared.pixels)
 
 
 def fetch_and_prepare(uri: str, max_side: int, multiple: int) -> PreparedImage | Failure:
@@ -96,8 +109,12 @@ def fetch_and_prepare(uri: str, max_side: int, multiple: int) -> PreparedImage |
 
 
 def prepare_source(source: Source, max_side: int, multiple: int) -> PreparedImage | Failure:
-    """`fetch_and_prepare` for a listed Source: the result carries its size and version."""
-    out = fetch_and_prepare(source.uri, max_side, multiple)
+    """`fetch_and_prepare` for a listed Source: the result carries its size and version. An
+    object listed larger than MAX_BYTES is refused without reading it."""
+    if source.size is not None and source.size > MAX_BYTES:
+        out = too_large(source.uri, source.size, MAX_BYTES)
+    else:
+        out = fetch_and_prepare(source.uri, max_side, multiple)
     if isinstance(out, Failure):
         out.size, out.version, out.replaces = source.size, source.version, source.replaces
     else:

@@ -105,10 +105,10 @@ def list_uris(spec: str) -> list[str]:
     return [normalize_uri(u) for m in items for u in read_uri_list(m)]
 
 
-def read_bytes(uri: str) -> bytes:
-    """All bytes of one object through fsspec."""
+def read_bytes(uri: str, limit: int | None = None) -> bytes:
+    """All bytes of one object through fsspec (at most `limit` of them when given)."""
     with fsspec.open(uri, "rb") as f:
-        return f.read()
+        return f.read() if limit is None else f.read(limit)
 
 
 def iter_unique(uris: Iterable[str]) -> Iterator[str]:

@@ -1,5 +1,6 @@
 """What the embed pipeline's worker-side steps share: storage configured (--fsspec_config)
-before a step first touches it, counters in one namespace, a per-worker progress line."""
+and log records redacted (remap_store.files.redact_logs) before a step first touches storage,
+counters in one namespace, a per-worker progress line."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from remap_store.files import redact_logs
 from pipelines.uris import apply_fsspec_config
 
 NAMESPACE = "remap.embed"      # Beam counters of every step (RunInference's included)
@@ -23,6 +25,7 @@ class StorageDoFn(beam.DoFn):
         self.fsspec_config = fsspec_config
 
     def setup(self):
+        redact_logs()
         apply_fsspec_config(self.fsspec_config)
 
 

@@ -12,6 +12,8 @@ import importlib
 import logging
 import sys
 
+from remap_store.files import redact, redact_logs
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "embed": ("remap_cli.embed", "embed images into Parquet shards (Apache Beam pipeline)"),
@@ -50,17 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(module, "ACCEPTS_EXTRA_ARGS", False):
         cmd.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
+    redact_logs()   # no log line of any library shows a URI's credentials
     args.argv = argv[1:]   # the subcommand's arguments as given (remap embed hands them to Beam)
     try:
         return int(module.main(args) or 0)
     except (FileNotFoundError, ValueError, PermissionError) as e:
-        print(f"remap {name}: error: {e}", file=sys.stderr)
+        print(f"remap {name}: error: {redact(str(e))}", file=sys.stderr)
         return 2
     except Exception as e:
         status = getattr(e, "exit_status", None)     # refusals that carry their own status
         if status is None:
             raise
-        print(f"remap {name}: error: {e}", file=sys.stderr)
+        print(f"remap {name}: error: {redact(str(e))}", file=sys.stderr)
         return int(status)
 
 

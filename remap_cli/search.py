@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from remap_store.files import redact
+
 EPILOG = ("A query image that cannot be read or decoded gets one line on stderr naming it and "
           "the reason (with --format json also {\"query\": ..., \"error\": ...} on its line of "
           "stdout); the other queries are still answered. Exit status: 0 when every query was "
@@ -95,7 +97,7 @@ def main(args) -> int:
     for name, hits in zip(names, results):
         if isinstance(hits, QueryImageError):
             failed += 1
-            print(f"remap search: error: {hits}", file=sys.stderr)
+            print(f"remap search: error: {redact(str(hits))}", file=sys.stderr)
             if args.format == "json":
                 print(json.dumps({"query": name, "error": hits.reason}))
         elif args.format == "json":

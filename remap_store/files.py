@@ -8,13 +8,20 @@ out of every listing that matches the final names.
 
 fsspec strips the protocol from the paths it lists (`gs://b/x` is listed as `b/x`):
 `with_protocol` gives it back, `join_url` joins a root and names.
+
+URIs can carry credentials (`https://user:pass@host/x.jpg`, signed URLs' `X-Amz-Signature=`,
+`X-Goog-Signature=`, `sig=`, `token=`): `redact` blanks them out of any text; dead-letter rows
+and remap's own log lines call it, and `redact_logs` passes every log record of the process
+(other libraries' included) through it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import secrets
 from typing import IO, Iterator
 
@@ -139,3 +146,58 @@ def write_json_atomic(url: str, data) -> None:
     """JSON (indented, sorted keys) through a temporary name."""
     with atomic_open(url, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
+
+
+# --------------------------------------------------------------------------------- redaction
+
+REDACTED = "REDACTED"
+# Query parameters whose value is a secret (compared case-insensitively): signed-URL signatures
+# and credentials (S3 SigV4, GCS V4 and V2, Azure SAS), OAuth and API tokens, passwords.
+SECRET_PARAMS = frozenset({
+    "x-amz-signature", "x-amz-credential", "x-amz-security-token", "awsaccesskeyid",
+    "x-goog-signature", "x-goog-credential", "googleaccessid", "signature", "sig",
+    "token", "access_token", "id_token", "refresh_token", "auth", "authorization", "code",
+    "key", "api_key", "apikey", "secret", "client_secret", "password", "passwd", "pwd"})
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)[^/?#\s'\"]+@")
+_QUERY_PARAM = re.compile(r"(?P<lead>[?&;](?P<name>[^=&;#?\s'\"]+)=)[^&;#\s'\"]*")
+
+
+def redact(text: str) -> str:
+    """`text` (a URI, or a message naming URIs) with credentials blanked: the user-info part
+    (`scheme://user:pass@host` -> `scheme://REDACTED@host`) and the values of secret query
+    parameters (SECRET_PARAMS: `?X-Amz-Signature=...` -> `?X-Amz-Signature=REDACTED`).
+    Everything else, the object's path included, is kept, so the line still says which object."""
+    if not text or ("@" not in text and "=" not in text):
+        return text
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
+    return _QUERY_PARAM.sub(lambda m: f"{m['lead']}{REDACTED}"
+                            if m["name"].lower() in SECRET_PARAMS else m[0], text)
+
+
+_plain_record_factory = None
+
+
+def redact_logs() -> None:
+    """Make every log record of this process go through `redact` (message and traceback),
+    whatever library logs it (fsspec and aiohttp name URIs at DEBUG, Beam logs elements):
+    installed once as the process's LogRecord factory, so handlers added later are covered too.
+    Called by the console (`remap`), the pipeline's launcher and each worker-side step."""
+    global _plain_record_factory
+    if _plain_record_factory is not None:
+        return
+    _plain_record_factory = logging.getLogRecordFactory()
+
+    def make_redacted_record(*args, **kwargs):
+        record = _plain_record_factory(*args, **kwargs)
+        try:
+            message = record.getMessage()
+            clean = redact(message)
+            if clean != message:
+                record.msg, record.args = clean, None
+            if record.exc_info and not record.exc_text:
+                record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        except Exception:  # a record that cannot be formatted is the handler's to report
+            pass
+        return record
+
+    logging.setLogRecordFactory(make_redacted_record)

@@ -35,7 +35,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from remap_store import runs
-from remap_store.files import atomic_path, join_url, temporary_name
+from remap_store.files import atomic_path, join_url, redact, temporary_name
 
 LEASE = "_lease.json"
 log = logging.getLogger(__name__)
@@ -196,8 +196,8 @@ def acquire(store: str, lease: dict, *, break_lease: bool = False) -> dict:
                 f"store {store} is being written by {describe(current)}. Wait for that run to "
                 f"finish; if it is dead (its job failed or was cancelled), rerun with "
                 f"--break_lease, or wait until the lease expires")
-        log.warning("taking over the lease of store %s from %s: %s", store, describe(current),
-                    why)
+        log.warning("taking over the lease of store %s from %s: %s", redact(store),
+                    describe(current), why)
         broken = current.get("token")
         if read_lease(store) == current:  # unchanged since we judged it
             _remove(store)
@@ -257,11 +257,12 @@ class Renewer:
             try:
                 self.outcome = renew(self.store, self.lease)
             except Exception as e:        # a passing storage error: try again next time
-                log.warning("could not renew the lease of store %s: %s", self.store, e)
+                log.warning("could not renew the lease of store %s: %s", redact(self.store),
+                            redact(str(e)))
                 continue
             if self.outcome == "taken":
                 log.error("run %s lost the lease of store %s to another run; its job will "
-                          "fail at its last step", self.lease["run_id"], self.store)
+                          "fail at its last step", self.lease["run_id"], redact(self.store))
                 return
             if self.outcome == "released":
                 return

@@ -30,8 +30,8 @@ from typing import Iterator, NamedTuple
 
 import fsspec
 
-from remap_store.files import (comparable_uri, input_is_folder, input_key, join_url, with_protocol,
-                               write_json_atomic)
+from remap_store.files import (comparable_uri, input_is_folder, input_key, join_url, redact,
+                               with_protocol, write_json_atomic)
 
 RUN_PREFIX = "run-"
 RUN_SUMMARY = "run.json"
@@ -217,7 +217,7 @@ def remove_incomplete(folders: list[str]) -> None:
     """Delete run folders left by killed runs (their work is redone by this run)."""
     for folder in folders:
         log.warning("removing incomplete run folder %s (no run.json: the run was killed or "
-                    "failed); its URIs are processed again by this run", folder)
+                    "failed); its URIs are processed again by this run", redact(folder))
         fs, path = fsspec.core.url_to_fs(folder)
         fs.rm(path, recursive=True)
 

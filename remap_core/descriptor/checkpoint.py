@@ -64,7 +64,8 @@ def read_checkpoint(path_or_url: str) -> dict:
 
 
 def load_model(path_or_url: str | None = None, device: str | None = None) -> RetrievalNet:
-    """Rebuild a model from a checkpoint (or the offline default when None), in eval mode.
+    """Rebuild a model from a checkpoint (or the offline default when None), in eval mode, on
+    `device` (None: a CUDA GPU when one is visible, else the CPU; "cuda" without one: ValueError).
 
     The stored fingerprint is checked against the loaded weights, so a damaged or edited file is
     refused rather than silently producing different embeddings.
@@ -79,8 +80,8 @@ def load_model(path_or_url: str | None = None, device: str | None = None) -> Ret
         if got != ckpt["fingerprint"]:
             raise ValueError(f"checkpoint {path_or_url} fingerprint {ckpt['fingerprint']} does not "
                              f"match its weights ({got}); the file is damaged or was edited")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device).eval()
+    from remap_core.descriptor.devices import resolve_device
+
+    model.to(resolve_device(device)).eval()
     model.fingerprint = model_fingerprint(model) if path_or_url is None else ckpt["fingerprint"]
     return model

@@ -114,15 +114,19 @@ class RetrievalNet(nn.Module):
         return self.mean.device
 
     def embed_arrays(self, images: list[np.ndarray], batch_size: int = 16) -> np.ndarray:
-        """Embed uint8 (H, W, 3) arrays -> (N, D) float32, batching images of equal shape."""
+        """Embed uint8 (H, W, 3) arrays -> (N, D) float32, batching images of equal shape.
+        On a GPU: uint8 batches copied through pinned memory, converted there, mixed
+        precision (autocast)."""
+        from remap_core.descriptor.devices import to_device
+
         out = np.zeros((len(images), self.dim), dtype=np.float32)
         was_training = self.training
         self.eval()
         use_amp = self.device.type == "cuda"
         with torch.inference_mode(), torch.autocast(self.device.type, enabled=use_amp):
             for chunk in shape_batches(images, batch_size):
-                batch = torch.from_numpy(np.stack([images[i] for i in chunk]))
-                batch = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+                batch = to_device(np.stack([images[i] for i in chunk]), self.device)
+                batch = batch.permute(0, 3, 1, 2).float()
                 out[chunk] = self.forward_multiscale(batch).float().cpu().numpy()
         self.train(was_training)
         return out
