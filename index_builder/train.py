@@ -14,7 +14,7 @@ import logging
 import math
 import re
 import time
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import faiss
 import numpy as np
@@ -160,29 +160,82 @@ def training_size(factory: str, n: int, dim: int, points_per_centroid: int = 50,
 
 # --------------------------------------------------------------------------- sampling
 
+def sample_keys(ids: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A uniform random key in [0, 1) for each id (B,) int64 -> (B,) float64, a function of
+    (id, seed) alone (splitmix64 of the id mixed with the seed): the same row draws the same key
+    whichever stream, batch, shard or worker it is read in."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(ids, np.int64).view(np.uint64) ^ \
+            np.uint64((seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % (1 << 64))
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+class SamplePart(NamedTuple):
+    """The rows of one part of a collection with the smallest sample keys: (keys (S,),
+    ids (S,), X (S, D) float32), keys ascending."""
+    keys: np.ndarray
+    ids: np.ndarray
+    X: np.ndarray
+
+
+def _smallest(keys: np.ndarray, ids: np.ndarray, X: np.ndarray, size: int) -> SamplePart:
+    """The `size` rows with the smallest (key, id), in that order."""
+    if len(keys) > size:
+        keep = np.argpartition(keys, size)[:size] if size else np.zeros(0, int)
+        # rows tied with the size-th key are rare; the id breaks ties so every way of cutting
+        # the stream keeps the same rows
+        if size and (keys[keep].max() == np.delete(keys, keep).min()):
+            keep = np.lexsort((ids, keys))[:size]
+        keys, ids, X = keys[keep], ids[keep], X[keep]
+    order = np.lexsort((ids, keys))
+    return SamplePart(keys[order], ids[order], np.ascontiguousarray(X[order]))
+
+
+def sample_part(batches: Iterable[tuple[np.ndarray, np.ndarray]], size: int, seed: int = 0,
+                dim: int | None = None) -> SamplePart:
+    """Bottom-k sample of a stream of (ids (B,), X (B, D)) batches: the `size` rows with the
+    smallest sample_keys. Memory is O(size + batch). Samples of disjoint parts of a collection
+    (its shards, read by different workers) combine with merge_sample_parts into exactly the
+    sample of the whole collection."""
+    keys = np.zeros(0)
+    ids = np.zeros(0, np.int64)
+    X = None if dim is None else np.zeros((0, dim), np.float32)
+    for bid, bx in batches:
+        bid = np.asarray(bid, np.int64)
+        keys, ids = np.concatenate([keys, sample_keys(bid, seed)]), np.concatenate([ids, bid])
+        X = bx.astype(np.float32) if X is None else np.concatenate([X, bx.astype(np.float32)])
+        if len(keys) > 2 * size:       # trim now and then: amortised O(rows)
+            keys, ids, X = _smallest(keys, ids, X, size)
+    if X is None:
+        raise ValueError("nothing to sample: the stream was empty")
+    return _smallest(keys, ids, X, size)
+
+
+def merge_sample_parts(parts: Iterable[SamplePart], size: int) -> SamplePart:
+    """Samples of disjoint parts -> the sample of their union (the `size` smallest keys)."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        raise ValueError("nothing to sample: no part was sampled")
+    return _smallest(np.concatenate([p.keys for p in parts]),
+                     np.concatenate([p.ids for p in parts]),
+                     np.concatenate([p.X for p in parts]), size)
+
+
 def reservoir_sample(batches: Iterable[tuple[np.ndarray, np.ndarray]], size: int, seed: int = 0
                      ) -> tuple[np.ndarray, np.ndarray]:
     """A uniform random sample without replacement of `size` rows from a stream of
     (ids (B,), X (B, D)) batches of unknown total length -> (ids (S,), X (S, D)).
 
-    Bottom-k sampling: every row draws a random key, the sample is the rows with the `size`
-    smallest keys; memory is O(size + batch) and the result does not depend on how the stream
-    is cut into batches."""
-    rng = np.random.default_rng(seed)
-    keys = np.zeros(0)
-    ids = np.zeros(0, np.int64)
-    X = None
-    for bid, bx in batches:
-        bkeys = rng.random(len(bid))
-        keys, ids = np.concatenate([keys, bkeys]), np.concatenate([ids, bid])
-        X = bx.astype(np.float32) if X is None else np.concatenate([X, bx.astype(np.float32)])
-        if len(keys) > size:
-            keep = np.argpartition(keys, size)[:size] if size else np.zeros(0, int)
-            keys, ids, X = keys[keep], ids[keep], X[keep]
-    if X is None:
-        raise ValueError("nothing to sample: the stream was empty")
-    order = np.argsort(keys, kind="stable")
-    return ids[order], np.ascontiguousarray(X[order])
+    Bottom-k sampling: every row's key is a hash of its id and the seed (sample_keys), the
+    sample is the rows with the `size` smallest keys, smallest first; memory is O(size + batch)
+    and the result depends neither on how the stream is cut into batches nor on its order, so
+    a sample drawn in parallel over shards (sample_part + merge_sample_parts) is the same."""
+    part = sample_part(batches, size, seed)
+    return part.ids, part.X
 
 
 # --------------------------------------------------------------------------- training

@@ -16,6 +16,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "embed": ("remap_cli.embed", "embed images into Parquet shards (Apache Beam pipeline)"),
     "index": ("remap_cli.index", "build a FAISS index from embedding shards"),
+    "index-beam": ("remap_cli.index_beam", "build a FAISS index as an Apache Beam job (the "
+                                           "steps of remap index on Beam's runners)"),
     "search": ("remap_cli.search", "search a built index with query images or vectors"),
     "eval": ("remap_cli.eval", "benchmark the descriptor heads on generated view families"),
     "train": ("remap_cli.train", "train REMAP end to end with a triplet loss"),
