@@ -256,13 +256,16 @@ def add_step(store: str, folder: str, workers: int | None = None,
 
     # earlier index shards: drop ids the new runs re-embedded or deleted
     removed_total, kept = 0, []
+    trained_index = None          # read once, if a shard holding only inverted lists needs it
     for entry in state["shards"]:
         have = _read_ids(os.path.join(folder, entry["index"]))
         gone = np.intersect1d(have, touched)
         if len(gone):
             new_name = index_shard_name(entry["source_run"], entry["source"], gen)
+            if trained_index is None:
+                trained_index = faiss.read_index(os.path.join(folder, TRAINED_FILE))
             removed, left = remove_ids(os.path.join(folder, entry["index"]), gone,
-                                       os.path.join(folder, new_name))
+                                       os.path.join(folder, new_name), trained_index)
             removed_total += removed
             entry = {**entry, "index": new_name, "ids": ids_path(new_name), "vectors": left}
         kept.append(entry)
@@ -353,8 +356,10 @@ def merge_step(folder: str, layout: str = "single", target_recall: float = 0.95,
                                 f"`remap index add` first")
     shard_paths = [os.path.join(folder, e["index"]) for e in state["shards"]]
     t0 = time.time()
+    trained_path = os.path.join(folder, TRAINED_FILE)
+    shared = None      # the trained index that IVF shards share (layout shards)
     if layout == "single":
-        index = merge_in_memory(shard_paths)
+        index = merge_in_memory(shard_paths, trained_path)
         write_index_atomic(index, os.path.join(folder, INDEX_FILE))
         del index
         index_files = [file_entry(folder, INDEX_FILE)]
@@ -365,6 +370,9 @@ def merge_step(folder: str, layout: str = "single", target_recall: float = 0.95,
                        file_entry(folder, os.path.basename(ivfdata))]
     else:
         index_files = [file_entry(folder, e["index"]) for e in state["shards"]]
+        if faiss.try_extract_index_ivf(faiss.read_index(trained_path)) is not None:
+            shared = TRAINED_FILE       # the quantizer + codebooks, once for every shard
+            index_files.insert(0, file_entry(folder, TRAINED_FILE))
     merge_seconds = time.time() - t0
     manifest = {
         "model": train["model"], "model_uri": train.get("model_uri"),
@@ -375,6 +383,8 @@ def merge_step(folder: str, layout: str = "single", target_recall: float = 0.95,
         "num_vectors": int(sum(e["vectors"] for e in state["shards"])),
         "training_sample": train["training_sample"],
     }
+    if shared:
+        manifest["quantizer_file"] = shared
     index = read_faiss_index(folder, manifest, folder)
     ntotal = int(index.ntotal)
     t0 = time.time()

@@ -11,6 +11,9 @@ from remap_store.files import join_url, write_json_atomic
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
+# 2: a `shards` index whose IVF shards hold only inverted lists and share `quantizer_file`
+SHARED_QUANTIZER_VERSION = 2
+READABLE_VERSIONS = (FORMAT_VERSION, SHARED_QUANTIZER_VERSION)
 
 
 def file_sha256(path: str, chunk: int = 1 << 22) -> tuple[str, int]:
@@ -35,8 +38,8 @@ def write_manifest(folder: str, manifest: dict) -> str:
     """Write `manifest.json` into `folder` via a temporary name and rename (atomic locally).
     -> its path as fsspec names it."""
     fs, root = fsspec.core.url_to_fs(folder)
-    write_json_atomic(join_url(folder, MANIFEST_NAME),
-                      {"format_version": FORMAT_VERSION, **manifest})
+    version = SHARED_QUANTIZER_VERSION if manifest.get("quantizer_file") else FORMAT_VERSION
+    write_json_atomic(join_url(folder, MANIFEST_NAME), {"format_version": version, **manifest})
     return join_url(root, MANIFEST_NAME)
 
 
@@ -58,9 +61,10 @@ def read_manifest(folder: str) -> dict:
     if not isinstance(manifest, dict):
         raise ValueError(f"{path} is not an index manifest (a JSON object); copy the index "
                          f"again, or rebuild it with `remap index`")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(f"index at {folder} has manifest format {manifest.get('format_version')}, "
-                         f"this library reads {FORMAT_VERSION}; rebuild or upgrade remap")
+                         f"this library reads {' and '.join(map(str, READABLE_VERSIONS))}; "
+                         f"rebuild or upgrade remap")
     return manifest
 
 
