@@ -97,9 +97,11 @@ def _list_sizes(lists: faiss.InvertedLists) -> np.ndarray:
 def merge_to_ondisk(trained_path: str, shard_paths: list[str], output: str) -> str:
     """IVF shards -> `output` (.faiss) + `output`'s .ivfdata. -> ivfdata path.
 
-    Streamed: a first pass reads each shard's list sizes and lays the .ivfdata out with every
-    list at its final size; a second pass copies each shard's entries into place. One shard's
-    lists are in memory at a time (the .ivfdata is memory-mapped and written through).
+    Streamed, with memory bounded by one shard: a first pass reads each shard's list sizes and
+    lays the .ivfdata out with every list at its final size (FAISS's OnDiskInvertedLists
+    layout: per list, its codes then its ids); a second pass reads one shard at a time and
+    writes each of its lists into place with plain file writes. No shard, and none of the
+    .ivfdata, is memory-mapped into this process while it merges.
 
     Open the result with read_ondisk (IO_FLAG_ONDISK_SAME_DIR; not IO_FLAG_MMAP, which crashes
     searches over OnDiskInvertedLists in faiss 1.15.1)
@@ -108,6 +110,7 @@ def merge_to_ondisk(trained_path: str, shard_paths: list[str], output: str) -> s
     if faiss.try_extract_index_ivf(trained) is None:
         raise ValueError("the on-disk layout needs an IVF index; use --layout single or shards")
     ivf = faiss.extract_index_ivf(trained)
+    code_size, entry = ivf.code_size, ivf.code_size + 8      # + the int64 id
     ivfdata = os.path.splitext(output)[0] + ".ivfdata"
     for p in (ivfdata, output):
         if os.path.exists(p):
@@ -117,18 +120,30 @@ def merge_to_ondisk(trained_path: str, shard_paths: list[str], output: str) -> s
         lists, _keep = _shard_lists(p)
         sizes += _list_sizes(lists)
         del lists, _keep
-    ondisk = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, ivfdata)
-    ondisk.update_totsize(int(sizes.sum()) * (8 + ivf.code_size))   # the file, mapped
-    ondisk.set_all_lists_sizes(faiss.swig_ptr(sizes))               # each list at its place
-    filled = np.zeros(ivf.nlist, np.uint64)
-    for p in shard_paths:
-        lists, _keep = _shard_lists(p)
-        for i in np.flatnonzero(_list_sizes(lists)):
-            n = lists.list_size(int(i))
-            ondisk.update_entries(int(i), int(filled[i]), n, lists.get_ids(int(i)),
-                                  lists.get_codes(int(i)))
-            filled[i] += n
-        del lists, _keep
+    starts = np.concatenate([[0], np.cumsum(sizes * np.uint64(entry))[:-1]]).astype(np.int64)
+    # the file at its full size, and each list's place in it as OnDiskInvertedLists records it
+    # (offset, size = capacity); it maps the file, but this process writes through the file
+    # descriptor and never touches the mapping
+    ondisk = faiss.OnDiskInvertedLists(ivf.nlist, code_size, ivfdata)
+    ondisk.update_totsize(int(sizes.sum()) * entry)
+    ondisk.set_all_lists_sizes(faiss.swig_ptr(sizes))
+    filled = np.zeros(ivf.nlist, np.int64)
+    fd = os.open(ivfdata, os.O_WRONLY)
+    try:
+        for p in shard_paths:
+            lists, _keep = _shard_lists(p)
+            for i in np.flatnonzero(_list_sizes(lists)):
+                i = int(i)
+                n = lists.list_size(i)
+                codes = faiss.rev_swig_ptr(lists.get_codes(i), n * code_size)
+                ids = faiss.rev_swig_ptr(lists.get_ids(i), n)
+                start = int(starts[i])
+                os.pwrite(fd, codes, start + int(filled[i]) * code_size)
+                os.pwrite(fd, ids, start + int(sizes[i]) * code_size + int(filled[i]) * 8)
+                filled[i] += n
+            del lists, _keep
+    finally:
+        os.close(fd)
     ivf.replace_invlists(ondisk, True)
     ondisk.thisown = False
     set_ntotal(trained, int(sizes.sum()))
