@@ -36,7 +36,8 @@ from index_builder.embeddings import (LiveShard, check_store_model, iter_shard_b
 from index_builder.manifest import MANIFEST_NAME, file_entry, write_manifest
 from index_builder.merge import LAYOUTS, merge_in_memory, merge_to_ondisk
 from index_builder.recall import KS, exact_knn_stream, tune_search_params, unmeasured_recall
-from index_builder.train import (ERROR_SAMPLE, check_trainable, choose_factory, error_growth,
+from index_builder.train import (ERROR_SAMPLE, check_trainable, choose_factory, coarse_training,
+                                 error_growth,
                                  held_out_size, make_index, parse_bytes, quantization_error,
                                  reservoir_sample, train_index, training_size)
 from remap_store.files import atomic_path, write_json_atomic
@@ -180,6 +181,7 @@ def train_on_sample(plan: TrainingPlan, sample: np.ndarray, folder: str,
     info = {"factory": plan.factory, "dimension": plan.dim, "model": plan.fingerprint,
             "collection_size": plan.n, "max_index_memory": plan.budget,
             "training_sample": int(plan.size), "quantization_error": errors,
+            "coarse_training": _coarse_training(index),
             "error_sample": int(held), "seed": plan.seed, "plan_key": plan.key(),
             "sample_seconds": round(sample_seconds, 3), "train_seconds": round(train_seconds, 3),
             "source_runs": plan.run_ids, "source_store": plan.store,
@@ -189,6 +191,11 @@ def train_on_sample(plan: TrainingPlan, sample: np.ndarray, folder: str,
     log.info(f"train: done in {info['seconds']:.1f}s (sample {sample_seconds:.1f}s, "
              f"train {train_seconds:.1f}s); quantisation error {errors or 'n/a (exact storage)'}")
     return info
+
+
+def _coarse_training(index: faiss.Index) -> str | None:
+    ivf = faiss.try_extract_index_ivf(index)
+    return coarse_training(ivf.nlist) if ivf is not None else None
 
 
 def train_step(store: str, folder: str, factory: str | None = None,

@@ -31,6 +31,10 @@ PQ_CHOICES = (256, 128, 64, 48, 32, 24, 16, 8, 4)
 ID_BYTES = 8  # an int64 id is stored beside every code in the inverted lists
 HNSW_NODE_BYTES = 2 * 32 * 4 + 16  # HNSW32: 64 level-0 links, level + offset, upper levels
 PQ_CENTROIDS = 256  # every PQ{m}x8 sub-quantizer (and OPQ's) is a 2^8-centroid k-means
+# From this many IVF lists on, the coarse quantizer is trained by two-level k-means
+# (faiss.contrib.clustering: sqrt(k) clusters, then each split in proportion to its points):
+# about sqrt(k)/2 times less work than flat k-means over k centroids (see bench/RESULTS.md).
+TWO_LEVEL_MIN_LISTS = 8192
 ERROR_SAMPLE = 10_000  # vectors held out of training to measure the quantisation error
 PQ_KEEP = 0.5  # a PQ size that divides the dimension is used if it keeps >= half the code bytes
 
@@ -310,8 +314,42 @@ def check_trainable(factory: str, index: faiss.Index, points: int, n: int) -> No
                 f"or leave --factory out")
 
 
-def train_index(factory: str, sample: np.ndarray, verbose: bool = False) -> faiss.Index:
-    """(S, D) float32 sample -> the trained, empty index."""
+def coarse_training(nlist: int) -> str:
+    """How the coarse quantizer of an IVF index with `nlist` lists is trained: "two-level"
+    k-means from TWO_LEVEL_MIN_LISTS lists on, else "flat" (FAISS's own k-means)."""
+    return "two-level" if nlist >= TWO_LEVEL_MIN_LISTS else "flat"
+
+
+def train_two_level(index: faiss.Index, sample: np.ndarray, verbose: bool = False) -> None:
+    """Train an IVF index (under any pre-transform) with its coarse centroids from two-level
+    k-means (faiss.contrib.clustering.two_level_clustering: sqrt(nlist) clusters, each split
+    into sub-clusters in proportion to its share of the sample), on the GPUs when FAISS has
+    any; the rest of the index (PQ codebooks) then trains as usual on the same sample."""
+    from faiss.contrib.clustering import two_level_clustering
+
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            vt = index.chain.at(i)
+            vt.train(sample)
+            sample = vt.apply(sample)
+        train_two_level(index.index, sample, verbose)
+        index.is_trained = True
+        return
+    ivf = faiss.extract_index_ivf(index)
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    centroids, _ = two_level_clustering(sample, int(math.sqrt(ivf.nlist)), ivf.nlist,
+                                        clustering_niter=KMEANS_ITERATIONS, seed=1234,
+                                        verbose=verbose, **({"gpu": True} if gpus else {}))
+    ivf.quantizer.train(centroids)
+    ivf.quantizer.add(centroids)
+    index.train(sample)          # the coarse quantizer is full: only the codes train now
+
+
+def train_index(factory: str, sample: np.ndarray, verbose: bool = False,
+                two_level: bool | None = None) -> faiss.Index:
+    """(S, D) float32 sample -> the trained, empty index. `two_level`: train the IVF coarse
+    quantizer with two-level k-means (None: from TWO_LEVEL_MIN_LISTS lists on)."""
     index = make_index(factory, sample.shape[1])
     if not index.is_trained:
         if len(sample) == 0:
@@ -327,8 +365,13 @@ def train_index(factory: str, sample: np.ndarray, verbose: bool = False) -> fais
                 raise ValueError(f"{factory} has {ivf.nlist} centroids but only {len(sample)} "
                                  f"training vectors; use a smaller IVF or pass --factory")
         started = time.time()
+        if two_level is None:
+            two_level = ivf is not None and coarse_training(ivf.nlist) == "two-level"
         try:
-            index.train(np.ascontiguousarray(sample, dtype=np.float32))
+            if two_level and ivf is not None:
+                train_two_level(index, np.ascontiguousarray(sample, dtype=np.float32), verbose)
+            else:
+                index.train(np.ascontiguousarray(sample, dtype=np.float32))
         except RuntimeError as e:
             raise ValueError(f"FAISS could not train {factory} on {len(sample)} vectors "
                              f"({faiss_reason(e)}); pass another --factory or a larger "
