@@ -214,7 +214,7 @@ def read_faiss_index(folder: str, manifest: dict, tmp: str) -> faiss.Index:
     ondisk  an IVF index file + its .ivfdata inverted lists, memory-mapped (not read) when the
             folder is local, downloaded into `tmp` first when it is not;
     shards  N index files searched together (merge.ShardedIndex, results merged by score); when
-            the manifest names a `quantizer_file` (IVF shards holding only inverted lists) the
+            the manifest names a `quantizer_file` (IVF shards written without their quantizer) the
             shards are joined into that one trained index (merge.merge_in_memory)."""
     layout = manifest.get("layout", "single")
     entries = manifest["index_files"]

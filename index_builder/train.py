@@ -320,6 +320,11 @@ def coarse_training(nlist: int) -> str:
     return "two-level" if nlist >= TWO_LEVEL_MIN_LISTS else "flat"
 
 
+def _gpus() -> int:
+    """GPUs this FAISS build can use (0 for faiss-cpu)."""
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
 def train_two_level(index: faiss.Index, sample: np.ndarray, verbose: bool = False) -> None:
     """Train an IVF index (under any pre-transform) with its coarse centroids from two-level
     k-means (faiss.contrib.clustering.two_level_clustering: sqrt(nlist) clusters, each split
@@ -337,10 +342,9 @@ def train_two_level(index: faiss.Index, sample: np.ndarray, verbose: bool = Fals
         index.is_trained = True
         return
     ivf = faiss.extract_index_ivf(index)
-    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     centroids, _ = two_level_clustering(sample, int(math.sqrt(ivf.nlist)), ivf.nlist,
                                         clustering_niter=KMEANS_ITERATIONS, seed=1234,
-                                        verbose=verbose, **({"gpu": True} if gpus else {}))
+                                        verbose=verbose, **({"gpu": True} if _gpus() else {}))
     ivf.quantizer.train(centroids)
     ivf.quantizer.add(centroids)
     index.train(sample)          # the coarse quantizer is full: only the codes train now
@@ -371,6 +375,9 @@ def train_index(factory: str, sample: np.ndarray, verbose: bool = False,
             if two_level and ivf is not None:
                 train_two_level(index, np.ascontiguousarray(sample, dtype=np.float32), verbose)
             else:
+                if ivf is not None and _gpus():   # flat k-means's assignments on the GPUs
+                    ivf.clustering_index = faiss.index_cpu_to_all_gpus(
+                        faiss.IndexFlat(ivf.d, ivf.metric_type))
                 index.train(np.ascontiguousarray(sample, dtype=np.float32))
         except RuntimeError as e:
             raise ValueError(f"FAISS could not train {factory} on {len(sample)} vectors "
