@@ -187,3 +187,25 @@ def test_refusals_come_before_the_job_and_write_nothing(collection, tmp_path, ca
                   f"--factory={IVF}"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["dry_run"] and "AddShard" in out["transforms"] and not index.exists()
+
+
+def test_the_job_graph_translates_for_dataflow_offline(collection, tmp_path):
+    """--dry_run with the DataflowRunner: the job is translated, nothing is submitted or written
+    (run in a network namespace of its own where the machine allows one: nothing can leave)."""
+    root, store, _ = collection
+    isolate = ["unshare", "-n"] if subprocess.run(
+        ["unshare", "-n", "true"], capture_output=True).returncode == 0 else []
+    done = subprocess.run(
+        [*isolate, sys.executable, "-m", "remap_cli", "index-beam", f"--embeddings={store}",
+         "--index=gs://remap-dry-run/idx", f"--factory={IVF}", "--runner=DataflowRunner",
+         "--dry_run=True", "--no_auth", "--project=remap-dry-run", "--region=europe-west1",
+         "--temp_location=gs://remap-dry-run/tmp", "--staging_location=gs://remap-dry-run/st",
+         "--experiments=use_runner_v2", "--sdk_location=container",
+         "--sdk_container_image=remap-worker:test"],
+        capture_output=True, text=True, env=service_env(), timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["dry_run"] and out["factory"] == IVF
+    assert out["transforms"] == ["Shards", "Spread", "SampleShard", "MergeSamples", "Train",
+                                 "AddShard", "Collect", "Merge"]
+    assert os.listdir(tmp_path) == []
