@@ -6,7 +6,9 @@ embedding shard; remove ids from index shards.
 
 Each worker reads the trained index, streams its embedding shard in row batches, calls
 `add_with_ids` with the shard's stable ids, and writes `<name>.faiss` plus `<name>.ids.parquet`
-(id -> uri). Workers are processes (spawned, so FAISS/OpenMP state is never forked); how many
+(id -> uri). Of an IVF index a shard file holds its inverted lists under an empty coarse
+quantizer: the trained quantizer is the folder's trained.faiss, stored once (read_index_shard
+joins them). Workers are processes (spawned, so FAISS/OpenMP state is never forked); how many
 run at once is bounded by the CPU count and by a memory budget.
 """
 
@@ -67,6 +69,67 @@ def write_index_atomic(index: faiss.Index, path: str) -> None:
         faiss.write_index(index, tmp)
 
 
+def write_index_shard(index: faiss.Index, path: str) -> None:
+    """An index shard to `path` (temporary name, then renamed). Of an IVF index only the IVF
+    part is written, with its inverted lists and an empty coarse quantizer in place of the
+    trained one: the quantizer (and any rotation in front), the same in every shard, stays once
+    in the folder's trained.faiss (read_index_shard puts it back). Other indexes (Flat, HNSW:
+    nothing shared to leave out) are written whole."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        write_index_atomic(index, path)
+        return
+    quantizer, empty = ivf.quantizer, faiss.IndexFlat(ivf.d, ivf.metric_type)
+    ivf.quantizer = empty
+    try:
+        write_index_atomic(ivf, path)
+    finally:
+        ivf.quantizer = quantizer
+
+
+def holds_only_lists(index: faiss.Index) -> bool:
+    """True for an index shard written without its quantizer (write_index_shard of an IVF
+    index); False for a whole index (every shard of remap before shared quantizers)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    return ivf is not None and ivf.nlist > 0 and ivf.quantizer.ntotal == 0
+
+
+def set_ntotal(index: faiss.Index, n: int) -> None:
+    """ntotal of an index and of the indexes it wraps, down to the IVF index."""
+    while index is not None:
+        index = faiss.downcast_index(index)
+        index.ntotal = n
+        if isinstance(index, faiss.IndexIVF):
+            return
+        index = getattr(index, "index", None)
+
+
+def with_lists(trained: faiss.Index, shard: faiss.Index) -> faiss.Index:
+    """A copy of the trained (empty) IVF index holding the entries of `shard`'s inverted lists
+    (which are moved: `shard` is left empty)."""
+    index = faiss.clone_index(trained)
+    ivf, lists = faiss.extract_index_ivf(index), faiss.extract_index_ivf(shard).invlists
+    if lists.nlist != ivf.nlist or lists.code_size != ivf.code_size:
+        raise ValueError(f"an index shard has {lists.nlist} lists of {lists.code_size}-byte codes "
+                         f"but the trained index {ivf.nlist} of {ivf.code_size}: the shard "
+                         f"belongs to another training; rebuild the index")
+    ivf.invlists.merge_from(lists, 0)
+    set_ntotal(index, int(ivf.invlists.compute_ntotal()))
+    return index
+
+
+def read_index_shard(path: str, trained: faiss.Index | None = None) -> faiss.Index:
+    """An index shard as a searchable index: a whole index as it is, one written without its
+    quantizer joined to a copy of `trained` (the folder's trained.faiss)."""
+    shard = faiss.read_index(path)
+    if not holds_only_lists(shard):
+        return shard
+    if trained is None:
+        raise ValueError(f"{path} holds only inverted lists; its quantizer is the index "
+                         f"folder's trained.faiss")
+    return with_lists(trained, shard)
+
+
 def add_shard(trained: faiss.Index, job: AddJob, batch_rows: int = 65_536) -> AddResult:
     """Add one embedding shard to a copy of `trained` and write the index shard + its id table."""
     started = time.time()
@@ -85,7 +148,7 @@ def add_shard(trained: faiss.Index, job: AddJob, batch_rows: int = 65_536) -> Ad
             all_uris += uris
     ids = np.concatenate(all_ids) if all_ids else np.zeros(0, np.int64)
     os.makedirs(os.path.dirname(os.path.abspath(job.output)), exist_ok=True)
-    write_index_atomic(index, job.output)
+    write_index_shard(index, job.output)
     write_id_table(ids_path(job.output), ids, all_uris)
     return AddResult(job.source, job.output, ids_path(job.output), int(len(ids)), skipped,
                      round(time.time() - started, 3), _peak_rss())
@@ -149,9 +212,11 @@ def add_shards(trained_path: str, jobs: list[AddJob], workers: int | None = None
     return [results[i] for i in range(len(jobs))]
 
 
-def remove_ids(index_path: str, ids: np.ndarray, output: str) -> tuple[int, int]:
-    """Copy of an index shard without `ids` (and its id table likewise) -> (removed, left)."""
-    index = faiss.read_index(index_path)
+def remove_ids(index_path: str, ids: np.ndarray, output: str,
+               trained: faiss.Index | None = None) -> tuple[int, int]:
+    """Copy of an index shard without `ids` (and its id table likewise) -> (removed, left).
+    `trained`: the folder's trained index (needed for shards holding only inverted lists)."""
+    index = read_index_shard(index_path, trained)
     ids = np.unique(np.asarray(ids, np.int64))
     before = int(index.ntotal)
     try:
@@ -161,7 +226,7 @@ def remove_ids(index_path: str, ids: np.ndarray, output: str) -> tuple[int, int]
     removed = before - int(index.ntotal)
     table = pq.read_table(ids_path(index_path))
     keep = ~np.isin(table.column("id").to_numpy(), ids)
-    write_index_atomic(index, output)
+    write_index_shard(index, output)
     write_id_table(ids_path(output), table.column("id").to_numpy()[keep],
                    [u for u, k in zip(table.column("uri").to_pylist(), keep) if k])
     return removed, int(index.ntotal)

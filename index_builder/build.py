@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -37,7 +38,8 @@ from index_builder.id_map import shard_rows, write_id_map
 from index_builder.manifest import MANIFEST_NAME, file_entry, write_manifest
 from index_builder.merge import LAYOUTS, merge_in_memory, merge_to_ondisk
 from index_builder.recall import KS, exact_knn_stream, tune_search_params, unmeasured_recall
-from index_builder.train import (ERROR_SAMPLE, check_trainable, choose_factory, error_growth,
+from index_builder.train import (ERROR_SAMPLE, check_trainable, choose_factory, coarse_training,
+                                 error_growth,
                                  held_out_size, make_index, parse_bytes, quantization_error,
                                  reservoir_sample, train_index, training_size)
 from remap_store.files import atomic_path, redact, write_json_atomic
@@ -103,21 +105,47 @@ def _now() -> str:
 
 # --------------------------------------------------------------------------- 1. train
 
-def train_step(store: str, folder: str, factory: str | None = None,
-               max_index_memory: str | int = "4GB", train_sample: int | None = None,
-               points_per_centroid: int = 50, seed: int = 0, opq: bool = False,
-               layout: str | None = None) -> dict:
-    """Choose (or take) the factory, sample the collection uniformly at random across all
-    shards (streamed), train, write trained.faiss + train.json. Existing index shards of an
-    earlier training are dropped from state.json: re-add them with add_step.
+@dataclass
+class TrainingPlan:
+    """What a training will do, decided (and every refusal made) before anything is read
+    beyond the id columns: the live shards, the factory, how many vectors to sample."""
+    store: str
+    runs: list            # EmbeddingRun, oldest first
+    fingerprint: str
+    dim: int
+    shards: list          # LiveShard, oldest first
+    n: int                # live vectors
+    factory: str
+    size: int             # training vectors
+    held: int             # vectors sampled beside them for the quantisation error, never trained on
+    budget: int           # --max-index-memory in bytes
+    seed: int
 
-    Everything that can be refused (the folder, the budget, the factory, too few vectors to
-    train it, a `layout` it cannot take) is refused before anything is sampled or written."""
-    folder = _local(folder, create=False)
+    @property
+    def run_ids(self) -> list[str]:
+        return [r.run_id for r in self.runs]
+
+    def key(self) -> str:
+        """Names what the training depends on: a trained index with the same key is the one this
+        plan would train (the sample is a function of the live rows and the seed)."""
+        import hashlib
+
+        what = json.dumps([self.store, self.run_ids, self.fingerprint, self.dim, self.n,
+                           self.factory, self.size, self.held, self.seed])
+        return hashlib.sha256(what.encode()).hexdigest()[:16]
+
+
+def plan_training(store: str, factory: str | None = None, max_index_memory: str | int = "4GB",
+                  train_sample: int | None = None, points_per_centroid: int = 50, seed: int = 0,
+                  opq: bool = False, layout: str | None = None) -> TrainingPlan:
+    """List the store's runs, plan the live shards, choose (or check) the factory and the sample
+    size. Everything that can be refused (the budget, the factory, too few vectors to train it,
+    a `layout` it cannot take) is refused here, before anything is sampled or written."""
     budget = parse_bytes(max_index_memory)
     if train_sample is not None and int(train_sample) < 1:
         raise ValueError(f"--train-sample must be at least 1, got {train_sample}")
-    started = time.time()
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
     runs = list_runs(store)
     fingerprint, dim = check_store_model(runs)
     shards, _ = plan_live_shards(runs)
@@ -136,31 +164,68 @@ def train_step(store: str, folder: str, factory: str | None = None,
     if layout == "ondisk" and faiss.try_extract_index_ivf(empty) is None:
         raise ValueError(f"--layout ondisk needs an IVF index and {factory} is not one; use "
                          f"--layout single or shards, or pass --factory IVF<k>,...")
-    del empty
-    if os.path.exists(os.path.join(folder, MANIFEST_NAME)):
-        log.info(f"train: {folder} holds an index; training anew (it is replaced at the merge)")
-    folder = _local(folder)
-    log.info(f"train: {n} vectors of dim {dim} in {len(shards)} shards -> {factory}; "
-             f"sampling {size} (+{held} held out for the quantisation error)")
+    return TrainingPlan(store, runs, fingerprint, dim, [s for s in shards], n, factory,
+                        int(size), int(held), budget, seed)
+
+
+def train_on_sample(plan: TrainingPlan, sample: np.ndarray, folder: str,
+                    sample_seconds: float = 0.0, started: float | None = None) -> dict:
+    """Train plan.factory on a sample drawn for the plan ((held + size, D): the first `held`
+    rows measure the quantisation error, the rest train), write trained.faiss + train.json
+    into the local `folder`. -> train.json's content"""
+    started = started or time.time()
+    held = plan.held
     t0 = time.time()
-    if size + held:
-        _, sample = reservoir_sample(_live_batches(shards), size + held, seed)
-    else:
-        sample = np.zeros((0, dim), np.float32)
-    sample_seconds = time.time() - t0
-    t0 = time.time()
-    index = train_index(factory, sample[held:], verbose=False)
+    index = train_index(plan.factory, sample[held:], verbose=False)
     train_seconds = time.time() - t0
     errors = quantization_error(index, sample[:held]) if held else {}
     write_index_atomic(index, os.path.join(folder, TRAINED_FILE))
-    info = {"factory": factory, "dimension": dim, "model": fingerprint, "collection_size": n,
-            "max_index_memory": budget, "training_sample": int(size),
-            "quantization_error": errors, "error_sample": int(held), "seed": seed,
+    info = {"factory": plan.factory, "dimension": plan.dim, "model": plan.fingerprint,
+            "collection_size": plan.n, "max_index_memory": plan.budget,
+            "training_sample": int(plan.size), "quantization_error": errors,
+            "coarse_training": _coarse_training(index),
+            "error_sample": int(held), "seed": plan.seed, "plan_key": plan.key(),
             "sample_seconds": round(sample_seconds, 3), "train_seconds": round(train_seconds, 3),
-            "source_runs": [r.run_id for r in runs], "source_store": store,
-            "model_uri": runs[-1].summary.get("model_uri"),
+            "source_runs": plan.run_ids, "source_store": plan.store,
+            "model_uri": plan.runs[-1].summary.get("model_uri"),
             "trained_at": _now(), "seconds": round(time.time() - started, 3)}
     _write_json(os.path.join(folder, TRAIN_JSON), info)
+    log.info(f"train: done in {info['seconds']:.1f}s (sample {sample_seconds:.1f}s, "
+             f"train {train_seconds:.1f}s); quantisation error {errors or 'n/a (exact storage)'}")
+    return info
+
+
+def _coarse_training(index: faiss.Index) -> str | None:
+    ivf = faiss.try_extract_index_ivf(index)
+    return coarse_training(ivf.nlist) if ivf is not None else None
+
+
+def train_step(store: str, folder: str, factory: str | None = None,
+               max_index_memory: str | int = "4GB", train_sample: int | None = None,
+               points_per_centroid: int = 50, seed: int = 0, opq: bool = False,
+               layout: str | None = None) -> dict:
+    """Choose (or take) the factory, sample the collection uniformly at random across all
+    shards (streamed), train, write trained.faiss + train.json. Existing index shards of an
+    earlier training are dropped from state.json: re-add them with add_step.
+
+    Everything that can be refused (the folder, the budget, the factory, too few vectors to
+    train it, a `layout` it cannot take) is refused before anything is sampled or written."""
+    folder = _local(folder, create=False)
+    started = time.time()
+    plan = plan_training(store, factory, max_index_memory, train_sample, points_per_centroid,
+                         seed, opq, layout)
+    if os.path.exists(os.path.join(folder, MANIFEST_NAME)):
+        log.info(f"train: {folder} holds an index; training anew (it is replaced at the merge)")
+    folder = _local(folder)
+    log.info(f"train: {plan.n} vectors of dim {plan.dim} in {len(plan.shards)} shards -> "
+             f"{plan.factory}; sampling {plan.size} (+{plan.held} held out for the "
+             f"quantisation error)")
+    t0 = time.time()
+    if plan.size + plan.held:
+        _, sample = reservoir_sample(_live_batches(plan.shards), plan.size + plan.held, seed)
+    else:
+        sample = np.zeros((0, plan.dim), np.float32)
+    info = train_on_sample(plan, sample, folder, time.time() - t0, started)
     old = _read_json(os.path.join(folder, STATE_JSON))
     if old and old.get("shards"):
         log.info(f"train: the {len(old['shards'])} index shards of the previous training no "
@@ -168,8 +233,6 @@ def train_step(store: str, folder: str, factory: str | None = None,
     _write_json(os.path.join(folder, STATE_JSON),
                 {"trained_at": info["trained_at"], "runs_added": [], "shards": [],
                  "generation": (old or {}).get("generation", 0) + 1})
-    log.info(f"train: done in {info['seconds']:.1f}s (sample {sample_seconds:.1f}s, "
-             f"train {train_seconds:.1f}s); quantisation error {errors or 'n/a (exact storage)'}")
     return info
 
 
@@ -202,13 +265,16 @@ def add_step(store: str, folder: str, workers: int | None = None,
 
     # earlier index shards: drop ids the new runs re-embedded or deleted
     removed_total, kept = 0, []
+    trained_index = None          # read once, if a shard holding only inverted lists needs it
     for entry in state["shards"]:
         have = _read_ids(os.path.join(folder, entry["index"]))
         gone = np.intersect1d(have, touched)
         if len(gone):
-            new_name = _shard_name(entry["source_run"], entry["source"], gen)
+            new_name = index_shard_name(entry["source_run"], entry["source"], gen)
+            if trained_index is None:
+                trained_index = faiss.read_index(os.path.join(folder, TRAINED_FILE))
             removed, left = remove_ids(os.path.join(folder, entry["index"]), gone,
-                                       os.path.join(folder, new_name))
+                                       os.path.join(folder, new_name), trained_index)
             removed_total += removed
             entry = {**entry, "index": new_name, "ids": ids_path(new_name), "vectors": left}
         kept.append(entry)
@@ -227,7 +293,7 @@ def add_step(store: str, folder: str, workers: int | None = None,
                         "codebooks fit it worse and recall will drop: retrain with `remap index "
                         "train` then `remap index add`")
 
-    jobs = [AddJob(s.path, os.path.join(folder, _shard_name(s.run_id, s.path, gen)), s.drop)
+    jobs = [AddJob(s.path, os.path.join(folder, index_shard_name(s.run_id, s.path, gen)), s.drop)
             for s in shards if s.live_rows > 0]
     results = add_shards(os.path.join(folder, TRAINED_FILE), jobs, workers,
                          parse_bytes(memory_budget, "--add-memory") if memory_budget else None,
@@ -251,7 +317,23 @@ def add_step(store: str, folder: str, workers: int | None = None,
     return summary
 
 
-def _shard_name(run_id: str, source: str, gen: int) -> str:
+def adopt_shards(folder: str, run_ids: list[str], entries: list[dict]) -> dict:
+    """Record index shards added elsewhere (by the Beam job's workers) as the state of a freshly
+    trained local folder: what add_step would have written after adding `run_ids` whole.
+    `entries`: {"source", "source_run", "index", "ids", "vectors"} in the order to merge."""
+    train = _read_json(os.path.join(folder, TRAIN_JSON))
+    if train is None:
+        raise FileNotFoundError(f"{folder} has no trained index to adopt index shards into")
+    state = {"trained_at": train["trained_at"], "runs_added": list(run_ids),
+             "shards": [e for e in entries if e["vectors"] > 0], "generation": 2,
+             "updated_at": _now()}
+    _write_json(os.path.join(folder, STATE_JSON), state)
+    return state
+
+
+def index_shard_name(run_id: str, source: str, gen: int) -> str:
+    """The index shard of one embedding shard, relative to the index folder: deterministic, so
+    an add redone after a killed or retried worker overwrites its own file (no duplicates)."""
     stem = os.path.basename(source).rsplit(".", 1)[0]
     return f"{SHARD_DIR}/{run_id}-{stem}-g{gen}.faiss"
 
@@ -283,8 +365,10 @@ def merge_step(folder: str, layout: str = "single", target_recall: float = 0.95,
                                 f"`remap index add` first")
     shard_paths = [os.path.join(folder, e["index"]) for e in state["shards"]]
     t0 = time.time()
+    trained_path = os.path.join(folder, TRAINED_FILE)
+    shared = None      # the trained index that IVF shards share (layout shards)
     if layout == "single":
-        index = merge_in_memory(shard_paths)
+        index = merge_in_memory(shard_paths, trained_path)
         write_index_atomic(index, os.path.join(folder, INDEX_FILE))
         del index
         index_files = [file_entry(folder, INDEX_FILE)]
@@ -295,6 +379,9 @@ def merge_step(folder: str, layout: str = "single", target_recall: float = 0.95,
                        file_entry(folder, os.path.basename(ivfdata))]
     else:
         index_files = [file_entry(folder, e["index"]) for e in state["shards"]]
+        if faiss.try_extract_index_ivf(faiss.read_index(trained_path)) is not None:
+            shared = TRAINED_FILE       # the quantizer + codebooks, once for every shard
+            index_files.insert(0, file_entry(folder, TRAINED_FILE))
     merge_seconds = time.time() - t0
     manifest = {
         "model": train["model"], "model_uri": train.get("model_uri"),
@@ -306,6 +393,8 @@ def merge_step(folder: str, layout: str = "single", target_recall: float = 0.95,
         "num_vectors": int(sum(e["vectors"] for e in state["shards"])),
         "training_sample": train["training_sample"],
     }
+    if shared:
+        manifest["quantizer_file"] = shared
     index = read_faiss_index(folder, manifest, folder)
     ntotal = int(index.ntotal)
     t0 = time.time()

@@ -11,9 +11,12 @@ from remap_store.files import join_url, write_json_atomic
 
 MANIFEST_NAME = "manifest.json"
 # 2: adds `id_map` (the id-sorted, memory-mappable id -> URI/metadata map, index_builder.id_map).
+# 3: as 2, and a `shards` index whose IVF shards hold only inverted lists and share
+#    `quantizer_file` (the trained quantizer stored once).
 # Version 1 manifests (no id_map; readers use the per-shard id_files) are still read.
 FORMAT_VERSION = 2
-READ_VERSIONS = (1, 2)
+SHARED_QUANTIZER_VERSION = 3
+READ_VERSIONS = (1, 2, 3)
 
 
 def file_sha256(path: str, chunk: int = 1 << 22) -> tuple[str, int]:
@@ -38,8 +41,8 @@ def write_manifest(folder: str, manifest: dict) -> str:
     """Write `manifest.json` into `folder` via a temporary name and rename (atomic locally).
     -> its path as fsspec names it."""
     fs, root = fsspec.core.url_to_fs(folder)
-    write_json_atomic(join_url(folder, MANIFEST_NAME),
-                      {"format_version": FORMAT_VERSION, **manifest})
+    version = SHARED_QUANTIZER_VERSION if manifest.get("quantizer_file") else FORMAT_VERSION
+    write_json_atomic(join_url(folder, MANIFEST_NAME), {"format_version": version, **manifest})
     return join_url(root, MANIFEST_NAME)
 
 
@@ -63,7 +66,7 @@ def read_manifest(folder: str) -> dict:
                          f"again, or rebuild it with `remap index`")
     if manifest.get("format_version") not in READ_VERSIONS:
         raise ValueError(f"index at {folder} has manifest format {manifest.get('format_version')}, "
-                         f"this library reads {' and '.join(map(str, READ_VERSIONS))}; rebuild or "
+                         f"this library reads {', '.join(map(str, READ_VERSIONS))}; rebuild or "
                          f"upgrade remap")
     return manifest
 

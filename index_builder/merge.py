@@ -1,13 +1,16 @@
 """Merge index shards (all copies of one trained index) into one index, or search them together.
 
-    index = merge_in_memory(["s0.faiss", "s1.faiss"])            # any layout, fits RAM
-    merge_to_ondisk("trained.faiss", shard_paths, "index.faiss")   # IVF: index.ivfdata, mmap-able
+    index = merge_in_memory(shard_paths, "trained.faiss")          # any layout, fits RAM
+    merge_to_ondisk("trained.faiss", shard_paths, "index.faiss")   # IVF: index.ivfdata, mmap-able,
+                                                                   # one shard in memory at a time
     index = sharded_index([faiss.read_index(p) for p in shard_paths])  # keep N shards
 
 Three layouts, as the manifest names them:
   single  one index file, loaded into memory;
   ondisk  index.faiss + index.ivfdata: the inverted lists stay on disk, memory-mapped;
-  shards  the N index shards, searched together (ShardedIndex), results merged by score.
+  shards  the N index shards. IVF shards hold their inverted lists under an empty quantizer
+          and share the trained one (stored once): opened as one index (merge_in_memory).
+          Other shards (Flat, HNSW) are whole indexes searched together (ShardedIndex).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import faiss
 import numpy as np
 
+from index_builder.add import read_index_shard, set_ntotal
 from remap_store.files import atomic_path
 
 LAYOUTS = ("single", "ondisk", "shards")
@@ -54,37 +58,95 @@ def merge_indexes(parts: list[faiss.Index]) -> faiss.Index:
     return base
 
 
-def merge_in_memory(shard_paths: list[str]) -> faiss.Index:
-    """Read index shards from files and merge them in memory (peak ~ the merged index)."""
+def merge_in_memory(shard_paths: list[str], trained_path: str | None = None) -> faiss.Index:
+    """Read index shards from files and merge them in memory (peak ~ the merged index).
+    `trained_path`: the folder's trained index, which shards holding only inverted lists (IVF)
+    share; their lists are moved into it one shard at a time."""
     if not shard_paths:
         raise ValueError("no index shards to merge; run `remap index add` first")
-    base = faiss.read_index(shard_paths[0])
+    trained = faiss.read_index(trained_path) if trained_path else None
+    if trained is not None and faiss.try_extract_index_ivf(trained) is not None:
+        ivf = faiss.extract_index_ivf(trained)
+        for p in shard_paths:
+            lists, _keep = _shard_lists(p)
+            ivf.invlists.merge_from(lists, 0)
+            del lists, _keep
+        set_ntotal(trained, int(ivf.invlists.compute_ntotal()))
+        return trained
+    base = read_index_shard(shard_paths[0], trained)
     if _is_graph(base):
-        return _rebuild_graph([base] + [faiss.read_index(p) for p in shard_paths[1:]])
+        return _rebuild_graph([base] + [read_index_shard(p, trained) for p in shard_paths[1:]])
     for p in shard_paths[1:]:
-        part = faiss.read_index(p)
+        part = read_index_shard(p, trained)
         base.merge_from(part, 0)
         del part
     return base
 
 
+def _shard_lists(path: str):
+    """The inverted lists of an IVF index shard, whichever way it was written -> (lists, the
+    index that owns them, to keep alive while they are used)."""
+    shard = faiss.read_index(path)
+    return faiss.extract_index_ivf(shard).invlists, shard
+
+
+def _list_sizes(lists: faiss.InvertedLists) -> np.ndarray:
+    return np.fromiter((lists.list_size(i) for i in range(lists.nlist)), np.uint64, lists.nlist)
+
+
 def merge_to_ondisk(trained_path: str, shard_paths: list[str], output: str) -> str:
-    """IVF shards -> `output` (.faiss) + `output`'s .ivfdata, merged list by list without loading
-    the lists (faiss.contrib.ondisk.merge_ondisk; shards are memory-mapped). -> ivfdata path.
+    """IVF shards -> `output` (.faiss) + `output`'s .ivfdata. -> ivfdata path.
+
+    Streamed, with memory bounded by one shard: a first pass reads each shard's list sizes and
+    lays the .ivfdata out with every list at its final size (FAISS's OnDiskInvertedLists
+    layout: per list, its codes then its ids); a second pass reads one shard at a time and
+    writes each of its lists into place with plain file writes. No shard, and none of the
+    .ivfdata, is memory-mapped into this process while it merges.
 
     Open the result with read_ondisk (IO_FLAG_ONDISK_SAME_DIR; not IO_FLAG_MMAP, which crashes
     searches over OnDiskInvertedLists in faiss 1.15.1)
     (the .ivfdata is found beside the .faiss file wherever the folder is moved)."""
-    from faiss.contrib.ondisk import merge_ondisk
-
     trained = faiss.read_index(trained_path)
     if faiss.try_extract_index_ivf(trained) is None:
         raise ValueError("the on-disk layout needs an IVF index; use --layout single or shards")
+    ivf = faiss.extract_index_ivf(trained)
+    code_size, entry = ivf.code_size, ivf.code_size + 8      # + the int64 id
     ivfdata = os.path.splitext(output)[0] + ".ivfdata"
     for p in (ivfdata, output):
         if os.path.exists(p):
             os.remove(p)
-    merge_ondisk(trained, shard_paths, ivfdata)
+    sizes = np.zeros(ivf.nlist, np.uint64)
+    for p in shard_paths:
+        lists, _keep = _shard_lists(p)
+        sizes += _list_sizes(lists)
+        del lists, _keep
+    starts = np.concatenate([[0], np.cumsum(sizes * np.uint64(entry))[:-1]]).astype(np.int64)
+    # the file at its full size, and each list's place in it as OnDiskInvertedLists records it
+    # (offset, size = capacity); it maps the file, but this process writes through the file
+    # descriptor and never touches the mapping
+    ondisk = faiss.OnDiskInvertedLists(ivf.nlist, code_size, ivfdata)
+    ondisk.update_totsize(int(sizes.sum()) * entry)
+    ondisk.set_all_lists_sizes(faiss.swig_ptr(sizes))
+    filled = np.zeros(ivf.nlist, np.int64)
+    fd = os.open(ivfdata, os.O_WRONLY)
+    try:
+        for p in shard_paths:
+            lists, _keep = _shard_lists(p)
+            for i in np.flatnonzero(_list_sizes(lists)):
+                i = int(i)
+                n = lists.list_size(i)
+                codes = faiss.rev_swig_ptr(lists.get_codes(i), n * code_size)
+                ids = faiss.rev_swig_ptr(lists.get_ids(i), n)
+                start = int(starts[i])
+                os.pwrite(fd, codes, start + int(filled[i]) * code_size)
+                os.pwrite(fd, ids, start + int(sizes[i]) * code_size + int(filled[i]) * 8)
+                filled[i] += n
+            del lists, _keep
+    finally:
+        os.close(fd)
+    ivf.replace_invlists(ondisk, True)
+    ondisk.thisown = False
+    set_ntotal(trained, int(sizes.sum()))
     with atomic_path(output) as tmp:
         faiss.write_index(trained, tmp)
     return ivfdata

@@ -24,13 +24,22 @@ from typing import Callable
 import fsspec
 
 from index_builder.manifest import MANIFEST_NAME, manifest_files
-from remap_store.files import join_url, redact
+from remap_store.files import atomic_open, join_url, redact
 
 log = logging.getLogger(__name__)
 
 
-def upload_index(local: str, dest: str) -> dict:
-    """Upload the index built in the local folder `local` to `dest`, manifest last.
+def upload_file(local: str, url: str) -> int:
+    """Copy one local file to `url` (any fsspec URL) through a temporary name beside it, so a
+    killed or retried writer never leaves half a file under the final name. -> bytes"""
+    with open(local, "rb") as src, atomic_open(url, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 22)
+    return os.path.getsize(local)
+
+
+def upload_index(local: str, dest: str, keep: tuple[str, ...] = ()) -> dict:
+    """Upload the index built in the local folder `local` to `dest`, manifest last. Files under
+    `dest` whose relative path starts with one of `keep` are not removed as stale.
     -> {"to", "uploaded" (files), "bytes", "removed" (stale files of an earlier index)}"""
     manifest_path = os.path.join(local, MANIFEST_NAME)
     if not os.path.exists(manifest_path):
@@ -48,6 +57,8 @@ def upload_index(local: str, dest: str) -> dict:
     total = 0
     for rel in files:
         target = join_url(root, rel)
+        if "file" in fs.protocol:        # a local destination: make the sub-folders
+            os.makedirs(os.path.dirname(target), exist_ok=True)
         fs.put_file(os.path.join(local, rel), target)
         fs.invalidate_cache(target)
         got = fs.info(target)["size"]
@@ -56,8 +67,8 @@ def upload_index(local: str, dest: str) -> dict:
                           f"the upload was cut short: run it again")
         total += got
     fs.invalidate_cache(root)
-    stale = sorted({p[len(root):].lstrip("/") for p in fs.find(root)} - set(files)
-                   - {MANIFEST_NAME})
+    stale = sorted(rel for rel in {p[len(root):].lstrip("/") for p in fs.find(root)}
+                   - set(files) - {MANIFEST_NAME} if not rel.startswith(keep))
     for rel in stale:
         fs.rm(join_url(root, rel))
     fs.put_file(manifest_path, join_url(root, MANIFEST_NAME))

@@ -32,7 +32,8 @@ import pyarrow.parquet as pq
 from index_builder.cache import cached_index
 from index_builder.id_map import IdMap
 from index_builder.manifest import MANIFEST_NAME, read_manifest, reader_files, verify_files
-from index_builder.merge import ShardedIndex, read_ondisk, set_search_params, sharded_index
+from index_builder.merge import (ShardedIndex, merge_in_memory, read_ondisk, set_search_params,
+                                 sharded_index)
 from remap_store.files import join_url
 
 log = logging.getLogger(__name__)
@@ -416,7 +417,9 @@ def read_faiss_index(folder: str, manifest: dict, tmp: str, mmap: bool = False) 
             for a local folder);
     ondisk  an IVF index file + its .ivfdata inverted lists, memory-mapped (not read) when the
             folder is local, downloaded into `tmp` first when it is not;
-    shards  N index files searched together (merge.ShardedIndex, results merged by score)."""
+    shards  N index files searched together (merge.ShardedIndex, results merged by score); when
+            the manifest names a `quantizer_file` (IVF shards written without their quantizer) the
+            shards are joined into that one trained index (merge.merge_in_memory)."""
     layout = manifest.get("layout", "single")
     entries = manifest["index_files"]
     if layout == "single":
@@ -440,6 +443,10 @@ def read_faiss_index(folder: str, manifest: dict, tmp: str, mmap: bool = False) 
     if layout == "shards":
         if not entries:
             raise ValueError(f"index at {folder} lists no index shards; rebuild it")
+        shared = manifest.get("quantizer_file")
+        if shared:
+            return merge_in_memory([_read_local(folder, e["path"], tmp) for e in entries
+                                    if e["path"] != shared], _read_local(folder, shared, tmp))
         return sharded_index([_read_index_file(_read_local(folder, e["path"], tmp), mmap)
                               for e in entries])
     raise ValueError(f"index at {folder} has layout {layout!r}, which this version of remap "

@@ -14,7 +14,7 @@ import logging
 import math
 import re
 import time
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import faiss
 import numpy as np
@@ -31,6 +31,10 @@ PQ_CHOICES = (256, 128, 64, 48, 32, 24, 16, 8, 4)
 ID_BYTES = 8  # an int64 id is stored beside every code in the inverted lists
 HNSW_NODE_BYTES = 2 * 32 * 4 + 16  # HNSW32: 64 level-0 links, level + offset, upper levels
 PQ_CENTROIDS = 256  # every PQ{m}x8 sub-quantizer (and OPQ's) is a 2^8-centroid k-means
+# From this many IVF lists on, the coarse quantizer is trained by two-level k-means
+# (faiss.contrib.clustering: sqrt(k) clusters, then each split in proportion to its points):
+# about sqrt(k)/2 times less work than flat k-means over k centroids (see bench/RESULTS.md).
+TWO_LEVEL_MIN_LISTS = 8192
 ERROR_SAMPLE = 10_000  # vectors held out of training to measure the quantisation error
 PQ_KEEP = 0.5  # a PQ size that divides the dimension is used if it keeps >= half the code bytes
 
@@ -160,29 +164,82 @@ def training_size(factory: str, n: int, dim: int, points_per_centroid: int = 50,
 
 # --------------------------------------------------------------------------- sampling
 
+def sample_keys(ids: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A uniform random key in [0, 1) for each id (B,) int64 -> (B,) float64, a function of
+    (id, seed) alone (splitmix64 of the id mixed with the seed): the same row draws the same key
+    whichever stream, batch, shard or worker it is read in."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(ids, np.int64).view(np.uint64) ^ \
+            np.uint64((seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % (1 << 64))
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+class SamplePart(NamedTuple):
+    """The rows of one part of a collection with the smallest sample keys: (keys (S,),
+    ids (S,), X (S, D) float32), keys ascending."""
+    keys: np.ndarray
+    ids: np.ndarray
+    X: np.ndarray
+
+
+def _smallest(keys: np.ndarray, ids: np.ndarray, X: np.ndarray, size: int) -> SamplePart:
+    """The `size` rows with the smallest (key, id), in that order."""
+    if len(keys) > size:
+        keep = np.argpartition(keys, size)[:size] if size else np.zeros(0, int)
+        # rows tied with the size-th key are rare; the id breaks ties so every way of cutting
+        # the stream keeps the same rows
+        if size and (keys[keep].max() == np.delete(keys, keep).min()):
+            keep = np.lexsort((ids, keys))[:size]
+        keys, ids, X = keys[keep], ids[keep], X[keep]
+    order = np.lexsort((ids, keys))
+    return SamplePart(keys[order], ids[order], np.ascontiguousarray(X[order]))
+
+
+def sample_part(batches: Iterable[tuple[np.ndarray, np.ndarray]], size: int, seed: int = 0,
+                dim: int | None = None) -> SamplePart:
+    """Bottom-k sample of a stream of (ids (B,), X (B, D)) batches: the `size` rows with the
+    smallest sample_keys. Memory is O(size + batch). Samples of disjoint parts of a collection
+    (its shards, read by different workers) combine with merge_sample_parts into exactly the
+    sample of the whole collection."""
+    keys = np.zeros(0)
+    ids = np.zeros(0, np.int64)
+    X = None if dim is None else np.zeros((0, dim), np.float32)
+    for bid, bx in batches:
+        bid = np.asarray(bid, np.int64)
+        keys, ids = np.concatenate([keys, sample_keys(bid, seed)]), np.concatenate([ids, bid])
+        X = bx.astype(np.float32) if X is None else np.concatenate([X, bx.astype(np.float32)])
+        if len(keys) > 2 * size:       # trim now and then: amortised O(rows)
+            keys, ids, X = _smallest(keys, ids, X, size)
+    if X is None:
+        raise ValueError("nothing to sample: the stream was empty")
+    return _smallest(keys, ids, X, size)
+
+
+def merge_sample_parts(parts: Iterable[SamplePart], size: int) -> SamplePart:
+    """Samples of disjoint parts -> the sample of their union (the `size` smallest keys)."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        raise ValueError("nothing to sample: no part was sampled")
+    return _smallest(np.concatenate([p.keys for p in parts]),
+                     np.concatenate([p.ids for p in parts]),
+                     np.concatenate([p.X for p in parts]), size)
+
+
 def reservoir_sample(batches: Iterable[tuple[np.ndarray, np.ndarray]], size: int, seed: int = 0
                      ) -> tuple[np.ndarray, np.ndarray]:
     """A uniform random sample without replacement of `size` rows from a stream of
     (ids (B,), X (B, D)) batches of unknown total length -> (ids (S,), X (S, D)).
 
-    Bottom-k sampling: every row draws a random key, the sample is the rows with the `size`
-    smallest keys; memory is O(size + batch) and the result does not depend on how the stream
-    is cut into batches."""
-    rng = np.random.default_rng(seed)
-    keys = np.zeros(0)
-    ids = np.zeros(0, np.int64)
-    X = None
-    for bid, bx in batches:
-        bkeys = rng.random(len(bid))
-        keys, ids = np.concatenate([keys, bkeys]), np.concatenate([ids, bid])
-        X = bx.astype(np.float32) if X is None else np.concatenate([X, bx.astype(np.float32)])
-        if len(keys) > size:
-            keep = np.argpartition(keys, size)[:size] if size else np.zeros(0, int)
-            keys, ids, X = keys[keep], ids[keep], X[keep]
-    if X is None:
-        raise ValueError("nothing to sample: the stream was empty")
-    order = np.argsort(keys, kind="stable")
-    return ids[order], np.ascontiguousarray(X[order])
+    Bottom-k sampling: every row's key is a hash of its id and the seed (sample_keys), the
+    sample is the rows with the `size` smallest keys, smallest first; memory is O(size + batch)
+    and the result depends neither on how the stream is cut into batches nor on its order, so
+    a sample drawn in parallel over shards (sample_part + merge_sample_parts) is the same."""
+    part = sample_part(batches, size, seed)
+    return part.ids, part.X
 
 
 # --------------------------------------------------------------------------- training
@@ -257,8 +314,46 @@ def check_trainable(factory: str, index: faiss.Index, points: int, n: int) -> No
                 f"or leave --factory out")
 
 
-def train_index(factory: str, sample: np.ndarray, verbose: bool = False) -> faiss.Index:
-    """(S, D) float32 sample -> the trained, empty index."""
+def coarse_training(nlist: int) -> str:
+    """How the coarse quantizer of an IVF index with `nlist` lists is trained: "two-level"
+    k-means from TWO_LEVEL_MIN_LISTS lists on, else "flat" (FAISS's own k-means)."""
+    return "two-level" if nlist >= TWO_LEVEL_MIN_LISTS else "flat"
+
+
+def _gpus() -> int:
+    """GPUs this FAISS build can use (0 for faiss-cpu)."""
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def train_two_level(index: faiss.Index, sample: np.ndarray, verbose: bool = False) -> None:
+    """Train an IVF index (under any pre-transform) with its coarse centroids from two-level
+    k-means (faiss.contrib.clustering.two_level_clustering: sqrt(nlist) clusters, each split
+    into sub-clusters in proportion to its share of the sample), on the GPUs when FAISS has
+    any; the rest of the index (PQ codebooks) then trains as usual on the same sample."""
+    from faiss.contrib.clustering import two_level_clustering
+
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            vt = index.chain.at(i)
+            vt.train(sample)
+            sample = vt.apply(sample)
+        train_two_level(index.index, sample, verbose)
+        index.is_trained = True
+        return
+    ivf = faiss.extract_index_ivf(index)
+    centroids, _ = two_level_clustering(sample, int(math.sqrt(ivf.nlist)), ivf.nlist,
+                                        clustering_niter=KMEANS_ITERATIONS, seed=1234,
+                                        verbose=verbose, **({"gpu": True} if _gpus() else {}))
+    ivf.quantizer.train(centroids)
+    ivf.quantizer.add(centroids)
+    index.train(sample)          # the coarse quantizer is full: only the codes train now
+
+
+def train_index(factory: str, sample: np.ndarray, verbose: bool = False,
+                two_level: bool | None = None) -> faiss.Index:
+    """(S, D) float32 sample -> the trained, empty index. `two_level`: train the IVF coarse
+    quantizer with two-level k-means (None: from TWO_LEVEL_MIN_LISTS lists on)."""
     index = make_index(factory, sample.shape[1])
     if not index.is_trained:
         if len(sample) == 0:
@@ -274,8 +369,16 @@ def train_index(factory: str, sample: np.ndarray, verbose: bool = False) -> fais
                 raise ValueError(f"{factory} has {ivf.nlist} centroids but only {len(sample)} "
                                  f"training vectors; use a smaller IVF or pass --factory")
         started = time.time()
+        if two_level is None:
+            two_level = ivf is not None and coarse_training(ivf.nlist) == "two-level"
         try:
-            index.train(np.ascontiguousarray(sample, dtype=np.float32))
+            if two_level and ivf is not None:
+                train_two_level(index, np.ascontiguousarray(sample, dtype=np.float32), verbose)
+            else:
+                if ivf is not None and _gpus():   # flat k-means's assignments on the GPUs
+                    ivf.clustering_index = faiss.index_cpu_to_all_gpus(
+                        faiss.IndexFlat(ivf.d, ivf.metric_type))
+                index.train(np.ascontiguousarray(sample, dtype=np.float32))
         except RuntimeError as e:
             raise ValueError(f"FAISS could not train {factory} on {len(sample)} vectors "
                              f"({faiss_reason(e)}); pass another --factory or a larger "

@@ -79,6 +79,40 @@ class EmbedWorkerOptions(PipelineOptions):
                                  "e.g. the core count for one SDK process per VM")
 
 
+class IndexBuildOptions(PipelineOptions):
+    """Options of `remap index-beam`, the index build as a Beam job (see its --help). Storage
+    settings come from --fsspec_config (EmbedOptions), as for `remap embed`."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--embeddings", default=None,
+                            help="embedding store written by remap embed (local, gs://, s3://)")
+        parser.add_argument("--index", default=None,
+                            help="index folder to write (local, gs://, s3://): the job works in "
+                                 "its _build/ folder (kept until the index is complete, so a "
+                                 "killed job rerun resumes there), manifest.json written last")
+        parser.add_argument("--factory", default=None,
+                            help="FAISS factory string (default: chosen from the collection "
+                                 "size and --max_index_memory, as `remap index`)")
+        parser.add_argument("--max_index_memory", default="4GB",
+                            help="memory the searchable index may take (e.g. 100MB, 4GB)")
+        parser.add_argument("--train_sample", type=int, default=None,
+                            help="training vectors, drawn uniformly across all shards in "
+                                 "parallel (default: 50 per IVF centroid, within 39-256)")
+        parser.add_argument("--opq", action="store_true", default=False,
+                            help="when PQ is chosen, learn an OPQ rotation in front")
+        parser.add_argument("--layout", choices=("single", "ondisk", "shards"), default="single",
+                            help="single: one index file; ondisk: IVF lists in a memory-mapped "
+                                 ".ivfdata; shards: one index per embedding shard")
+        parser.add_argument("--target_recall", type=float, default=0.95,
+                            help="tune nprobe/efSearch to the cheapest setting reaching this "
+                                 "recall@10")
+        parser.add_argument("--recall_queries", type=int, default=1000,
+                            help="held-out queries for the recall measured into the manifest")
+        parser.add_argument("--seed", type=int, default=0,
+                            help="seed of the training sample and the recall queries")
+
+
 # Numeric options of EmbedOptions: the values each accepts, and how to say so.
 OPTION_RANGES = {
     "batch_size": (lambda v: v >= 1, "at least 1"),

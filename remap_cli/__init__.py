@@ -18,6 +18,8 @@ from remap_store.files import redact, redact_logs
 COMMANDS: dict[str, tuple[str, str]] = {
     "embed": ("remap_cli.embed", "embed images into Parquet shards (Apache Beam pipeline)"),
     "index": ("remap_cli.index", "build a FAISS index from embedding shards"),
+    "index-beam": ("remap_cli.index_beam", "build a FAISS index as an Apache Beam job (the "
+                                           "steps of remap index on Beam's runners)"),
     "search": ("remap_cli.search", "search a built index with query images or vectors"),
     "serve": ("remap_cli.serve", "serve an index over HTTP: search API, results page, metrics"),
     "eval": ("remap_cli.eval", "benchmark the descriptor heads on generated view families"),

@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
+bash scripts/airflow_venv.sh          # Airflow in its own venv, for the DAG test (~65 s once)
 . .venv/bin/activate
 export GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false
 python -m pytest -q -p no:cacheprovider --durations=15

@@ -33,7 +33,7 @@ def open_by_contract(folder: str):
     """Only what the README's Index bullet says, with json, faiss and pyarrow:
     -> (search(xq, k) -> (scores, ids), {id: uri}, manifest)."""
     manifest = json.loads(Path(folder, "manifest.json").read_text())
-    assert manifest["format_version"] == 2 and manifest["metric"] == "inner_product"
+    assert manifest["format_version"] in (2, 3) and manifest["metric"] == "inner_product"
     for e in manifest["index_files"] + manifest["id_files"] + manifest["id_map"]:
         data = Path(folder, e["path"]).read_bytes()
         assert len(data) == e["bytes"] and hashlib.sha256(data).hexdigest() == e["sha256"]
@@ -46,6 +46,21 @@ def open_by_contract(folder: str):
         (data,) = [p for p in paths if p.endswith(".ivfdata")]
         assert os.path.dirname(data) == os.path.dirname(path)
         parts = [faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)]
+    elif manifest.get("quantizer_file"):     # format 2: IVF shards share one trained index
+        assert manifest["format_version"] == 3 and paths[0].endswith(manifest["quantizer_file"])
+        index = faiss.read_index(paths[0])
+        ivf = faiss.extract_index_ivf(index)
+        for p in paths[1:]:
+            shard = faiss.read_index(p)     # held while its lists are moved
+            ivf.invlists.merge_from(faiss.extract_index_ivf(shard).invlists, 0)
+        inner, n = index, ivf.invlists.compute_ntotal()
+        while True:
+            inner = faiss.downcast_index(inner)
+            inner.ntotal = n
+            if isinstance(inner, faiss.IndexIVF):
+                break
+            inner = inner.index
+        parts = [index]
     else:
         parts = [faiss.read_index(p) for p in paths]
     for part in parts:

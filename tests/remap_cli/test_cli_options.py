@@ -7,8 +7,9 @@ touching this file, and one that the console parses but does not pass on fails h
 option the command runs with the library function it calls replaced by a recorder, once with
 only the arguments it needs and once with that option set to a value other than its default:
 
-- `remap embed` hands its arguments to `pipelines.embed.run(argv)`; the option must come out of
-  Beam's own parse of that argv (`PipelineOptions(argv)`: EmbedOptions, EmbedWorkerOptions).
+- `remap embed` hands its arguments to `pipelines.embed.run(argv)`, `remap index-beam` to
+  `pipelines.index_build.run(argv)`; the option must come out of Beam's own parse of that argv
+  (`PipelineOptions(argv)`: EmbedOptions, EmbedWorkerOptions, IndexBuildOptions).
 - `remap index` (and its steps), `remap search`, `remap samples`: what the library functions
   receive (bound to their signatures), or what the command prints, must change, and carry the
   value given where the option takes one.
@@ -275,6 +276,12 @@ def record_embed(rec: Recorder) -> None:
     rec.replace(embed, "run", {"run_id": "recorded", "submitted": True})
 
 
+def record_index_beam(rec: Recorder) -> None:
+    from pipelines import index_build
+
+    rec.replace(index_build, "run", {"index": "recorded", "dry_run": True})
+
+
 def record_eval(rec: Recorder) -> None:
     from remap_core.evaluation import evaluate
 
@@ -294,8 +301,8 @@ def record_samples(rec: Recorder) -> None:
     rec.replace(samples, "write_samples", ([], []))
 
 
-RECORDERS = {"embed": record_embed, "index": record_index, "search": record_search,
-             "serve": record_serve,
+RECORDERS = {"embed": record_embed, "index-beam": record_index_beam,
+             "index": record_index, "search": record_search, "serve": record_serve,
              "eval": record_eval, "train": record_train, "samples": record_samples}
 
 
@@ -373,14 +380,14 @@ def test_option_reaches_the_code_that_uses_it(name, path, dest, tmp_path, monkey
     flag = action.option_strings[-1] if action.option_strings else dest
     where = f"remap {' '.join((name, *path))} {flag}"
 
-    if name == "embed":
+    if name in ("embed", "index-beam"):         # Beam jobs: the argv goes to Beam's parse
         from apache_beam.options.pipeline_options import PipelineOptions
 
         _, rec = observe(name, command_line(name, path, given), monkeypatch, capsys)
-        ((_, arguments),) = rec.calls
+        ((fn, arguments),) = rec.calls
         parsed = PipelineOptions(arguments["argv"]).get_all_options()
         assert parsed[dest] == expected, (
-            f"{where} {expected!r} reached pipelines.embed.run as {parsed[dest]!r}")
+            f"{where} {expected!r} reached {fn} as {parsed[dest]!r}")
         return
 
     before, _ = observe(name, command_line(name, path, base), monkeypatch, capsys)

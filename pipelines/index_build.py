@@ -1,0 +1,305 @@
+"""The index build as a Beam job: the steps of `remap index` (index_builder.build) spread over
+workers, on any runner `remap embed` runs on (the in-process FnApiRunner by default, the
+PortableRunner with a worker pool, Dataflow).
+
+    Shards ─┬─► SampleShard (per shard) ─► MergeSamples ─► Train (one worker)
+            │                                                 │ trained.faiss (side input)
+            └─► AddShard (per shard) ◄────────────────────────┘
+                     │ shards/<run>-<shard>-g1.faiss + .ids.parquet
+                     ▼
+                 Collect ─► Merge (one worker: merge_step, recall, manifest; upload)
+
+The launcher plans the build (index_builder.build.plan_training: runs, live shards, factory,
+sample size; every refusal happens there, before a job starts). Workers write into the index
+folder's `_build/` work folder, each file under a deterministic name through a temporary one,
+so a retried or killed worker leaves no duplicates; a rerun of a killed job finds the trained
+index and the index shards already written there (same plan) and does only what is missing.
+The Merge step publishes the index with index_builder.publish (manifest.json last) and then
+removes `_build/`. The sample is the same bottom-k sample the local build draws (keys hashed
+from ids), so both builds train, add and merge the same index.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+
+import apache_beam as beam
+import fsspec
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
+
+from pipelines.launch import is_dry_run, local_defaults, top_level_transforms
+from pipelines.options import EmbedOptions, IndexBuildOptions
+from pipelines.uris import apply_fsspec_config
+from pipelines.workers import StorageDoFn
+from remap_store.files import join_url
+
+NAMESPACE = "remap.index"
+WORK = "_build"          # the job's work folder inside --index
+PLAN_JSON = "plan.json"  # the plan the work folder's files belong to
+log = logging.getLogger(__name__)
+
+
+def _count(name: str, n: int = 1) -> None:
+    beam.metrics.Metrics.counter(NAMESPACE, name).inc(n)
+
+
+def _exists(url: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache(path.rsplit("/", 1)[0])
+    return fs.exists(path)
+
+
+def _download(url: str, local: str) -> str:
+    fs, path = fsspec.core.url_to_fs(url)
+    os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+    fs.get_file(path, local)
+    return local
+
+
+# --------------------------------------------------------------------------- worker steps
+
+class SampleShardFn(StorageDoFn):
+    """(position, LiveShard) -> the shard's bottom-k SamplePart (index_builder.train)."""
+
+    def __init__(self, size: int, seed: int, dim: int, fsspec_config):
+        super().__init__(fsspec_config)
+        self.size, self.seed, self.dim = size, seed, dim
+
+    def process(self, item):
+        from index_builder.build import _live_batches
+        from index_builder.train import sample_part
+
+        _, shard = item
+        yield sample_part(_live_batches([shard]), self.size, self.seed, self.dim)
+        _count("shards_sampled")
+
+
+class MergeSamplesFn(beam.CombineFn):
+    """SampleParts of disjoint shards -> the sample of the whole collection."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def create_accumulator(self):
+        return None
+
+    def add_input(self, acc, part):
+        return self.merge_accumulators([acc, part])
+
+    def merge_accumulators(self, accs):
+        from index_builder.train import merge_sample_parts
+
+        from index_builder.train import SamplePart
+
+        parts = [SamplePart(*a) for a in accs if a is not None]
+        return merge_sample_parts(parts, self.size) if parts else None
+
+    def extract_output(self, acc):
+        return acc
+
+
+class TrainFn(StorageDoFn):
+    """The collection's sample -> trained.faiss + train.json in the work folder (one worker).
+    -> the work folder's URL."""
+
+    def __init__(self, plan, work: str, fsspec_config):
+        super().__init__(fsspec_config)
+        self.plan, self.work = plan, work
+
+    def process(self, sample):
+        from index_builder.build import TRAIN_JSON, TRAINED_FILE, train_on_sample
+        from index_builder.publish import upload_file
+
+        with tempfile.TemporaryDirectory(prefix="remap-train-") as tmp:
+            train_on_sample(self.plan, sample[2], tmp)   # SamplePart.X
+            upload_file(os.path.join(tmp, TRAINED_FILE), join_url(self.work, TRAINED_FILE))
+            upload_file(os.path.join(tmp, TRAIN_JSON), join_url(self.work, TRAIN_JSON))
+        _count("trained")
+        yield self.work
+
+
+class AddShardFn(StorageDoFn):
+    """(position, LiveShard) -> its index shard + id table in the work folder (skipped when an
+    earlier attempt wrote both: the id table goes last) -> the state.json entry."""
+
+    def __init__(self, fsspec_config):
+        super().__init__(fsspec_config)
+        self._trained = None
+
+    def setup(self):
+        super().setup()
+        self._tmp = tempfile.mkdtemp(prefix="remap-add-")
+
+    def teardown(self):
+        shutil.rmtree(getattr(self, "_tmp", ""), ignore_errors=True)
+
+    def process(self, item, work: str):
+        import faiss
+
+        from index_builder.add import AddJob, add_shard, ids_path
+        from index_builder.build import TRAINED_FILE, index_shard_name
+        from index_builder.embeddings import shard_num_rows
+        from index_builder.publish import upload_file
+
+        position, shard = item
+        name = index_shard_name(shard.run_id, shard.path, 1)
+        entry = {"position": position, "source": shard.path, "source_run": shard.run_id,
+                 "index": name, "ids": ids_path(name)}
+        ids_url = join_url(work, entry["ids"])
+        if _exists(ids_url):
+            _count("shards_already_added")
+            yield {**entry, "vectors": shard_num_rows(ids_url)}
+            return
+        if self._trained is None:
+            self._trained = faiss.read_index(
+                _download(join_url(work, TRAINED_FILE), os.path.join(self._tmp, TRAINED_FILE)))
+        out = os.path.join(self._tmp, os.path.basename(name))
+        result = add_shard(self._trained, AddJob(shard.path, out, shard.drop))
+        upload_file(out, join_url(work, name))
+        upload_file(result.ids_file, ids_url)      # last: its presence says the shard is done
+        os.remove(out)
+        os.remove(result.ids_file)
+        _count("shards_added")
+        _count("vectors_added", result.vectors)
+        yield {**entry, "vectors": result.vectors}
+
+
+class MergeFn(StorageDoFn):
+    """Every index shard's entry -> the published index (one worker): the work folder's files
+    are fetched into a local folder, merged and measured by index_builder.build.merge_step,
+    uploaded to --index manifest last; then the work folder is removed. -> the manifest."""
+
+    def __init__(self, index: str, work: str, store: str, layout: str, target_recall: float,
+                 recall_queries: int, seed: int, started: float, fsspec_config):
+        super().__init__(fsspec_config)
+        self.index, self.work, self.store, self.layout = index, work, store, layout
+        self.target_recall, self.recall_queries, self.seed = target_recall, recall_queries, seed
+        self.started = started
+
+    def process(self, entries):
+        from index_builder.build import TRAIN_JSON, TRAINED_FILE, adopt_shards, merge_step
+        from index_builder.publish import upload_index
+
+        entries = sorted(entries, key=lambda e: e["position"])
+        with tempfile.TemporaryDirectory(prefix="remap-merge-") as local:
+            for rel in [TRAINED_FILE, TRAIN_JSON] + [e[k] for e in entries
+                                                     for k in ("index", "ids")]:
+                _download(join_url(self.work, rel), os.path.join(local, rel))
+            with open(os.path.join(local, TRAIN_JSON)) as f:
+                runs = json.load(f)["source_runs"]
+            adopt_shards(local, runs, [{k: e[k] for k in e if k != "position"}
+                                       for e in entries])
+            manifest = merge_step(local, self.layout, self.target_recall,
+                                  recall_queries=self.recall_queries, seed=self.seed,
+                                  source_store=self.store, started=self.started)
+            upload_index(local, self.index, keep=(WORK + "/",))
+        fs, path = fsspec.core.url_to_fs(self.work)
+        fs.rm(path, recursive=True)
+        _count("indexes_published")
+        yield manifest
+
+
+# --------------------------------------------------------------------------- the job
+
+def build_pipeline(pipeline: beam.Pipeline, plan, opts: IndexBuildOptions, work: str,
+                   trained: bool, fsconf: dict | None, started: float) -> None:
+    """The build's steps on `pipeline`. `trained`: the work folder already holds this plan's
+    trained index (a rerun), so sampling and training are left out."""
+    shards = (pipeline
+              | "Shards" >> beam.Create([(i, s) for i, s in enumerate(plan.shards)
+                                         if s.live_rows > 0])
+              | "Spread" >> beam.Reshuffle())
+    if trained:
+        ready = pipeline | "TrainedEarlier" >> beam.Create([work])
+    else:
+        size = plan.size + plan.held
+        ready = (shards
+                 | "SampleShard" >> beam.ParDo(SampleShardFn(size, plan.seed, plan.dim, fsconf))
+                 | "MergeSamples" >> beam.CombineGlobally(MergeSamplesFn(size))
+                 | "Train" >> beam.ParDo(TrainFn(plan, work, fsconf)))
+    (shards
+     | "AddShard" >> beam.ParDo(AddShardFn(fsconf), work=beam.pvalue.AsSingleton(ready))
+     | "Collect" >> beam.combiners.ToList()
+     | "Merge" >> beam.ParDo(MergeFn(opts.index.rstrip("/"), work, opts.embeddings,
+                                     opts.layout, opts.target_recall, opts.recall_queries,
+                                     opts.seed, started, fsconf)))
+
+
+def _check(opts: IndexBuildOptions) -> None:
+    for name in ("embeddings", "index"):
+        if not getattr(opts, name):
+            raise ValueError(f"--{name} is required: remap index-beam --embeddings <store> "
+                             f"--index <index folder>")
+    for name in ("recall_queries", "train_sample"):
+        value = getattr(opts, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be at least 1 (got {value})")
+    if not 0 < opts.target_recall <= 1:
+        raise ValueError(f"--target_recall must be in (0, 1] (got {opts.target_recall})")
+
+
+def prepare_work_folder(work: str, key: str) -> bool:
+    """Make `work` belong to the plan `key`: files an earlier job left for another plan (other
+    runs, factory, sample or seed) are removed. -> True when it holds this plan's trained index
+    (train.json last of the two)."""
+    from index_builder.build import TRAIN_JSON
+    from remap_store.files import write_json_atomic
+
+    fs, path = fsspec.core.url_to_fs(work)
+    plan_url = join_url(work, PLAN_JSON)
+    if _exists(plan_url):
+        with fs.open(join_url(path, PLAN_JSON), "r") as f:
+            same = json.load(f).get("key") == key
+        if same:
+            log.info("index-beam: resuming in %s (same plan %s)", work, key)
+            return _exists(join_url(work, TRAIN_JSON))
+        log.info("index-beam: %s holds another plan's files; starting afresh", work)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    write_json_atomic(plan_url, {"key": key})
+    return False
+
+
+def run(argv: list[str]) -> dict:
+    """Build an index as a Beam job and wait for it -> the manifest (as `remap index` returns
+    it). With --dry_run the job graph is built (for Dataflow translated) and nothing runs or is
+    written -> {"dry_run": True, "transforms": [...]}."""
+    from index_builder.build import plan_training
+    from index_builder.manifest import read_manifest
+
+    started = time.time()
+    options = PipelineOptions(local_defaults(list(argv)))
+    opts = options.view_as(IndexBuildOptions)
+    _check(opts)
+    fsconf = options.view_as(EmbedOptions).fsspec_config
+    fsconf = json.loads(fsconf) if fsconf else None
+    apply_fsspec_config(fsconf)
+    dry_run = is_dry_run(options)
+    options.view_as(TestOptions).dry_run = dry_run
+    plan = plan_training(opts.embeddings, opts.factory, opts.max_index_memory, opts.train_sample,
+                         seed=opts.seed, opq=opts.opq, layout=opts.layout)
+    index = opts.index.rstrip("/")
+    work = join_url(index, WORK)
+    log.info("index-beam: %d vectors of dim %d in %d shards -> %s (%s); sample %d (+%d held "
+             "out)", plan.n, plan.dim, len(plan.shards), plan.factory, opts.layout, plan.size,
+             plan.held)
+    trained = False if dry_run else prepare_work_folder(work, plan.key())
+    pipeline = beam.Pipeline(options=options)
+    build_pipeline(pipeline, plan, opts, work, trained, fsconf, started)
+    if dry_run:
+        if options.view_as(StandardOptions).runner.split(".")[-1] == "DataflowRunner":
+            pipeline.run()
+        else:
+            pipeline.to_runner_api()
+        return {"index": index, "dry_run": True, "factory": plan.factory,
+                "transforms": top_level_transforms(pipeline)}
+    state = pipeline.run().wait_until_finish()
+    if state not in (None, "DONE"):
+        raise RuntimeError(f"the index job ended in state {state}; run it again: it resumes "
+                           f"from {work}")
+    return read_manifest(index)
