@@ -119,6 +119,7 @@ def photo_view_seed(seed: int, name: str) -> int:
 def training_vectors(model, args, eval_photos: list[str]) -> tuple[np.ndarray, dict]:
     """Descriptors (T, D) of the training vectors (see the module docstring) and what they are."""
     from PIL import Image
+    from tqdm import tqdm
 
     from remap_core.data.preprocess import resize_for_model
     from remap_core.data.training_sets import compound_view, view_families
@@ -143,11 +144,7 @@ def training_vectors(model, args, eval_photos: list[str]) -> tuple[np.ndarray, d
     parts = [embed(model, [resize_for_model(Image.fromarray(im), max_side, multiple)
                            for im in bench.images], "train split")]
     views = max(0, math.ceil((args.train_vectors - len(bench.images)) / len(photos)))
-    from tqdm import tqdm
-
-    for name in tqdm(sorted(photos), desc="training views", unit="photo"):
-        if views == 0:
-            break
+    for name in tqdm(sorted(photos) if views else [], desc="training views", unit="photo"):
         fam = view_families({name: photos[name]}, views, photo_view_seed(args.seed, name),
                             compound_view, max_side, multiple, include_original=False)
         parts.append(model.embed_arrays(fam.images))
