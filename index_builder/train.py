@@ -89,6 +89,13 @@ def ivf_pq_bytes(n: int, dim: int, k: int, m: int, rotated_dim: int | None = Non
     return (m + ID_BYTES) * n + coarse_bytes(k, d) + 4 * d * PQ_CENTROIDS + rotation
 
 
+def opq_dim(dim: int, m: int) -> int:
+    """The output dimension of the OPQ rotation in front of PQ{m}x8 codes of dim-vectors, as
+    autofaiss: dim // m + 1 dimensions per sub-vector, at most 7 (OPQ{m}_{opq_dim}); above dim
+    when m > dim / 7 (the rotation then pads, inner products unchanged)."""
+    return (min(dim // m, 6) + 1) * m
+
+
 def choose_factory(n: int, dim: int, max_index_bytes: int, opq: bool = False) -> str:
     """The index for n vectors of dim float32 under a memory budget, the way autofaiss picks:
 
@@ -123,7 +130,7 @@ def choose_factory(n: int, dim: int, max_index_bytes: int, opq: bool = False) ->
     fitting = [m for m in PQ_CHOICES if m < dim and ivf_pq_bytes(n, dim, k, m) <= max_index_bytes]
     if opq:
         for m in fitting:
-            y = (min(dim // m, 6) + 1) * m  # OPQ output dim, a multiple of m (as autofaiss)
+            y = opq_dim(dim, m)
             if ivf_pq_bytes(n, dim, k, m, y) <= max_index_bytes:
                 return f"OPQ{m}_{y},{ivf},PQ{m}x8"
     else:

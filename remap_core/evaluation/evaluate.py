@@ -134,12 +134,14 @@ def describe_multiscale(method: Method, feats_by_scale) -> np.ndarray:
 
 # --------------------------------------------------------------------------- scoring
 
-def score(desc: np.ndarray, bench) -> dict:
-    """mAP per nuisance and overall, revisitop mP@k, P@5 and R@10 of descriptors (N, D)."""
+def score(desc: np.ndarray | None, bench, ranks: np.ndarray | None = None) -> dict:
+    """mAP per nuisance and overall, revisitop mP@k, P@5 and R@10 of descriptors (N, D), ranked
+    by inner product; or of given `ranks` (Q, N) of the queries' rankings (e.g. by an index)."""
     from remap_core.evaluation.metrics import compute_map, precision_at_k, rank_by_similarity, recall_at_k
 
     q = bench.queries
-    ranks = rank_by_similarity(desc[q], desc)
+    if ranks is None:
+        ranks = rank_by_similarity(desc[q], desc)
     gnd = bench.ground_truth(q)
     m, aps, mpr, _ = compute_map(ranks, gnd, KAPPAS)
     nuis = np.array([bench.nuisance[i] for i in q])
