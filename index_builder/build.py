@@ -56,6 +56,12 @@ DRIFT_WARN = 1.2  # warn when new data's quantisation error grows by more than 2
 log = logging.getLogger(__name__)
 
 
+# alpha query expansion that searches of a new index apply by default (manifest `rerank`);
+# chosen from bench/RESULTS.md ("Re-ranking"); `remap index --qe N` and `remap search --qe N`
+# override it
+DEFAULT_QE = 0
+DEFAULT_QE_ALPHA = 3.0
+
 def _local(folder: str, create: bool = True) -> str:
     """The local index folder `folder` names (created unless `create` is False); refuses a URL,
     and a path that is a file."""
@@ -348,10 +354,12 @@ def _read_ids(index_path: str) -> np.ndarray:
 
 def merge_step(folder: str, layout: str = "single", target_recall: float = 0.95,
                tune_at: int = 10, recall_queries: int = 1000, seed: int = 0,
-               source_store: str | None = None, started: float | None = None) -> dict:
+               source_store: str | None = None, started: float | None = None,
+               qe: int | None = None) -> dict:
     """Make the searchable index from the folder's shards, measure recall against exact search on
     held-out queries, tune search parameters to `target_recall` (recall@`tune_at`), and write
-    the manifest last."""
+    the manifest last. `qe`: the query expansion searches use by default (manifest `rerank`;
+    None: DEFAULT_QE)."""
     from index_builder.search import read_faiss_index
 
     folder = _local(folder, create=False)
@@ -392,6 +400,7 @@ def merge_step(folder: str, layout: str = "single", target_recall: float = 0.95,
         "id_map": _write_id_map(folder, state),
         "num_vectors": int(sum(e["vectors"] for e in state["shards"])),
         "training_sample": train["training_sample"],
+        "rerank": {"qe": DEFAULT_QE if qe is None else int(qe), "qe_alpha": DEFAULT_QE_ALPHA},
     }
     if shared:
         manifest["quantizer_file"] = shared
@@ -499,7 +508,7 @@ def build_index(store: str, output: str, factory: str | None = None,
                 max_index_memory: str | int = "4GB", layout: str = "single",
                 target_recall: float = 0.95, workers: int | None = None,
                 progress: bool = True, opq: bool = False,
-                add_memory: str | int | None = None) -> dict:
+                add_memory: str | int | None = None, qe: int | None = None) -> dict:
     """Train, add and merge in one go (a fresh folder, or a full rebuild of an existing one).
 
     A build that fails removes the folder if it created it; an existing folder (and an index
@@ -517,7 +526,7 @@ def build_index(store: str, output: str, factory: str | None = None,
                    layout=layout)
         add_step(store, folder, workers, add_memory, seed=seed, progress=progress)
         return merge_step(folder, layout, target_recall, recall_queries=recall_queries,
-                          seed=seed, source_store=store, started=started)
+                          seed=seed, source_store=store, started=started, qe=qe)
     except BaseException:
         if created and os.path.isdir(created):
             shutil.rmtree(created, ignore_errors=True)

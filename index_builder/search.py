@@ -247,10 +247,14 @@ class RemapIndex:
             uri = self.manifest.get("model_uri") if model_uri == "manifest" else model_uri
             model = load_model(uri)
             if model.fingerprint != self.fingerprint:
+                from remap_core.descriptor.checkpoint import model_hint
+
+                hint = model_hint(self.fingerprint)
+                hint = f" (here: --model {hint})" if hint else ""
                 raise FingerprintMismatch(
                     f"index built with model {self.fingerprint} but query model is "
                     f"{model.fingerprint}; pass --model with the checkpoint used to embed the "
-                    f"collection, or rebuild the index with this model")
+                    f"collection{hint}, or rebuild the index with this model")
             self._model = model
         return self._model
 

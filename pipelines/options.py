@@ -24,8 +24,9 @@ class EmbedOptions(PipelineOptions):
                             help="embedding store (local, gs://, s3://): each run writes "
                                  "run-<id>/ with shards, dead letter, tombstones and run.json")
         parser.add_argument("--model", default=None,
-                            help="checkpoint path or fsspec URL (default: bundled EfficientNet-"
-                                 "Lite0 + GeM)")
+                            help="checkpoint path or fsspec URL, or a model name (default: "
+                                 "the shipped trained REMAP model, remap-lite0-v1, see MODEL.md; "
+                                 "'gem': the untrained Lite0 GeM baseline, the default before it)")
         parser.add_argument("--run_id", default=None,
                             help="run id: letters, digits, '.', '_', '-' (at most 128, no '..'); "
                                  "must sort after the store's earlier runs (default: UTC "

@@ -13,6 +13,7 @@ import apache_beam as beam
 import fsspec
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from remap_core.descriptor.checkpoint import model_name
 from remap_store import lease, runs
 from remap_store.files import input_key
 from remap_store.schema import (DEAD_LETTER_SCHEMA, SOURCE_SCHEMA, TOMBSTONE_SCHEMA,
@@ -32,7 +33,7 @@ def make_run_info(options: PipelineOptions, run_id: str, fingerprint: str, dim: 
     """What run.json records from the launch: fixed when the graph is built."""
     opts = options.view_as(EmbedOptions)
     return {"run_id": run_id, "runner": options.view_as(StandardOptions).runner,
-            "model": fingerprint, "model_uri": opts.model, "dimension": dim,
+            "model": fingerprint, "model_uri": model_name(opts.model), "dimension": dim,
             "input": opts.input, "input_key": input_key(opts.input),
             "incremental": not opts.full,
             "previous_runs": list(previous_runs),

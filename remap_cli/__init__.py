@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("remap_cli.serve", "serve an index over HTTP: search API, results page, metrics"),
     "eval": ("remap_cli.eval", "benchmark the descriptor heads on generated view families"),
     "train": ("remap_cli.train", "train REMAP end to end with a triplet loss"),
+    "export": ("remap_cli.export", "write a checkpoint for deployment: input size, float16"),
     "samples": ("remap_cli.samples", "write the bundled sample images and altered queries"),
 }
 

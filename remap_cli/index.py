@@ -44,6 +44,10 @@ def _merge_args(p) -> None:
                    help="tune nprobe/efSearch to the cheapest setting reaching this recall@10")
     p.add_argument("--recall-queries", type=int, default=1000,
                    help="held-out queries for the recall measured into the manifest")
+    p.add_argument("--qe", type=int, default=None, metavar="N",
+                   help="alpha query expansion over the top N results that searches of this "
+                        "index apply by default (0: off; default: the builder's measured choice, "
+                        "see bench/RESULTS.md 'Re-ranking'); `remap search --qe` overrides it")
 
 
 def _common(p, embeddings: bool = True, progress: bool = True) -> None:
@@ -99,6 +103,9 @@ def check_args(args) -> None:
     target = getattr(args, "target_recall", None)
     if target is not None and not 0 < target <= 1:
         raise ValueError(f"--target-recall must be in (0, 1], got {target}")
+    qe = getattr(args, "qe", None)
+    if qe is not None and qe < 0:
+        raise ValueError(f"--qe must be >= 0 (0: no query expansion), got {qe}")
 
 
 def main(args) -> int:
@@ -125,7 +132,7 @@ def _run(args) -> int:
             return build_index(args.embeddings, folder, args.factory, args.train_sample,
                                args.recall_queries, args.seed, args.max_index_memory,
                                args.layout, args.target_recall, args.workers, progress, args.opq,
-                               args.add_memory)
+                               args.add_memory, args.qe)
 
         if is_remote(args.output):
             m, upload = build_and_upload(build, args.output, args.staging)
@@ -145,7 +152,7 @@ def _run(args) -> int:
         print(json.dumps({"index": args.output, "step": "add", **s}))
     else:
         m = merge_step(args.output, args.layout, args.target_recall,
-                       recall_queries=args.recall_queries, seed=args.seed)
+                       recall_queries=args.recall_queries, seed=args.seed, qe=args.qe)
         print(json.dumps(_summary(args.output, m)))
     return 0
 

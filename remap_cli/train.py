@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "view")
     src.add_argument("--photo-backgrounds", type=int, default=_D.photo_backgrounds, metavar="N",
                      help="also paste clutter views onto N crops of the training photos (real "
-                     "scenes behind the pasted photo; default 0)")
+                     "scenes behind the pasted photo; default 16)")
     src.add_argument("--view-seed", type=int, default=None,
                      help="seed of the generated views (default: derived from --seed, and "
                      "different from every benchmark seed)")
@@ -93,8 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--optimizer", choices=("adam", "sgd"), default=d.optimizer,
                    help="adam (default) or sgd with momentum 0.9, as in the REMAP paper")
     t.add_argument("--freeze", type=int, default=_D.freeze, help="leading backbone units kept frozen "
-                   "(EfficientNet-Lite0: stem + 16 blocks + conv head = 18; default 12 trains "
-                   "stage 6, stage 7 and the conv head)")
+                   "(EfficientNet-Lite0: stem + 16 blocks + conv head = 18; default 11 trains "
+                   "the last block of stage 5 (so both REMAP taps train), stages 6 and 7 and the "
+                   "conv head; 9 trains all of stage 5, about 3x slower per step on a CPU)")
     t.add_argument("--no-cache", action="store_true",
                    help="recompute the frozen units every step (slower; same result)")
     t.add_argument("--seed", type=int, default=_D.seed)

@@ -230,9 +230,17 @@ def check_new_run(runs: list[CompletedRun], run_id: str, fingerprint: str, store
                          f"or pick a later one")
     models = {r.summary.get("model") for r in runs} - {None}
     if models and models != {fingerprint}:
-        raise ValueError(f"store {store} holds embeddings of model {sorted(models)[0]} but this "
-                         f"run uses model {fingerprint}; write to a new --output (a store holds "
-                         f"one model) or pass the store's --model")
+        held = sorted(models)[0]
+        recorded = next((r.summary.get("model_uri") for r in runs
+                         if r.summary.get("model") == held and r.summary.get("model_uri")), None)
+        if recorded is None:
+            from remap_core.descriptor.checkpoint import model_hint
+
+            recorded = model_hint(held) or None
+        which = f" (--model {recorded})" if recorded else ""
+        raise ValueError(f"store {store} holds embeddings of model {held}{which} but this "
+                         f"run uses model {fingerprint}; write to a new --output to re-embed with "
+                         f"this model (a store holds one model), or pass the store's --model")
 
 
 def state_files(runs: list[CompletedRun]) -> list[tuple[int, str, str]]:

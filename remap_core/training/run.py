@@ -49,7 +49,7 @@ class TrainRun:
     tiles: int = 2                        # cut every photo into tiles x tiles classes
     no_extra_photos: bool = False         # --benchmark-views without training-only wallpapers
     clutter_backgrounds: int = 16         # shared clutter backgrounds; 0: one per view
-    photo_backgrounds: int = 0            # also paste clutter views onto crops of the photos
+    photo_backgrounds: int = 16           # also paste clutter views onto crops of the photos
     view_seed: int | None = None          # None: training_view_seed(seed)
     resume: bool = False                  # continue from out/last.pt
     # model
@@ -78,7 +78,8 @@ class TrainRun:
     lr_whiten: float = _T.lr_whiten
     weight_decay: float = _T.weight_decay
     optimizer: str = _T.optimizer
-    freeze: int = 12
+    freeze: int = 11                      # Lite0: units 0-10 frozen; the stage-5 tap's last
+                                          # block, stages 6-7 and the conv head train
     no_cache: bool = False
     seed: int = 0
     device: str = "auto"                  # auto, cpu or cuda

@@ -301,9 +301,16 @@ def record_samples(rec: Recorder) -> None:
     rec.replace(samples, "write_samples", ([], []))
 
 
+def record_export(rec: Recorder) -> None:
+    from remap_core.descriptor import checkpoint
+
+    rec.replace(checkpoint, "export_model", "recorded.fingerprint")
+
+
 RECORDERS = {"embed": record_embed, "index-beam": record_index_beam,
              "index": record_index, "search": record_search, "serve": record_serve,
-             "eval": record_eval, "train": record_train, "samples": record_samples}
+             "eval": record_eval, "train": record_train, "samples": record_samples,
+             "export": record_export}
 
 
 def observe(name: str, argv: list[str], monkeypatch, capsys) -> tuple[dict, Recorder]:

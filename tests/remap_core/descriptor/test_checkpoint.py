@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -55,3 +57,50 @@ def test_not_a_checkpoint_gets_a_clear_error(tmp_path):
 def test_unknown_config_key_is_an_error():
     with pytest.raises(ValueError, match="unknown model config key"):
         build_model({"max_sid": 64})
+
+
+def test_the_default_model_is_the_shipped_trained_remap_checkpoint():
+    from remap_core.descriptor.checkpoint import (DEFAULT_MODEL, MODEL_ALIASES, model_name,
+                                                  read_checkpoint, shipped_model_path)
+
+    path = shipped_model_path()
+    ckpt = read_checkpoint(path)
+    model = load_model(None, device="cpu")
+    assert model.config["head"] == "remap" and len(model.config["taps"]) >= 2
+    assert model.config["whiten_dim"] and len(model.config["scales"]) == 3
+    assert model.fingerprint == ckpt["fingerprint"]
+    assert "trained" in ckpt["extra"]                # a trained model, not an initialisation
+    # every name of it loads the same model, and the recorded name is the versioned one
+    assert load_model("remap", device="cpu").fingerprint == model.fingerprint
+    assert load_model(DEFAULT_MODEL, device="cpu").fingerprint == model.fingerprint
+    assert model_name(None) == model_name("remap") == DEFAULT_MODEL == MODEL_ALIASES["remap"]
+    # it ships as float16: a few MB
+    import os
+    assert os.path.getsize(path) < 12e6
+
+
+def test_baseline_names_build_the_untrained_heads_and_gem_is_the_former_default():
+    from remap_core.descriptor.checkpoint import model_hint
+
+    gem = load_model("gem", device="cpu")
+    assert gem.config["head"] == "gem" and gem.dim == 1280
+    assert gem.fingerprint == model_fingerprint(build_model())   # the pre-REMAP default
+    assert load_model("rmac", device="cpu").config["head"] == "rmac"
+    assert model_hint(gem.fingerprint) == "gem"
+    assert model_hint(load_model(None, device="cpu").fingerprint) == "remap-lite0-v1"
+    assert model_hint("efficientnet_lite0.gem.d1280.0000000000000000") == ""
+
+
+def test_a_half_precision_checkpoint_loads_to_the_fingerprint_it_was_saved_with(tmp_path):
+    torch.manual_seed(0)
+    model = build_model({"head": "remap", "taps": ["stage5", "head"], "whiten_dim": 64},
+                        backbone_weights=None).eval()
+    x = torch.rand(2, 3, 96, 128) * 255
+    before = model(x).detach()
+    save_checkpoint(model, str(tmp_path / "m32.pt"))
+    fp = save_checkpoint(model, str(tmp_path / "m.pt"), half=True)
+    assert os.path.getsize(tmp_path / "m.pt") < 0.6 * os.path.getsize(tmp_path / "m32.pt")
+    loaded = load_model(str(tmp_path / "m.pt"), device="cpu")
+    assert loaded.fingerprint == fp == model_fingerprint(model)
+    torch.testing.assert_close(loaded(x), model(x))
+    assert torch.allclose(before, loaded(x), atol=2e-3)   # rounding to float16 moves it little
