@@ -290,29 +290,36 @@ class RemapIndex:
     def _embed_each(self, images, model_uri, denoise: bool = False, autocontrast: bool = False
                     ) -> tuple[np.ndarray, dict[int, QueryImageError]]:
         """-> ((G, D) descriptors of the images that could be prepared, in order;
-        {position: QueryImageError} of those that could not). Every image is read before the
-        query model is loaded, so a set of unreadable queries never loads it."""
-        from remap_core.data.preprocess import enhance_query, image_for_model
+        {position: QueryImageError} of those that could not). Every image is read (and, while
+        the query model is not loaded yet, decoded) before the model is loaded, so bad queries
+        are refused as such even where no query model can be loaded."""
+        from remap_core.data.preprocess import decode_image, enhance_query, image_for_model
+
+        def name(i):
+            return f"<bytes #{i}>" if isinstance(images[i], (bytes, bytearray)) else str(images[i])
 
         read, failed = [], {}
         for i, im in enumerate(images):
             try:
-                read.append((i, im if isinstance(im, (bytes, bytearray)) else _read_bytes(im)))
+                data = bytes(im) if isinstance(im, (bytes, bytearray)) else _read_bytes(im)
+                if self._model is None:
+                    decode_image(data)
+                read.append((i, data))
             except QueryImageError as e:
                 failed[i] = e
+            except ValueError as e:  # ImageDecodeError: "<reason>: <message>"
+                failed[i] = QueryImageError(name(i), f"not a readable image ({e})")
         if not read:
             return np.zeros((0, self.dimension), np.float32), failed
         model = self.model(model_uri)
         arrays = []
         for i, data in read:
-            im = images[i]
-            name = f"<bytes #{i}>" if isinstance(im, (bytes, bytearray)) else str(im)
             try:
                 prepared = image_for_model(
-                    bytes(data), model.config["max_side"], model.config["multiple"],
+                    data, model.config["max_side"], model.config["multiple"],
                     enhance=lambda img: enhance_query(img, denoise, autocontrast))
             except ValueError as e:  # ImageDecodeError: "<reason>: <message>"
-                failed[i] = QueryImageError(name, f"not a readable image ({e})")
+                failed[i] = QueryImageError(name(i), f"not a readable image ({e})")
                 continue
             arrays.append(prepared.pixels)
         if not arrays:
