@@ -10,8 +10,8 @@ invariances, or one view generator.
     python bench/heldout_eval.py --photos 'photos/**/*.jpg' --backgrounds 'bg/*.webp' \
         --model gem --model path/to/model.pt --model path/to/model.pt@512 --rerank qe --rerank dba
 
---model: "gem" (the Lite0 GeM baseline, 512 px), "remap" (the shipped default model), or a
-checkpoint path; "@N" sets the network input's long side. Every view is a query; the rest of its
+--model: a checkpoint path or a model name ("gem": the Lite0 GeM baseline at 512 px, the
+former default; "remap": the shipped default model); "@N" sets the network input's long side. Every view is a query; the rest of its
 family (the original and its other views) are the positives; the query itself is junk; every
 other image, and the background photos themselves, are distractors. revisitop mAP per nuisance;
 intervals: 95 % paired bootstrap over photos against the first model. Prints a table and one
@@ -196,13 +196,7 @@ def load(spec):
     from remap_core.descriptor.checkpoint import load_model
 
     path, _, side = spec.partition("@")
-    if path == "gem":
-        model = load_model(None, device="cpu")
-    elif path == "remap":
-        from remap_core.descriptor.checkpoint import DEFAULT_MODEL
-        model = load_model(DEFAULT_MODEL, device="cpu")
-    else:
-        model = load_model(path, device="cpu")
+    model = load_model(path, device="cpu")       # a checkpoint, or a name: "gem", "remap", ...
     if side:
         model.config["max_side"] = int(side)
     return model
