@@ -32,7 +32,7 @@ def main(argv=None):
 
     from PIL import Image
 
-    from index_builder.rerank import alpha_query_expansion, database_augmentation
+    from index_builder.rerank import reranked_similarities
     from remap_core.data.preprocess import resize_for_model
     from remap_core.descriptor.checkpoint import load_model
     from remap_core.evaluation.benchmark import build_benchmark, default_cache_dir
@@ -54,13 +54,8 @@ def main(argv=None):
                                 model.config["multiple"]) for im in bench.images]
         desc = model.embed_arrays(ims)
         for rr in [()] + [tuple(r.split("+")) for r in args.rerank]:
-            db = database_augmentation(desc, 2, 3.0) if "dba" in rr else desc
-            qv = desc[q]
-            sims = qv @ db.T
-            if "qe" in rr:
-                top = np.argsort(-sims, axis=1)[:, :2]
-                qv = alpha_query_expansion(qv, db[top], np.take_along_axis(sims, top, 1), 2, 3.0)
-                sims = qv @ db.T
+            sims = reranked_similarities(desc[q], desc, qe=2 if "qe" in rr else 0,
+                                         dba=2 if "dba" in rr else 0)
             _, aps, _, _ = compute_map(np.argsort(-sims, axis=1, kind="stable"), gnd)
             rows[spec + (" +" + "+".join(rr) if rr else "")] = (aps, model.fingerprint)
     ref = next(iter(rows))

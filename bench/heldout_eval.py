@@ -210,24 +210,13 @@ def embed(model, images, batch_size=16):
     return model.embed_arrays(arrays, batch_size)
 
 
-def search_scores(qv, db, rerank, family_db):
-    from index_builder.rerank import alpha_query_expansion, database_augmentation
-
-    if "dba" in rerank:
-        db = database_augmentation(db, k=2, alpha=3.0)
-    sims = qv @ db.T
-    if "qe" in rerank:
-        top = np.argsort(-sims, axis=1)[:, :2]
-        qv = alpha_query_expansion(qv, db[top], np.take_along_axis(sims, top, 1), k=2, alpha=3.0)
-        sims = qv @ db.T
-    return sims
-
-
 def score(desc, family, kind, rerank=()):
+    from index_builder.rerank import reranked_similarities
     from remap_core.evaluation.metrics import compute_map
 
     queries, gnd = ground_truth(family, kind)
-    sims = search_scores(desc[queries], desc, rerank, family)
+    sims = reranked_similarities(desc[queries], desc, qe=2 if "qe" in rerank else 0,
+                                 dba=2 if "dba" in rerank else 0)
     ranks = np.argsort(-sims, axis=1, kind="stable")
     _, aps, _, _ = compute_map(ranks, gnd)
     return aps

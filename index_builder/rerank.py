@@ -43,6 +43,22 @@ def alpha_query_expansion(queries: np.ndarray, result_vectors: np.ndarray,
     return weighted_expansion(queries, result_vectors[:, :k], result_scores[:, :k], alpha)
 
 
+def reranked_similarities(queries: np.ndarray, database: np.ndarray, qe: int = 0, dba: int = 0,
+                          alpha: float = 3.0) -> np.ndarray:
+    """Exact inner-product similarities (Q, N) of `queries` (Q, D) to `database` (N, D) after
+    DBA over the database (`dba` neighbours; 0: none) and alpha-QE over the top `qe` results
+    (0: none): what a search with these re-rankings ranks by. For benchmarks over collections
+    that fit in memory."""
+    db = database_augmentation(database, dba, alpha) if dba else np.asarray(database, np.float32)
+    qv = np.asarray(queries, np.float32)
+    sims = qv @ db.T
+    if qe:
+        top = np.argsort(-sims, axis=1)[:, :qe]
+        qv = alpha_query_expansion(qv, db[top], np.take_along_axis(sims, top, 1), qe, alpha)
+        sims = qv @ db.T
+    return sims
+
+
 def database_augmentation(vectors: np.ndarray, k: int = 2, alpha: float = 3.0,
                           batch: int = 4096) -> np.ndarray:
     """DBA by exact inner-product k-NN over `vectors` (N, D) -> (N, D) float32.

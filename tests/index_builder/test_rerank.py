@@ -83,3 +83,19 @@ def test_query_expansion_through_an_index_matches_the_numpy_definition(tmp_path)
     assert [h.uri for h in plain[0]][0] == "img0.jpg"
     with pytest.raises(ValueError, match="qe must be >= 0"):
         idx.search_vectors(q, k=10, qe=-1)
+
+
+def test_reranked_similarities_compose_dba_then_query_expansion_as_defined():
+    from index_builder.rerank import reranked_similarities
+
+    rng = np.random.default_rng(4)
+    x = _unit(rng.normal(size=(30, 8))).astype(np.float32)
+    q = _unit(rng.normal(size=(5, 8))).astype(np.float32)
+    np.testing.assert_allclose(reranked_similarities(q, x), q @ x.T, rtol=1e-6)
+    db = database_augmentation(x, k=2, alpha=3.0)
+    got = reranked_similarities(q, x, qe=2, dba=2, alpha=3.0)
+    for i in range(5):
+        s = db @ q[i]
+        top = np.argsort(-s)[:2]
+        expanded = _reference_expand(q[i], db[top], s[top], 3.0)
+        np.testing.assert_allclose(got[i], db @ expanded, rtol=1e-4, atol=1e-5)
