@@ -5,43 +5,20 @@ for the answered queries is numpy over the descriptors the index was built from.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from index_builder.search import open_index
-from index_builder.synthetic import write_run
+from photo_index import indexed_photos
 from remap_cli import main as remap
 
-RUN = "20260101T000000Z-aaaaaa"
 
 
 @pytest.fixture(scope="module")
 def photo_index(tiny_model_path, tmp_path_factory):
     """4 distinct photos embedded with the tiny model and indexed (Flat): -> (index, paths, X)."""
-    from remap_core.descriptor.checkpoint import load_model
-    from remap_core.data.preprocess import decode_image, resize_for_model
-
-    root = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(4):
-        blocks = (rng.random((6, 6, 3)) * 255).astype(np.uint8)
-        paths.append(str(root / f"p{i}.jpg"))
-        Image.fromarray(blocks).resize((96, 96), Image.Resampling.NEAREST).save(paths[-1])
-    model = load_model(tiny_model_path)
-    X = model.embed_arrays([resize_for_model(decode_image(open(p, "rb").read()),
-                                             model.config["max_side"], model.config["multiple"])
-                            for p in paths])
-    run = write_run(str(root / "store"), RUN, paths, X, shards=1, model=model.fingerprint)
-    summary = json.load(open(os.path.join(run, "run.json")))
-    json.dump({**summary, "model_uri": tiny_model_path}, open(os.path.join(run, "run.json"), "w"))
-    index = str(root / "index")
-    assert remap(["index", "--embeddings", str(root / "store"), "--output", index,
-                  "--no-progress"]) == 0
-    return index, paths, X
+    return indexed_photos(tmp_path_factory.mktemp("photos"), tiny_model_path, 4)
 
 
 @pytest.fixture
