@@ -6,9 +6,12 @@ GPU machine (defaults: the product's default model at its input size, 512 px; re
     python bench/gpu_embed.py --device cpu --images 16 --max_side 64 --megapixels 0.1 0.3
 
 Prints one JSON line with four measurements over the same images:
-- decode: `image_for_model` (fetch excluded: bytes in memory) on `--decode_threads` threads;
+- decode: `image_for_model` (fetch excluded: bytes in memory) on `--decode_threads` threads
+  (or processes: `--decode_pool process`);
 - h2d: host-to-device copies of uint8 batches through pinned memory (CUDA events);
 - model: the forward pass (mixed precision on a GPU) on already decoded batches;
+- amp_vs_cpu_fp32 (GPU only): cosine between the GPU's mixed-precision descriptors and the
+  float32 CPU model's for the same decoded images;
 - end_to_end: decode threads feeding the GPU loop through a bounded queue (what a worker does),
   with how long the GPU loop waited for decoded images (`gpu_waited_s`) and which side bounds
   the throughput (`bound`: decode or model).
@@ -19,7 +22,9 @@ GPU figures. `--model` defaults to what `remap embed` uses without --model.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import multiprocessing as mp
 import os
 import platform
 import queue
@@ -27,7 +32,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +53,14 @@ def make_jpegs(n: int, megapixels: tuple[float, float], seed: int = 0) -> list[b
     rng = np.random.default_rng(seed)
     return [photo_jpeg(photos[i % len(photos)], float(rng.uniform(*megapixels)))
             for i in range(n)]
+
+
+def decode_pixels(data: bytes, side: int, multiple: int, draft: float | None) -> np.ndarray:
+    """What a worker does per image once the bytes are fetched (picklable for process pools)."""
+    from remap_core.data.preprocess import DRAFT_MARGIN, image_for_model
+
+    margin = DRAFT_MARGIN if draft is None else (draft or None)
+    return image_for_model(data, side, multiple, draft=margin).pixels
 
 
 def shape_batches_of(arrays: list[np.ndarray], batch_size: int) -> list[np.ndarray]:
@@ -105,12 +118,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch_size", default="auto",
                     help="images per forward pass: a number, or auto (GPU: what half the free "
                          "memory holds, at most 256; CPU: 32)")
-    ap.add_argument("--decode_threads", type=int, default=os.cpu_count())
+    ap.add_argument("--decode_threads", type=int, default=os.cpu_count(),
+                    help="decode workers (threads or processes, see --decode_pool)")
+    ap.add_argument("--decode_pool", choices=("thread", "process"), default="thread",
+                    help="decode on a thread pool (as one SDK process does) or a process pool")
+    ap.add_argument("--draft", type=float, default=None,
+                    help="JPEG draft margin (default: image_for_model's); 0 decodes in full")
     args = ap.parse_args(argv)
 
     import torch
 
-    from remap_core.data.preprocess import image_for_model
     from remap_core.descriptor.checkpoint import load_model
     from remap_core.descriptor.devices import (device_name, memory_batch_size, resolve_device,
                                                to_device)
@@ -132,11 +149,14 @@ def main(argv=None) -> dict:
     stream = [jpegs[i % len(jpegs)] for i in range(args.images)]
     generate_s = time.perf_counter() - t
 
-    def decode(data: bytes) -> np.ndarray:
-        return image_for_model(data, side, multiple).pixels
+    decode = functools.partial(decode_pixels, side=side, multiple=multiple, draft=args.draft)
+    if args.decode_pool == "thread":
+        Pool = ThreadPoolExecutor
+    else:   # spawned, not forked: the parent already holds a CUDA context
+        Pool = functools.partial(ProcessPoolExecutor, mp_context=mp.get_context("spawn"))
 
-    # decode alone, on the thread pool
-    with ThreadPoolExecutor(args.decode_threads) as pool:
+    # decode alone, on the pool
+    with Pool(args.decode_threads) as pool:
         list(pool.map(decode, stream[: min(len(stream), 2 * args.decode_threads)]))  # warm
         t = time.perf_counter()
         arrays = list(pool.map(decode, stream))
@@ -145,8 +165,13 @@ def main(argv=None) -> dict:
     # h2d and model alone, on decoded batches
     batches = shape_batches_of(arrays, batch_size)
     dev = torch.device(device)
-    for b in batches[:2]:                                   # warm up kernels / autotuning
-        forward(model, to_device(b, dev))
+    t = time.perf_counter()
+    warmed: set = set()
+    for b in batches:          # one pass per input shape first: a long-running worker's state
+        if b.shape[1:] not in warmed:
+            forward(model, to_device(b, dev))
+            warmed.add(b.shape[1:])
+    warmup_s = time.perf_counter() - t
     h2d_s = model_s = 0.0
     for b in batches:
         with GpuTimer(dev) as copy:
@@ -156,13 +181,25 @@ def main(argv=None) -> dict:
         h2d_s += copy.seconds
         model_s += fwd.seconds
 
+    # the same images through the float32 model on the CPU: how far mixed precision moves them
+    agreement = None
+    if gpu:
+        cpu_model = load_model(args.model, device="cpu")
+        sample = batches[0][: min(16, len(batches[0]))]
+        on_gpu = forward(model, to_device(sample, dev))
+        on_cpu = forward(cpu_model, torch.from_numpy(sample))
+        cos = (on_gpu * on_cpu).sum(1) / (on_gpu.norm(dim=1) * on_cpu.norm(dim=1))
+        agreement = {"images": len(sample), "min_cosine": round(float(cos.min()), 5),
+                     "mean_cosine": round(float(cos.mean()), 5)}
+        del cpu_model
+
     # end to end: decode threads -> bounded queue -> shape buckets -> GPU
     q: queue.Queue = queue.Queue(maxsize=4 * batch_size)
     done = object()
 
     def produce():
-        with ThreadPoolExecutor(args.decode_threads) as pool:
-            for arr in pool.map(decode, stream):
+        with Pool(args.decode_threads) as pool:
+            for arr in pool.map(decode, stream, chunksize=8):
                 q.put(arr)
         q.put(done)
 
@@ -197,7 +234,8 @@ def main(argv=None) -> dict:
     result = {
         "bench": "gpu_embed", "gpu": gpu, "device": device_name(device),
         "model_fingerprint": model.fingerprint, "max_side": side, "batch_size": batch_size,
-        "decode_threads": args.decode_threads, "cpu_count": os.cpu_count(), "images": n,
+        "decode_threads": args.decode_threads, "decode_pool": args.decode_pool,
+        "draft": args.draft, "shapes": len(warmed), "warmup_s": round(warmup_s, 2), "cpu_count": os.cpu_count(), "images": n,
         "distinct_jpegs": len(jpegs), "megapixels": args.megapixels,
         "mean_jpeg_kb": round(float(np.mean([len(j) for j in jpegs])) / 1024, 1),
         "generate_s": round(generate_s, 2),
@@ -210,6 +248,7 @@ def main(argv=None) -> dict:
                   "ms_per_batch": round(1000 * model_s / len(batches), 2)},
         "end_to_end": {"seconds": round(e2e_s, 2), "gpu_waited_s": round(waited, 2),
                        "bound": "decode" if decode_rate < model_rate else "model"},
+        "amp_vs_cpu_fp32": agreement,
         "torch": torch.__version__, "cuda": torch.version.cuda,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "python": platform.python_version(),
