@@ -152,3 +152,19 @@ def test_an_incremental_rerun_reembeds_only_a_changed_row_and_indexes_no_duplica
     assert sorted(h["uri"] for h in hits) == sorted(paths)             # each image once
     assert {h["uri"]: h["metadata"]["title"] for h in hits} == {
         u: r["title"] for u, r in by_uri.items()}
+
+
+def test_runs_giving_one_column_two_types_are_refused_by_the_index_build_naming_it(
+        tmp_path, tiny_model_path, capsys):
+    a = photos(tmp_path / "a", 1, seed=6)
+    b = photos(tmp_path / "b", 1, seed=7)
+    store = tmp_path / "store"
+    embed(write_csv(tmp_path / "a.csv", [{"uri": a[0], "product_id": "7"}]), store,
+          tiny_model_path, capsys)
+    pq.write_table(pa.table({"uri": b, "product_id": pa.array([7], pa.int64())}),
+                   tmp_path / "b.parquet")
+    embed(str(tmp_path / "b.parquet"), store, tiny_model_path, capsys)
+    assert remap(["index", "--embeddings", str(store), "--output", str(tmp_path / "index"),
+                  "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "remap index: error: " in err and "product_id" in err and "one type" in err
