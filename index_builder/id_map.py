@@ -56,7 +56,14 @@ class IdMap:
         order; held in memory (format-1 indexes, and the build's own writer)."""
         if not tables:
             return cls(np.zeros(0, np.int64), pa.table({"uri": pa.array([], pa.large_string())}))
-        table = pa.concat_tables(tables, promote_options="permissive").combine_chunks()
+        try:    # shards of runs with other URI list columns: a column a shard lacks is null
+            table = pa.concat_tables(tables, promote_options="permissive").combine_chunks()
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            reason = " ".join(str(e).split())
+            raise ValueError(f"the embedding shards' metadata columns do not agree ({reason}): "
+                             f"runs embedded from URI lists that give one column two types; "
+                             f"give it one type in every list and embed those runs again "
+                             f"(--full into a new store)") from None
         order = pc.sort_indices(table.column("id"))
         ids = table.column("id").take(order).to_numpy().astype(np.int64, copy=False)
         # compare neighbours, never subtract them: int64 ids of opposite signs overflow a

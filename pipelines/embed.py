@@ -27,7 +27,8 @@ import json
 import apache_beam as beam
 
 from remap_store import runs
-from remap_store.schema import embedding_schema
+from remap_store.schema import embedding_schema, with_manifest_columns
+from pipelines import uris
 from pipelines.decode import FetchAndDecode
 from pipelines.inference import EmbedImages, EmbedModelHandler
 from pipelines.launch import (IN_PROCESS_RUNNERS, LOCAL_RUNNER, PreparedRun, default_run_id,
@@ -64,7 +65,12 @@ def build_pipeline(pipeline: beam.Pipeline, opts: EmbedOptions, run_dir: str, ru
     if run_info is None:
         run_info = make_run_info(pipeline.options, run_id, fingerprint, dim, [])
     torch_threads = pipeline.options.view_as(EmbedWorkerOptions).torch_threads
-    schema = embedding_schema(dim, fingerprint, PIPELINE_VERSION)
+    uris.apply_fsspec_config(fsconf)
+    if partitions is None:
+        partitions = uris.list_partitions(opts.input)
+    # a URI manifest's extra columns (title, product_id, ...) become nullable shard columns
+    schema = with_manifest_columns(embedding_schema(dim, fingerprint, PIPELINE_VERSION),
+                                   uris.partition_manifest_fields(partitions))
     listed = pipeline | "ListSources" >> ListSources(opts.input, fsconf, partitions)
     before = pipeline | "ReadStoreState" >> ReadStoreState(state_files, fsconf)
     decided = (listed["sources"], before) | "Reconcile" >> Reconcile(run_id, scope)

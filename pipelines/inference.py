@@ -24,7 +24,7 @@ from apache_beam.transforms.window import GlobalWindows
 from remap_core.descriptor.batching import shape_batches
 from remap_store.files import redact_logs
 from pipelines.prepare import Failure, PreparedImage
-from pipelines.uris import apply_fsspec_config
+from pipelines.uris import apply_fsspec_config, metadata_sha1
 from pipelines.workers import DEAD, NAMESPACE, Progress, count
 
 log = logging.getLogger(__name__)
@@ -156,11 +156,14 @@ def failed_batch_results(failed) -> list[PredictionResult]:
 
 
 def shard_row(p: PreparedImage, vector, fingerprint: str) -> dict:
+    """The shard row of an embedded image: the shard's own columns, then its URI manifest row's
+    extra columns (remap_store.schema.with_manifest_columns refused clashing names)."""
     return {"id": p.id, "uri": p.uri, "embedding": vector, "content_sha1": p.content_sha1,
             "size_bytes": p.size_bytes, "width": p.width, "height": p.height,
-            "model": fingerprint,
-            # not shard columns: carried to the sources table
-            "_listed_size": p.listed_size, "_version": p.version}
+            "model": fingerprint, **dict(p.metadata),
+            # not shard columns: carried to the sources table (schema.ROW_INTERNAL_KEYS)
+            "_listed_size": p.listed_size, "_version": p.version,
+            "_metadata_sha1": metadata_sha1(p.metadata)}
 
 
 class _ShardRowsFn(beam.DoFn):

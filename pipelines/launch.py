@@ -19,6 +19,7 @@ from apache_beam.runners.runner import PipelineState
 
 from remap_store import lease, runs
 from remap_store.files import redact, redact_logs
+from remap_store.schema import embedding_schema, with_manifest_columns
 from pipelines import uris
 from pipelines.options import EmbedOptions, EmbedWorkerOptions, check_option_ranges
 from pipelines.tables import make_run_info
@@ -124,6 +125,9 @@ def prepare_run(argv: list[str]) -> PreparedRun:
                          f"--min_listed=0 to run on an empty listing")
     model = load_model(opts.model, device="cpu")
     cfg = model.config
+    # a URI manifest column named like a shard column is refused before the store is touched
+    with_manifest_columns(embedding_schema(model.dim, model.fingerprint),
+                          uris.partition_manifest_fields(partitions))
     taken = None
     if not dry_run:
         seconds = opts.lease_minutes * 60 if wait else opts.unattended_lease_hours * 3600

@@ -56,6 +56,7 @@ class PreparedImage:
     pixels: np.ndarray  # uint8 (H, W, 3) at the model's input size
     version: str | None = None      # object version as listed (incremental state)
     listed_size: int | None = None  # object size as listed (incremental state)
+    metadata: tuple = ()            # (column, value): its URI manifest row's extra columns
 
 
 def fetch_failure(uri: str, e: BaseException, stage: str = "fetch") -> Failure:
@@ -119,4 +120,5 @@ def prepare_source(source: Source, max_side: int, multiple: int) -> PreparedImag
         out.size, out.version, out.replaces = source.size, source.version, source.replaces
     else:
         out.version, out.listed_size = source.version, source.size
+        out.metadata = source.metadata
     return out

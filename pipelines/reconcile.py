@@ -43,7 +43,9 @@ def reconcile(uri: str, now: list, before: list,
     ("keep", PreviousState) | ("none", ""). A URI not listed now is tombstoned only when this
     run's input covers it (`scope`; None: every URI), else kept (another input's URI).
     An unchanged URI is skipped when its size and version match the newest earlier state and
-    that state is an embedding or a decode failure (fetch failures are retried)."""
+    that state is an embedding or a decode failure (fetch failures are retried), and, for an
+    embedding, its URI manifest row's extra columns are the same (else it is embedded again, so
+    that its shard row carries the new values)."""
     prev = max(before, key=lambda s: s.run_index) if before else None
     if not now:
         if prev is None or prev.outcome == "deleted":
@@ -60,6 +62,8 @@ def reconcile(uri: str, now: list, before: list,
         return "embed", "changed"
     if prev.outcome in RETRY_OUTCOMES:
         return "embed", "retry"
+    if prev.outcome == "embedded" and now[0].metadata_sha1() != prev.metadata_sha1:
+        return "embed", "metadata_changed"   # its URI manifest row changed: a new shard row
     return "skip", "unchanged" if prev.outcome == "embedded" else "unchanged_failed"
 
 

@@ -79,9 +79,10 @@ def _source_row(item, run_id: str) -> dict:
     if isinstance(item, Failure):
         return {"uri": item.uri, "id": stable_id(item.uri), "size_bytes": item.size,
                 "version": item.version, "outcome": f"dead_letter:{item.stage}",
-                "run_id": run_id}
+                "run_id": run_id, "metadata_sha1": None}
     return {"uri": item["uri"], "id": item["id"], "size_bytes": item["_listed_size"],
-            "version": item["_version"], "outcome": "embedded", "run_id": run_id}
+            "version": item["_version"], "outcome": "embedded", "run_id": run_id,
+            "metadata_sha1": item["_metadata_sha1"]}
 
 
 def _outcome_items(item):

@@ -58,21 +58,80 @@ def expand_input(spec: str) -> tuple[str, list[str]]:
     return "images", [normalize_uri(spec)]
 
 
-def read_uri_list(path: str) -> Iterator[str]:
-    """URIs listed in one URI list, as written: .txt/.lst (one per line; blank lines and '#'
-    comments skipped), .csv (a header row with a `uri` column), .parquet (a `uri` column).
-    A .csv or .parquet URI list without a `uri` column is refused (ValueError)."""
+def _extra_column(name: str) -> bool:
+    """A URI manifest column other than `uri` that travels to the shards: not an unnamed CSV
+    column (a spreadsheet's row numbers) nor a pandas index (`__index_level_0__`)."""
+    return name != "uri" and name != "" and not name.startswith("__index_level_")
+
+
+def _check_unique(path: str, names: list[str]) -> None:
+    seen = set()
+    for n in names:
+        if n in seen:
+            raise ValueError(f"URI list {path} has two columns named {n!r}; rename one")
+        seen.add(n)
+
+
+def manifest_fields(path: str) -> list:
+    """The extra columns of one URI list (pa.Field each, in the file's order) that travel into
+    the embedding shards: a .parquet list's columns besides `uri`, with their Parquet types; a
+    .csv list's header names besides `uri`, all strings (CSV values are not type-inferred);
+    none for .txt/.lst. A list without a `uri` column is refused (ValueError)."""
+    import pyarrow as pa
+
+    low = path.lower()
+    if low.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        with fsspec.open(path, "rb") as f:
+            schema = pq.ParquetFile(f, pre_buffer=False).schema_arrow
+        if "uri" not in schema.names:
+            raise ValueError(f"URI list {path} has no 'uri' column (columns: {schema.names})")
+        fields = [f for f in schema if _extra_column(f.name)]
+    elif low.endswith(".csv"):
+        with fsspec.open(path, "rt", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), None)
+        names = [h.strip() for h in header or []]
+        if header is not None and "uri" not in names:
+            raise ValueError(f"URI list {path} has no 'uri' column (header: {names}); a .csv "
+                             f"URI list starts with a header row naming a 'uri' column")
+        fields = [pa.field(n, pa.string()) for n in names if _extra_column(n)]
+    else:
+        return []
+    _check_unique(path, [f.name for f in fields])
+    return fields
+
+
+def partition_manifest_fields(parts: list[tuple]) -> list:
+    """The extra columns of every URI list among listing tasks (`list_partitions`), merged: a
+    column in several lists once, in first-seen order; one column with two types in two lists
+    is refused, naming it."""
+    merged: dict = {}
+    for part in parts:
+        if part[0] != "uri_list":
+            continue
+        for f in manifest_fields(part[1]):
+            seen = merged.setdefault(f.name, (f, part[1]))
+            if seen[0].type != f.type:
+                raise ValueError(f"column {f.name!r} is {seen[0].type} in URI list {seen[1]} but "
+                                 f"{f.type} in {part[1]}; give it one type in every list")
+    return [f for f, _ in merged.values()]
+
+
+def read_manifest_rows(path: str) -> Iterator[tuple[str, tuple]]:
+    """(uri, extra columns) of every entry of one URI list, as written: .txt/.lst (one URI per
+    line; blank lines and '#' comments skipped; no extra columns), .csv (a header row with a
+    `uri` column; the other cells as strings, a missing cell None), .parquet (a `uri` column;
+    the other columns' values). Extra columns are a tuple of (name, value) pairs
+    (`manifest_fields` names them). Rows with an empty URI are skipped."""
     low = path.lower()
     if low.endswith(".parquet"):
         import pyarrow.parquet as pq
 
         with fsspec.open(path, "rb") as f:
             pf = pq.ParquetFile(f, pre_buffer=False)
-            if "uri" not in pf.schema_arrow.names:
-                raise ValueError(f"URI list {path} has no 'uri' column "
-                                 f"(columns: {pf.schema_arrow.names})")
-            for batch in pf.iter_batches(columns=["uri"], batch_size=65536):
-                yield from (u for u in batch.column(0).to_pylist() if u)
+            for i in range(pf.metadata.num_row_groups):
+                yield from _parquet_rows(path, pf, i)
         return
     # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first column's name
     with fsspec.open(path, "rt", encoding="utf-8-sig") as f:
@@ -85,15 +144,36 @@ def read_uri_list(path: str) -> Iterator[str]:
             if "uri" not in names:
                 raise ValueError(f"URI list {path} has no 'uri' column (header: {names}); a "
                                  f".csv URI list starts with a header row naming a 'uri' column")
+            _check_unique(path, [n for n in names if _extra_column(n)])
             col = names.index("uri")
+            extra = [(j, n) for j, n in enumerate(names) if _extra_column(n)]
             for row in reader:
                 if len(row) > col and row[col].strip():
-                    yield row[col].strip()
+                    yield row[col].strip(), tuple((n, row[j] if j < len(row) else None)
+                                                  for j, n in extra)
             return
         for line in f:
             line = line.strip()
             if line and not line.startswith("#"):
-                yield line
+                yield line, ()
+
+
+def _parquet_rows(path: str, pf, index: int) -> Iterator[tuple[str, tuple]]:
+    names = pf.schema_arrow.names
+    if "uri" not in names:
+        raise ValueError(f"URI list {path} has no 'uri' column (columns: {names})")
+    extra = [n for n in names if _extra_column(n)]
+    cols = pf.read_row_group(index, columns=["uri", *extra]).to_pydict()
+    for j, uri in enumerate(cols["uri"]):
+        if uri:
+            yield uri, tuple((n, cols[n][j]) for n in extra)
+
+
+def read_uri_list(path: str) -> Iterator[str]:
+    """URIs listed in one URI list, as written (see read_manifest_rows). A .csv or .parquet URI
+    list without a `uri` column is refused (ValueError)."""
+    for uri, _ in read_manifest_rows(path):
+        yield uri
 
 
 def list_uris(spec: str) -> list[str]:
@@ -131,12 +211,28 @@ class Source(NamedTuple):
     size: int | None = None
     version: str | None = None
     replaces: bool = False  # an earlier run embedded this URI: a failure now tombstones that
+    metadata: tuple = ()    # (column, value) pairs: the URI manifest row's extra columns
+
+    def metadata_sha1(self) -> str | None:
+        """A digest of `metadata` (None without any): a change re-embeds an unchanged image, so
+        its shard row carries the new values."""
+        return metadata_sha1(self.metadata)
 
     def signature(self) -> str | None:
         """`size:version`, or None when either is unknown (then the object is always re-read)."""
         if self.size is None or self.version is None:
             return None
         return f"{self.size}:{self.version}"
+
+
+def metadata_sha1(metadata: tuple) -> str | None:
+    if not metadata:
+        return None
+    import hashlib
+    import json
+
+    text = json.dumps(sorted(metadata), default=str, ensure_ascii=False)
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
 # Keys of fsspec `info()` dicts that change when an object's bytes change, most specific first.
@@ -214,16 +310,12 @@ def split_partition(kind: str, arg: str, *rest) -> list[tuple]:
     return [(kind, arg, *rest)]
 
 
-def read_uri_list_row_group(path: str, index: int) -> list[str]:
-    """URIs of one row group of a Parquet URI list."""
+def read_uri_list_row_group(path: str, index: int) -> list[tuple[str, tuple]]:
+    """(uri, extra columns) of one row group of a Parquet URI list (see read_manifest_rows)."""
     import pyarrow.parquet as pq
 
     with fsspec.open(path, "rb") as f:
-        pf = pq.ParquetFile(f, pre_buffer=False)
-        if "uri" not in pf.schema_arrow.names:
-            raise ValueError(f"URI list {path} has no 'uri' column "
-                             f"(columns: {pf.schema_arrow.names})")
-        return [u for u in pf.read_row_group(index, columns=["uri"]).column(0).to_pylist() if u]
+        return list(_parquet_rows(path, pq.ParquetFile(f, pre_buffer=False), index))
 
 
 def expand_partition(kind: str, arg: str, *rest,
@@ -232,12 +324,12 @@ def expand_partition(kind: str, arg: str, *rest,
     paths normalised (`normalize_uri`). `with_others`: also a NotAnImage for each file of a
     folder or glob whose name is not an image's."""
     if kind == "uri_list":
-        for uri in read_uri_list(arg):
-            yield Source(normalize_uri(uri))
+        for uri, metadata in read_manifest_rows(arg):
+            yield Source(normalize_uri(uri), metadata=metadata)
         return
     if kind == "uri_list_row_group":
-        for uri in read_uri_list_row_group(arg, *rest):
-            yield Source(normalize_uri(uri))
+        for uri, metadata in read_uri_list_row_group(arg, *rest):
+            yield Source(normalize_uri(uri), metadata=metadata)
         return
     if kind == "other":
         if with_others:
@@ -267,7 +359,7 @@ def stat(source: Source) -> Source:
     info = fs.info(path)
     if info.get("type") == "directory":
         raise IsADirectoryError(f"{source.uri} is a folder, not an image")
-    return Source(source.uri, info.get("size"), version_of(info))
+    return source._replace(size=info.get("size"), version=version_of(info))
 
 
 def apply_fsspec_config(config: dict | None) -> None:

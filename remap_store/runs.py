@@ -56,6 +56,7 @@ class PreviousState(NamedTuple):
     size: int | None
     version: str | None
     outcome: str            # embedded | dead_letter:<stage> | deleted
+    metadata_sha1: str | None = None   # of its URI manifest row's extra columns (None: none)
 
     def signature(self) -> str | None:
         if self.size is None or self.version is None:
@@ -263,13 +264,16 @@ def read_state_file(run_index: int, kind: str, url: str) -> Iterator[tuple[str, 
                "shards": ["uri", "id"], "tombstones": ["uri", "id"]}[kind]
     with fsspec.open(url, "rb") as f:
         pf = pq.ParquetFile(f, pre_buffer=False)
+        if kind == "sources" and "metadata_sha1" in pf.schema_arrow.names:
+            columns = columns + ["metadata_sha1"]     # sources tables written since it exists
         for batch in pf.iter_batches(columns=columns, batch_size=65536):
             cols = batch.to_pydict()
             n = batch.num_rows
             for j in range(n):
                 if kind == "sources":
                     state = PreviousState(run_index, cols["id"][j], cols["size_bytes"][j],
-                                          cols["version"][j], cols["outcome"][j])
+                                          cols["version"][j], cols["outcome"][j],
+                                          cols.get("metadata_sha1", [None] * n)[j])
                 elif kind == "shards":
                     state = PreviousState(run_index, cols["id"][j], None, None, "embedded")
                 else:

@@ -58,6 +58,35 @@ def embedding_schema(dim: int, model_fingerprint: str, pipeline_version: str = "
     )
 
 
+# Keys of an embed pipeline's shard row that are not columns: carried to the sources table.
+ROW_INTERNAL_KEYS = ("_listed_size", "_version", "_metadata_sha1")
+
+
+def manifest_field(field: pa.Field) -> pa.Field:
+    """The shard column for an extra column of a URI manifest: same name and type (a
+    dictionary-encoded column as its values' type), always nullable (a row, or a whole other
+    manifest, may lack it)."""
+    t = field.type
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.field(field.name, t, nullable=True)
+
+
+def with_manifest_columns(schema: pa.Schema, fields: list[pa.Field]) -> pa.Schema:
+    """An embedding schema with a URI manifest's extra columns appended (in the manifest's
+    order). A column named like a shard column (or an internal row key) is refused, naming it."""
+    taken = set(schema.names) | set(ROW_INTERNAL_KEYS)
+    for f in fields:
+        if f.name in taken:
+            raise ValueError(
+                f"the URI list's column {f.name!r} has the name of a column remap writes itself "
+                f"(embedding shards hold {', '.join(schema.names)}); rename that column in the "
+                f"URI list")
+        schema = schema.append(manifest_field(f))
+        taken.add(f.name)
+    return schema
+
+
 DEAD_LETTER_SCHEMA = pa.schema(
     [
         pa.field("uri", pa.string(), nullable=False),
@@ -76,7 +105,8 @@ def embedding_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
         np.zeros((0, dim), np.float32)
     value_type = schema.field("embedding").type.value_type
     flat = pa.array(emb.reshape(-1), type=pa.float32()).cast(value_type)
-    cols = {name: [r[name] for r in rows] for name in schema.names if name != "embedding"}
+    # a URI manifest's extra columns may be missing from a row (null)
+    cols = {name: [r.get(name) for r in rows] for name in schema.names if name != "embedding"}
     arrays = []
     for field in schema:
         if field.name == "embedding":
@@ -119,6 +149,8 @@ SOURCE_SCHEMA = pa.schema(
         pa.field("version", pa.string()),     # e.g. "generation=17", "ETag=...", "mtime=..."
         pa.field("outcome", pa.string(), nullable=False),  # embedded | dead_letter:<stage>
         pa.field("run_id", pa.string(), nullable=False),
+        # sha1 of the URI manifest row's extra columns (metadata_sha1); null without any
+        pa.field("metadata_sha1", pa.string()),
     ]
 )
 
