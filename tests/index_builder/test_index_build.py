@@ -100,7 +100,7 @@ def test_flat_build_over_shards_equals_exact_numpy_search(store, tmp_path):
         assert [h.uri for h in hits[q]] == [uris[i] for i in order[q]]
     assert idx.manifest["recall"]["recall@1"] == 1.0
     # a new index expands queries by default (top 2, alpha 3), ranking as rerank defines it
-    assert idx.manifest["rerank"] == {"qe": 2, "qe_alpha": 3.0}
+    assert idx.manifest["rerank"] == {"qe": 2, "qe_alpha": 3.0, "dba": 0}
     reranked = reranked_similarities(xq, X, qe=2, alpha=3.0)
     order = np.argsort(-reranked, axis=1)[:, :10]
     hits = idx.search_vectors(xq, k=10)

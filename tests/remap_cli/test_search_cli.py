@@ -64,7 +64,7 @@ def test_one_bad_query_is_named_and_the_others_are_answered(photo_index, bad_que
 def test_search_expands_queries_by_the_index_default_and_qe_0_turns_it_off(photo_index,
                                                                            capsys):
     index, paths, X = photo_index
-    assert open_index(index).manifest["rerank"] == {"qe": 2, "qe_alpha": 3.0}
+    assert open_index(index).manifest["rerank"] == {"qe": 2, "qe_alpha": 3.0, "dba": 0}
 
     def searched(*extra):
         capsys.readouterr()
