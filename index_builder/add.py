@@ -38,6 +38,7 @@ class AddJob:
     source: str                 # embedding shard URL
     output: str                 # local path of the index shard to write (<name>.faiss)
     drop: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # ids to skip
+    dba: str | None = None      # index folder whose DBA table replaces the vectors it holds
 
 
 @dataclass
@@ -137,7 +138,13 @@ def add_shard(trained: faiss.Index, job: AddJob, batch_rows: int = 65_536) -> Ad
     all_ids, all_uris, skipped = [], [], 0
     drop = np.asarray(job.drop, np.int64)
     with_drop = len(drop) > 0
+    if job.dba:
+        from index_builder.build import augmented, dba_table
+
+        table = dba_table(job.dba)
     for ids, X, uris in iter_shard_batches(job.source, batch_rows):
+        if job.dba:
+            X = augmented(table, ids, X)
         if with_drop:
             m = ~np.isin(ids, drop)
             skipped += int((~m).sum())

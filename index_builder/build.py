@@ -56,11 +56,18 @@ DRIFT_WARN = 1.2  # warn when new data's quantisation error grows by more than 2
 log = logging.getLogger(__name__)
 
 
-# alpha query expansion that searches of a new index apply by default (manifest `rerank`);
-# chosen from bench/RESULTS.md ("Re-ranking"); `remap index --qe N` and `remap search --qe N`
-# override it
-DEFAULT_QE = 0
+# alpha query expansion that searches of a new index apply by default (manifest `rerank`):
+# the top 2 results weighted by score ** 3, as measured in bench/RESULTS.md ("Issue 12":
+# remap-lite0-v1 94.1 -> 94.9 mAP on the benchmark, 46.8 -> 49.0 on the held-out views;
+# bench/benchmark_models.py and bench/heldout_eval.py --rerank qe). `remap index --qe N` sets
+# another default, `remap search --qe 0` (search_vectors(qe=0)) turns it off for one search.
+# A manifest without `rerank` (built before) means no expansion.
+DEFAULT_QE = 2
 DEFAULT_QE_ALPHA = 3.0
+# database-side augmentation (`remap index --dba K`, off by default): the collection's vectors,
+# each replaced by rerank.database_augmentation over its K nearest others, sorted by id
+DBA_JSON, DBA_IDS, DBA_VECTORS = "dba.json", "dba_ids.npy", "dba_vectors.npy"
+
 
 def _local(folder: str, create: bool = True) -> str:
     """The local index folder `folder` names (created unless `create` is False); refuses a URL,
@@ -99,10 +106,69 @@ def _write_json(path: str, obj) -> None:
     write_json_atomic(path, obj)
 
 
-def _live_batches(shards: list[LiveShard], batch_rows: int = 65_536):
+def augment_collection(store: str, folder: str, k: int, alpha: float = DEFAULT_QE_ALPHA) -> dict:
+    """DBA before indexing: every live vector of `store` replaced by
+    rerank.database_augmentation (its `k` nearest other vectors, weights score ** alpha), written
+    to the folder as a table (DBA_IDS, DBA_VECTORS, DBA_JSON) that train, add and merge read in
+    place of the embedding shards' vectors. Exact all-kNN: O(N^2 D) time, the N x D vectors in
+    memory."""
+    from index_builder.rerank import database_augmentation
+
+    folder = _local(folder)
+    t0 = time.time()
+    shards, _ = plan_live_shards(list_runs(store))
+    parts = list(_live_batches(shards))
+    ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+    X = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, 1), np.float32)
+    order = np.argsort(ids, kind="stable")
+    Xa = database_augmentation(X[order], k, alpha)
+    for name, arr in ((DBA_IDS, ids[order]), (DBA_VECTORS, Xa)):
+        with atomic_path(os.path.join(folder, name)) as tmp, open(tmp, "wb") as f:
+            np.save(f, arr)
+    info = {"k": int(k), "alpha": float(alpha), "vectors": int(len(ids)),
+            "seconds": round(time.time() - t0, 3)}
+    _write_json(os.path.join(folder, DBA_JSON), info)
+    log.info(f"dba: {len(ids)} vectors augmented with their {k} nearest others in "
+             f"{info['seconds']:.1f}s")
+    return info
+
+
+def remove_augmentation(folder: str) -> None:
+    """Drop a DBA table of an earlier build from the folder (the next build indexes the shards'
+    own vectors)."""
+    for name in (DBA_JSON, DBA_IDS, DBA_VECTORS):
+        if os.path.exists(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+
+
+def dba_table(folder: str) -> tuple[dict, np.ndarray, np.ndarray] | None:
+    """The folder's DBA table (info, sorted ids, vectors; memory-mapped), None without one."""
+    info = _read_json(os.path.join(folder, DBA_JSON))
+    if info is None:
+        return None
+    return (info, np.load(os.path.join(folder, DBA_IDS), mmap_mode="r"),
+            np.load(os.path.join(folder, DBA_VECTORS), mmap_mode="r"))
+
+
+def augmented(table, ids: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """X with the rows whose id the DBA table holds replaced by their augmented vectors (rows
+    of runs added after the table was made keep their own)."""
+    if table is None or not len(ids):
+        return X
+    _, tids, tvec = table
+    pos = np.minimum(np.searchsorted(tids, ids), max(len(tids) - 1, 0))
+    hit = (tids[pos] == ids) if len(tids) else np.zeros(len(ids), bool)
+    if not hit.any():
+        return X
+    X = np.array(X, np.float32, copy=True)
+    X[hit] = tvec[pos[hit]]
+    return X
+
+
+def _live_batches(shards: list[LiveShard], batch_rows: int = 65_536, table=None):
     for s in shards:
         for ids, X, _ in iter_shard_batches(s.path, batch_rows, drop=s.drop, with_uris=False):
-            yield ids, X
+            yield ids, augmented(table, ids, X)
 
 
 def _now() -> str:
@@ -228,7 +294,8 @@ def train_step(store: str, folder: str, factory: str | None = None,
              f"quantisation error)")
     t0 = time.time()
     if plan.size + plan.held:
-        _, sample = reservoir_sample(_live_batches(plan.shards), plan.size + plan.held, seed)
+        _, sample = reservoir_sample(_live_batches(plan.shards, table=dba_table(folder)),
+                                     plan.size + plan.held, seed)
     else:
         sample = np.zeros((0, plan.dim), np.float32)
     info = train_on_sample(plan, sample, folder, time.time() - t0, started)
@@ -288,7 +355,8 @@ def add_step(store: str, folder: str, workers: int | None = None,
     # drift check on a uniform sample of the new data
     drift = {}
     if train["quantization_error"]:
-        _, xs = reservoir_sample(_live_batches(shards), ERROR_SAMPLE, seed)
+        _, xs = reservoir_sample(_live_batches(shards, table=dba_table(folder)), ERROR_SAMPLE,
+                                 seed)
         trained = faiss.read_index(os.path.join(folder, TRAINED_FILE))
         new_err = quantization_error(trained, xs)
         drift = {"error": new_err, "growth": error_growth(train["quantization_error"], new_err)}
@@ -299,8 +367,9 @@ def add_step(store: str, folder: str, workers: int | None = None,
                         "codebooks fit it worse and recall will drop: retrain with `remap index "
                         "train` then `remap index add`")
 
-    jobs = [AddJob(s.path, os.path.join(folder, index_shard_name(s.run_id, s.path, gen)), s.drop)
-            for s in shards if s.live_rows > 0]
+    dba = folder if os.path.exists(os.path.join(folder, DBA_JSON)) else None
+    jobs = [AddJob(s.path, os.path.join(folder, index_shard_name(s.run_id, s.path, gen)), s.drop,
+                   dba) for s in shards if s.live_rows > 0]
     results = add_shards(os.path.join(folder, TRAINED_FILE), jobs, workers,
                          parse_bytes(memory_budget, "--add-memory") if memory_budget else None,
                          batch_rows, progress)
@@ -400,8 +469,13 @@ def merge_step(folder: str, layout: str = "single", target_recall: float = 0.95,
         "id_map": _write_id_map(folder, state),
         "num_vectors": int(sum(e["vectors"] for e in state["shards"])),
         "training_sample": train["training_sample"],
-        "rerank": {"qe": DEFAULT_QE if qe is None else int(qe), "qe_alpha": DEFAULT_QE_ALPHA},
+        "rerank": {"qe": DEFAULT_QE if qe is None else int(qe), "qe_alpha": DEFAULT_QE_ALPHA,
+                   "dba": 0},
     }
+    table = dba_table(folder)
+    if table is not None:     # the stored vectors are DBA'd (`remap index --dba K`)
+        manifest["rerank"].update({"dba": table[0]["k"], "dba_alpha": table[0]["alpha"],
+                                   "dba_vectors": table[0]["vectors"]})
     if shared:
         manifest["quantizer_file"] = shared
     index = read_faiss_index(folder, manifest, folder)
@@ -417,7 +491,8 @@ def merge_step(folder: str, layout: str = "single", target_recall: float = 0.95,
             os.remove(os.path.join(folder, RECALL_FILE))
     else:
         params, recall = _measure_recall(folder, index, state, shard_paths, recall_queries,
-                                         merge_seconds, layout, target_recall, tune_at, seed)
+                                         merge_seconds, layout, target_recall, tune_at, seed,
+                                         table)
     recall_seconds = time.time() - t0
     manifest.update({
         "search_params": params, "recall": recall,
@@ -449,7 +524,8 @@ def _write_id_map(folder: str, state: dict) -> list[dict]:
 
 def _measure_recall(folder: str, index, state: dict, shard_paths: list[str],
                     recall_queries: int, merge_seconds: float, layout: str,
-                    target_recall: float, tune_at: int, seed: int) -> tuple[dict, dict]:
+                    target_recall: float, tune_at: int, seed: int,
+                    table=None) -> tuple[dict, dict]:
     """Recall against exact search on held-out queries (a uniform sample of the indexed
     vectors, each left out of its own results), search parameters tuned to the target; the
     queries and their exact neighbours saved to recall_queries.npz. -> (params, recall)"""
@@ -459,7 +535,7 @@ def _measure_recall(folder: str, index, state: dict, shard_paths: list[str],
     def batches():  # the indexed vectors, read back from the embedding shards
         for source, keep in sources:
             for ids, X, _ in iter_shard_batches(source, keep=keep, with_uris=False):
-                yield ids, X
+                yield ids, augmented(table, ids, X)
 
     nq = min(recall_queries, ntotal)
     log.info(f"merge: {layout} index of {ntotal} vectors in {merge_seconds:.1f}s; measuring recall "
@@ -508,8 +584,14 @@ def build_index(store: str, output: str, factory: str | None = None,
                 max_index_memory: str | int = "4GB", layout: str = "single",
                 target_recall: float = 0.95, workers: int | None = None,
                 progress: bool = True, opq: bool = False,
-                add_memory: str | int | None = None, qe: int | None = None) -> dict:
+                add_memory: str | int | None = None, qe: int | None = None,
+                dba: int = 0) -> dict:
     """Train, add and merge in one go (a fresh folder, or a full rebuild of an existing one).
+
+    `dba` K > 0: database-side augmentation before the codes are trained and added: each stored
+    vector is replaced by rerank.database_augmentation over its K nearest other vectors (exact
+    all-kNN over the collection: O(N^2 D) time, N x D floats in memory), recorded in the
+    manifest's `rerank`. 0 (default): the embeddings as they are.
 
     A build that fails removes the folder if it created it; an existing folder (and an index
     already in it) is left in place. Refusals (bad factory, budget, too few vectors, ...) come
@@ -521,7 +603,13 @@ def build_index(store: str, output: str, factory: str | None = None,
     created = _first_missing(folder)  # the top folder this build creates, if any
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    if dba < 0:
+        raise ValueError(f"dba must be >= 0 (0: no database-side augmentation), got {dba}")
     try:
+        if dba:
+            augment_collection(store, folder, dba)
+        elif os.path.isdir(folder):
+            remove_augmentation(folder)
         train_step(store, folder, factory, max_index_memory, train_sample, seed=seed, opq=opq,
                    layout=layout)
         add_step(store, folder, workers, add_memory, seed=seed, progress=progress)

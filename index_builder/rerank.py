@@ -64,7 +64,7 @@ def database_augmentation(vectors: np.ndarray, k: int = 2, alpha: float = 3.0,
     """DBA by exact inner-product k-NN over `vectors` (N, D) -> (N, D) float32.
 
     Each vector is averaged with its k nearest *other* vectors (weights s^alpha; itself weight 1).
-    Exact search costs O(N^2 D): for large collections use `augment_with_index`.
+    Exact search costs O(N^2 D) (what `remap index --dba K` pays once per build).
     """
     x = l2_normalise(vectors)
     if k < 1 or len(x) < 2:

@@ -157,7 +157,7 @@ class RemapIndex:
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10, filters: dict | None = None,
                        dedupe: bool = False, qe: int | None = None,
-                       qe_alpha: float = 3.0) -> list[list[Hit]]:
+                       qe_alpha: float | None = None) -> list[list[Hit]]:
         """(Q, D) query descriptors -> for each query, up to k hits, best first.
 
         `filters` {column: value or [values]}: only hits whose metadata column holds one of the
@@ -166,8 +166,9 @@ class RemapIndex:
         hits with the same bytes (`content_sha1`) are kept once, the best.
         `qe`: alpha query expansion (`index_builder.rerank`) over the top `qe` results of a
         first, unfiltered search, weighted by score ** qe_alpha; 0 turns it off; None: the
-        index's default (its manifest's `rerank.qe`, else 0). The reported scores are those of
-        the expanded query."""
+        index's default (its manifest's `rerank.qe`: 2 for indexes built since it became the
+        default; a manifest without `rerank` means 0). `qe_alpha` None: the manifest's
+        `rerank.qe_alpha`, else 3. The reported scores are those of the expanded query."""
         xq = np.ascontiguousarray(np.atleast_2d(np.asarray(vectors, dtype=np.float32)))
         if xq.ndim != 2 or xq.shape[1] != self.dimension:
             raise ValueError(f"query vectors have shape {xq.shape}, this index takes (Q, "
@@ -176,8 +177,11 @@ class RemapIndex:
             raise ValueError("query vectors contain NaN or infinity")
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
+        rerank = self.manifest.get("rerank") or {}
         if qe is None:
-            qe = int((self.manifest.get("rerank") or {}).get("qe", 0))
+            qe = int(rerank.get("qe", 0))
+        if qe_alpha is None:
+            qe_alpha = float(rerank.get("qe_alpha", 3.0))
         if qe < 0:
             raise ValueError(f"qe must be >= 0 (0: no query expansion), got {qe}")
         if qe > 0 and len(self):
@@ -269,7 +273,7 @@ class RemapIndex:
 
     def search_images(self, images, k: int = 10, model_uri: str | None = "manifest",
                       errors: str = "raise", filters: dict | None = None, dedupe: bool = False,
-                      qe: int | None = None, qe_alpha: float = 3.0,
+                      qe: int | None = None, qe_alpha: float | None = None,
                       **prep) -> list:
         """Query images -> for each, up to k hits, best first.
 

@@ -26,10 +26,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--denoise", action="store_true", help="median-filter query images")
     parser.add_argument("--autocontrast", action="store_true", help="stretch query contrast")
     parser.add_argument("--qe", type=int, default=None, metavar="N",
-                        help="alpha query expansion over the top N results of a first search "
-                        "(0: off; default: the index's own default, see `remap index --qe`)")
-    parser.add_argument("--qe-alpha", type=float, default=3.0,
-                        help="query expansion weight exponent: result i weighs score_i ** alpha")
+                        help="alpha query expansion over the top N results of a first search; "
+                        "--qe 0 turns it off (raw FAISS scores). Default: the index's own "
+                        "(2 for indexes built by `remap index` since it became the default, see "
+                        "`remap index --qe`; none for older indexes)")
+    parser.add_argument("--qe-alpha", type=float, default=None,
+                        help="query expansion weight exponent: result i weighs score_i ** alpha "
+                        "(default: the index's, 3)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip checksum verification of the index files")
     parser.add_argument("--html", default=None, metavar="OUT.html",

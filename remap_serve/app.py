@@ -2,9 +2,11 @@
 health, readiness and Prometheus metrics. It owns no retrieval logic: every answer comes from
 index_builder.search (RemapIndex.search_vectors / embed_images) on the index IndexHolder serves.
 
-    POST /search           JSON {"vectors": [[...], ...], "k", "filters", "dedupe", "min_score"}
-                           or multipart/form-data (field `image`, optional `k`, `filters` JSON,
-                           `dedupe`) or a raw image body (Content-Type image/*; ?k=&filters=)
+    POST /search           JSON {"vectors": [[...], ...], "k", "filters", "dedupe", "min_score",
+                           "qe"} or multipart/form-data (field `image`, optional `k`, `filters`
+                           JSON, `dedupe`, `qe`) or a raw image body (Content-Type image/*;
+                           ?k=&filters=&qe=). `qe`: alpha query expansion over the top qe
+                           results (0: off); absent: the index's default (manifest `rerank`)
                            -> {"index": {...}, "results": [{"query", "hits": [...]}], "took_ms"}
     GET  /                 the upload form; POST / (the form) and GET /?like=<id> show results
     GET  /thumb?id=|uri=   a JPEG thumbnail of an image the index holds (nothing else)
@@ -123,6 +125,21 @@ def _parse_filters(value) -> dict | None:
     return value
 
 
+def _parse_qe(value) -> int | None:
+    """The request's query expansion (None: the index's default; 0: off)."""
+    if value in (None, ""):
+        return None
+    try:
+        qe = int(value)
+    except (TypeError, ValueError):
+        raise ApiError(400, "bad_request", f"qe must be an integer (0: no query expansion), "
+                                           f"got {value!r}") from None
+    if qe < 0 or isinstance(value, bool):
+        raise ApiError(400, "bad_request", f"qe must be an integer >= 0 (0: no query "
+                                           f"expansion), got {value!r}")
+    return qe
+
+
 def _parse_bool(value) -> bool:
     if isinstance(value, bool):
         return value
@@ -222,9 +239,10 @@ def create_app(holder: IndexHolder, settings: Settings | None = None,
                                                   f"search by vectors instead") from None
 
     async def search(idx, vectors: np.ndarray, k: int, filters, dedupe: bool,
-                     min_score=None) -> list:
+                     min_score=None, qe: int | None = None) -> list:
         try:
-            results = await run_in_threadpool(idx.search_vectors, vectors, k, filters, dedupe)
+            results = await run_in_threadpool(idx.search_vectors, vectors, k, filters, dedupe,
+                                              qe)
         except ValueError as e:
             raise ApiError(400, "bad_request", str(e)) from None
         if min_score is not None:
@@ -294,6 +312,7 @@ def create_app(holder: IndexHolder, settings: Settings | None = None,
             filters, dedupe = _parse_filters(body.get("filters")), _parse_bool(
                 body.get("dedupe", False))
             min_score, by, names = body.get("min_score"), "vectors", list(range(len(xq)))
+            qe = _parse_qe(body.get("qe"))
         elif ctype == "multipart/form-data":
             form = await request.form(max_files=1, max_fields=16)
             upload = form.get("image")
@@ -311,6 +330,7 @@ def create_app(holder: IndexHolder, settings: Settings | None = None,
             filters = _parse_filters(form.get("filters", params.get("filters")))
             dedupe = _parse_bool(form.get("dedupe", params.get("dedupe", False)))
             min_score, by, names = None, "image", [upload.filename or "upload"]
+            qe = _parse_qe(form.get("qe", params.get("qe")))
         elif ctype.startswith("image/") or ctype == "application/octet-stream":
             data = await request.body()
             xq = await embed_image(idx, data)
@@ -318,12 +338,13 @@ def create_app(holder: IndexHolder, settings: Settings | None = None,
             filters, dedupe = _parse_filters(params.get("filters")), _parse_bool(
                 params.get("dedupe", False))
             min_score, by, names = None, "image", ["body"]
+            qe = _parse_qe(params.get("qe"))
         else:
             raise ApiError(415, "unsupported_media_type",
                            f"Content-Type {ctype or '(none)'} is not accepted; send "
                            f"application/json with vectors, multipart/form-data with an "
                            f"'image' file, or an image/* body")
-        results = await search(idx, xq, k, filters, dedupe, min_score)
+        results = await search(idx, xq, k, filters, dedupe, min_score, qe)
         metrics.query(by, len(names))
         return {"index": {"version": idx.version, "model": idx.fingerprint, "vectors": len(idx)},
                 "results": [{"query": n, "hits": [h.as_dict() for h in hits]}

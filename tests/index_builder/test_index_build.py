@@ -13,6 +13,7 @@ import pytest
 
 from index_builder.build import add_step, build_index, merge_step, train_step
 from index_builder.manifest import manifest_files
+from index_builder.rerank import reranked_similarities
 from index_builder.search import open_index
 from index_builder.synthetic import clustered_vectors, synthetic_uris, write_run
 from remap_store.schema import stable_ids
@@ -79,7 +80,7 @@ def test_merged_and_sharded_ivfpq_return_the_neighbours_of_a_one_go_index(store,
     Dref, Iref = ref.search(xq, 21)
     D, I = idx.index.search(xq, 20)
     _same_neighbours(D, I, Dref, Iref)
-    hits = idx.search_vectors(xq[:3], k=5)
+    hits = idx.search_vectors(xq[:3], k=5, qe=0)          # raw FAISS ranking
     assert [h.id for h in hits[0]] == list(I[0, :5])
     assert hits[0][0].uri == store[3][int(np.nonzero(ids == I[0, 0])[0][0])]
 
@@ -92,12 +93,21 @@ def test_flat_build_over_shards_equals_exact_numpy_search(store, tmp_path):
     xq = clustered_vectors(50, DIM, clusters=200, seed=7)
     scores = xq @ X.T
     order = np.argsort(-scores, axis=1)[:, :10]
-    hits = idx.search_vectors(xq, k=10)
+    hits = idx.search_vectors(xq, k=10, qe=0)             # no query expansion: exact search
     for q in range(len(xq)):
         np.testing.assert_allclose([h.score for h in hits[q]], scores[q, order[q]], rtol=1e-5)
         assert [h.id for h in hits[q]] == list(ids[order[q]])
         assert [h.uri for h in hits[q]] == [uris[i] for i in order[q]]
     assert idx.manifest["recall"]["recall@1"] == 1.0
+    # a new index expands queries by default (top 2, alpha 3), ranking as rerank defines it
+    assert idx.manifest["rerank"] == {"qe": 2, "qe_alpha": 3.0, "dba": 0}
+    reranked = reranked_similarities(xq, X, qe=2, alpha=3.0)
+    order = np.argsort(-reranked, axis=1)[:, :10]
+    hits = idx.search_vectors(xq, k=10)
+    for q in range(len(xq)):
+        np.testing.assert_allclose([h.score for h in hits[q]], reranked[q, order[q]],
+                                   rtol=1e-5)
+        assert [h.id for h in hits[q]] == list(ids[order[q]])
 
 
 def test_manifest_recall_matches_an_independent_recomputation(store, ivf_folder):
@@ -173,7 +183,7 @@ def test_incremental_run_adds_new_replaces_reembedded_and_removes_tombstoned(tmp
     assert len(idx) == len(lu) == 8000 - 300 + 2000
     xq = np.concatenate([X2[-5:], X1[5000:5005], clustered_vectors(20, DIM, 50, seed=9)])
     exact = np.argsort(-(xq @ LX.T), axis=1)[:, :5]
-    hits = idx.search_vectors(xq, k=5)
+    hits = idx.search_vectors(xq, k=5, qe=0)
     for q in range(len(xq)):
         assert [h.id for h in hits[q]] == list(lids[exact[q]])
     assert hits[0][0].uri == re_u[-5] and hits[0][0].score == pytest.approx(1.0, abs=1e-5)

@@ -118,7 +118,7 @@ def test_an_index_of_format_1_without_an_id_map_still_opens(store, tmp_path):
     idx = open_index(folder)
     xq = clustered_vectors(10, DIM, clusters=25, seed=9)
     order = exact(X, xq, 5)
-    assert [[h.uri for h in r] for r in idx.search_vectors(xq, 5)] == \
+    assert [[h.uri for h in r] for r in idx.search_vectors(xq, 5, qe=0)] == \
         [[uris[j] for j in row] for row in order]
     assert idx.search_vectors(xq, 1)[0][0].metadata == {}
 
@@ -136,7 +136,7 @@ def test_a_metadata_filter_keeps_the_best_matching_hits_in_every_layout(store, t
         elif factory.startswith("HNSW"):                        # a wide beam, as for IVF
             faiss.ParameterSpace().set_index_parameter(part, "efSearch", 256)
     xq = clustered_vectors(8, DIM, clusters=25, seed=11)
-    got = idx.search_vectors(xq, 6, filters={"colour": ["green", "blue"]})
+    got = idx.search_vectors(xq, 6, filters={"colour": ["green", "blue"]}, qe=0)
     order = exact(X, xq, 6, np.isin(colour, ["green", "blue"]))
     if factory.startswith("HNSW"):      # approximate: nearly all of the exact answers
         overlap = np.mean([len({h.uri for h in r} & {uris[j] for j in row}) / 6

@@ -99,3 +99,50 @@ def test_reranked_similarities_compose_dba_then_query_expansion_as_defined():
         top = np.argsort(-s)[:2]
         expanded = _reference_expand(q[i], db[top], s[top], 3.0)
         np.testing.assert_allclose(got[i], db @ expanded, rtol=1e-4, atol=1e-5)
+
+
+def test_index_dba_stores_the_database_augmentation_of_the_embeddings(tmp_path, capsys):
+    """`remap index --dba 2` on a Flat index: the stored vectors are
+    rerank.database_augmentation of the embeddings, the manifest says so, and a search
+    without query expansion ranks by inner products with the augmented vectors."""
+    import json
+
+    from index_builder.search import open_index
+    from index_builder.synthetic import clustered_vectors, synthetic_uris, write_run
+    from remap_cli import main as remap
+    from remap_store.schema import stable_ids
+
+    n, d = 300, 32
+    X = clustered_vectors(n, d, clusters=30, seed=5)
+    uris = synthetic_uris(n)
+    store, out = str(tmp_path / "store"), str(tmp_path / "idx")
+    write_run(store, "20260101T000000Z-aaaaaa", uris, X, shards=3)
+    assert remap(["index", "--embeddings", store, "--output", out, "--factory", "Flat",
+                  "--dba", "2", "--no-progress", "--recall-queries", "50"]) == 0
+    capsys.readouterr()
+    idx = open_index(out)
+    rerank = idx.manifest["rerank"]
+    assert rerank["dba"] == 2 and rerank["dba_alpha"] == 3.0 and rerank["dba_vectors"] == n
+    want = database_augmentation(X, k=2, alpha=3.0)
+    ids = stable_ids(uris)
+    got = np.stack([idx.index.reconstruct(int(i)) for i in ids])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got, X, atol=1e-3)                    # it did change them
+    assert idx.manifest["recall"]["recall@1"] == 1.0             # measured on what is stored
+    q = clustered_vectors(5, d, clusters=30, seed=6)
+    sims = q @ want.T
+    order = np.argsort(-sims, axis=1)[:, :5]
+    hits = idx.search_vectors(q, k=5, qe=0)
+    for r in range(5):
+        assert [h.id for h in hits[r]] == list(ids[order[r]])
+        np.testing.assert_allclose([h.score for h in hits[r]], sims[r, order[r]], rtol=1e-5)
+
+    # rebuilt into the same folder without --dba: the embeddings as they are, and it says so
+    assert remap(["index", "--embeddings", store, "--output", out, "--factory", "Flat",
+                  "--no-progress", "--recall-queries", "50"]) == 0
+    idx = open_index(out)
+    assert idx.manifest["rerank"]["dba"] == 0 and "dba_vectors" not in idx.manifest["rerank"]
+    np.testing.assert_allclose(idx.index.reconstruct(int(ids[7])), X[7], rtol=1e-6)
+    capsys.readouterr()
+    assert remap(["index", "--embeddings", store, "--output", out, "--dba", "-1"]) == 2
+    assert "--dba must be >= 0" in capsys.readouterr().err

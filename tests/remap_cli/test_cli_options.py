@@ -245,12 +245,12 @@ def record_search(rec: Recorder) -> None:
 
         def search_images(self, images, k: int = 10, model_uri: str | None = "manifest",
                           errors: str = "raise", filters: dict | None = None,
-                          dedupe: bool = False, qe: int | None = None, qe_alpha: float = 3.0,
+                          dedupe: bool = False, qe: int | None = None, qe_alpha: float | None = None,
                           **prep):
             raise AssertionError("replaced by a recorder")
 
         def search_vectors(self, vectors, k: int = 10, filters: dict | None = None,
-                           dedupe: bool = False, qe: int | None = None, qe_alpha: float = 3.0):
+                           dedupe: bool = False, qe: int | None = None, qe_alpha: float | None = None):
             raise AssertionError("replaced by a recorder")
 
     assert list(inspect.signature(RecordedIndex.search_images).parameters) == \

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from index_builder.rerank import reranked_similarities
 from index_builder.search import open_index
 from photo_index import indexed_photos
 from remap_cli import main as remap
@@ -35,7 +36,8 @@ def test_one_bad_query_is_named_and_the_others_are_answered(photo_index, bad_que
     queries = [paths[0], bad_queries["folder"], bad_queries["missing"],
                bad_queries["not_image"], paths[2]]
     capsys.readouterr()
-    assert remap(["search", "--index", index, "--k", "4", "--format", "json", *queries]) == 1
+    assert remap(["search", "--index", index, "--k", "4", "--format", "json", "--qe", "0",
+                  *queries]) == 1                                   # raw inner products
     out, err = capsys.readouterr()
     rows = [json.loads(x) for x in out.strip().splitlines()]
     assert [r["query"] for r in rows] == queries                  # one line each, in order
@@ -57,6 +59,35 @@ def test_one_bad_query_is_named_and_the_others_are_answered(photo_index, bad_que
     out, err = capsys.readouterr()
     assert out.splitlines()[0] == f"query: {paths[1]}" and bad_queries["missing"] not in out
     assert f"query image {bad_queries['missing']}: not found" in err
+
+
+def test_search_expands_queries_by_the_index_default_and_qe_0_turns_it_off(photo_index,
+                                                                           capsys):
+    index, paths, X = photo_index
+    assert open_index(index).manifest["rerank"] == {"qe": 2, "qe_alpha": 3.0, "dba": 0}
+
+    def searched(*extra):
+        capsys.readouterr()
+        assert remap(["search", "--index", index, "--k", "4", "--format", "json", *extra,
+                      paths[1], paths[3]]) == 0
+        rows = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+        return [[r["uri"] for r in row["results"]] for row in rows], \
+            np.array([[r["score"] for r in row["results"]] for row in rows])
+
+    for extra, sims in (((), reranked_similarities(X[[1, 3]], X, qe=2, alpha=3.0)),
+                        (("--qe", "3", "--qe-alpha", "1"),
+                         reranked_similarities(X[[1, 3]], X, qe=3, alpha=1.0)),
+                        (("--qe", "0"), X[[1, 3]] @ X.T)):
+        order = np.argsort(-sims, axis=1, kind="stable")
+        uris, scores = searched(*extra)
+        assert uris == [[paths[j] for j in row] for row in order], extra
+        np.testing.assert_allclose(scores, np.take_along_axis(sims, order, 1), atol=1e-4)
+    lib = open_index(index)
+    q = X[[1, 3]]
+    for qe, sims in ((None, reranked_similarities(q, X, qe=2)), (0, q @ X.T)):
+        hits = lib.search_vectors(q, k=4, qe=qe)
+        np.testing.assert_allclose([[h.score for h in row] for row in hits],
+                                   -np.sort(-sims, axis=1), atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["folder", "missing", "not_image"])

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from index_builder.rerank import reranked_similarities
 from index_builder.synthetic import clustered_vectors, write_run
 from remap_cli import main as remap
 from remap_store.schema import stable_ids
@@ -82,7 +83,7 @@ def exact(X, xq, k, allowed=None):
 def test_search_by_vectors_returns_the_exact_neighbours_with_their_metadata(served):
     url, X, uris, meta, _ = served
     xq = clustered_vectors(5, DIM, clusters=20, seed=7)
-    r = httpx.post(f"{url}/search", json={"vectors": xq.tolist(), "k": 7})
+    r = httpx.post(f"{url}/search", json={"vectors": xq.tolist(), "k": 7, "qe": 0})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["index"]["vectors"] == N
@@ -99,11 +100,33 @@ def test_search_by_vectors_returns_the_exact_neighbours_with_their_metadata(serv
             "height": 48, "title": meta["title"][j], "product_id": meta["product_id"][j]}
 
 
+def test_searches_expand_queries_as_the_manifest_says_unless_the_request_turns_it_off(served):
+    url, X, uris, meta, _ = served
+    xq = clustered_vectors(4, DIM, clusters=20, seed=12)
+    sims = reranked_similarities(xq, X, qe=2, alpha=3.0)       # the built index's default
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :6]
+    for body in ({}, {"qe": 2}, {"qe": "2"}):
+        r = httpx.post(f"{url}/search", json={"vectors": xq.tolist(), "k": 6, **body})
+        assert r.status_code == 200, r.text
+        for q, res in enumerate(r.json()["results"]):
+            assert [h["uri"] for h in res["hits"]] == [uris[j] for j in order[q]]
+            np.testing.assert_allclose([h["score"] for h in res["hits"]],
+                                       sims[q, order[q]], atol=1e-5)
+    sims = reranked_similarities(xq, X, qe=5, alpha=3.0)       # another depth per request
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :6]
+    r = httpx.post(f"{url}/search", json={"vectors": xq.tolist(), "k": 6, "qe": 5}).json()
+    assert [[h["uri"] for h in res["hits"]] for res in r["results"]] == \
+        [[uris[j] for j in row] for row in order]
+    for bad in (-1, "x", True):
+        r = httpx.post(f"{url}/search", json={"vectors": xq.tolist(), "qe": bad})
+        assert r.status_code == 400 and "qe must be an integer" in r.json()["error"]["message"]
+
+
 def test_a_filter_on_a_metadata_column_returns_the_best_matching_hits(served):
     url, X, uris, meta, _ = served
     xq = clustered_vectors(3, DIM, clusters=20, seed=8)
     allowed = np.isin(np.array(meta["product_id"]), ["p3", "p7"])
-    r = httpx.post(f"{url}/search", json={"vectors": xq.tolist(), "k": 5,
+    r = httpx.post(f"{url}/search", json={"vectors": xq.tolist(), "k": 5, "qe": 0,
                                           "filters": {"product_id": ["p3", "p7"]}})
     assert r.status_code == 200, r.text
     order, _ = exact(X, xq, 5, allowed)
@@ -121,7 +144,7 @@ def test_a_filter_on_a_metadata_column_returns_the_best_matching_hits(served):
 def test_dedupe_keeps_one_hit_per_identical_bytes(served):
     url, X, uris, meta, _ = served
     xq = X[[10, 300]] + 0.01
-    body = httpx.post(f"{url}/search", json={"vectors": xq.tolist(), "k": 6,
+    body = httpx.post(f"{url}/search", json={"vectors": xq.tolist(), "k": 6, "qe": 0,
                                              "dedupe": True}).json()
     order, _ = exact(X, xq, N)
     for q, res in enumerate(body["results"]):

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from objectstore import free_port
+from index_builder.rerank import reranked_similarities
 from photo_index import indexed_photos
 from remap_cli import main as remap
 from serving import running_server
@@ -49,18 +50,35 @@ def ranking(X, q):
     return list(np.argsort(-(X @ X[q]), kind="stable"))
 
 
+def reranked(X, q):
+    """The ranking, scores under the index's default: alpha-QE over the top 2, alpha 3."""
+    s = reranked_similarities(X[q:q + 1], X, qe=2, alpha=3.0)[0]
+    order = np.argsort(-s, kind="stable")
+    return list(order), s[order]
+
+
 def test_search_by_uploaded_image_ranks_like_numpy_over_the_descriptors(photo_index, server):
     index, paths, X = photo_index
     data = open(paths[2], "rb").read()
+    multipart = httpx.post(f"{server}/search", files={"image": ("q.jpg", data, "image/jpeg")},
+                           data={"k": "4", "qe": "0"})
+    raw = httpx.post(f"{server}/search?k=4&qe=0", content=data,
+                     headers={"content-type": "image/jpeg"})
+    for r in (multipart, raw):        # qe 0: no query expansion, the raw inner products
+        assert r.status_code == 200, r.text
+        hits = r.json()["results"][0]["hits"]
+        assert [h["uri"] for h in hits] == [paths[j] for j in ranking(X, 2)[:4]]
+        assert hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+        assert hits[0]["metadata"]["label"] == "photo <2>"
+    order, scores = reranked(X, 2)     # the index's default: alpha-QE as rerank defines it
     multipart = httpx.post(f"{server}/search", files={"image": ("q.jpg", data, "image/jpeg")},
                            data={"k": "4"})
     raw = httpx.post(f"{server}/search?k=4", content=data, headers={"content-type": "image/jpeg"})
     for r in (multipart, raw):
         assert r.status_code == 200, r.text
         hits = r.json()["results"][0]["hits"]
-        assert [h["uri"] for h in hits] == [paths[j] for j in ranking(X, 2)[:4]]
-        assert hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
-        assert hits[0]["metadata"]["label"] == "photo <2>"
+        assert [h["uri"] for h in hits] == [paths[j] for j in order[:4]]
+        np.testing.assert_allclose([h["score"] for h in hits], scores[:4], atol=1e-4)
     filtered = httpx.post(f"{server}/search", files={"image": ("q.jpg", data, "image/jpeg")},
                           data={"k": "2", "filters": json.dumps({"label": "photo <5>"})}).json()
     assert [h["uri"] for h in filtered["results"][0]["hits"]] == [paths[5]]
@@ -91,7 +109,7 @@ def test_the_page_shows_a_gallery_of_the_matches_with_their_thumbnails(photo_ind
     page = httpx.post(f"{server}/", files={"image": ("mine.jpg", data, "image/jpeg")},
                       data={"k": "3"}).text
     shown = re.findall(r"<div class='uri'>([^<]*)</div>", page)
-    assert shown == [paths[j] for j in ranking(X, 6)[:3]]
+    assert shown == [paths[j] for j in reranked(X, 6)[0][:3]]     # the index's default QE
     assert "photo &lt;6&gt;" in page and "photo <6>" not in page     # metadata, escaped
     assert page.count("src='thumb?id=") == 3 and "data:image/jpeg;base64," in page
 
