@@ -1,0 +1,129 @@
+"""A killed SDK worker: `remap embed` on the PortableRunner (Beam's local job service) with an
+EXTERNAL worker pool, how Beam Python runs on Flink. The pool's SDK harness process is
+SIGKILLed after the job has written some of its embedding shards; the run must fail (the local
+job service does not retry a bundle) without a run.json and with the store's lease given back,
+and the next `remap embed` must remove the killed run's folder and embed every image exactly
+once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+import image_cases
+from beam_services import _start, _stop, job_service, service_env  # noqa: F401  (fixture)
+from objectstore import LOOPBACK, free_port
+from remap_store.lease import LEASE
+
+REPO = Path(__file__).parents[2]
+N_GOOD = 24
+
+
+def _children(pid: int) -> list[int]:
+    """Live (not zombie) child processes of `pid`, read from /proc."""
+    kids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(d.name))
+    return kids
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@pytest.fixture
+def pool(tmp_path):
+    """An EXTERNAL SDK worker pool whose process this test can see: (address, pool process).
+    Its workers are `python -c "...SdkHarness(...).run()"` children of the pool process."""
+    port = free_port()
+    proc, out = _start(["apache_beam.runners.worker.worker_pool_main", f"--service_port={port}"],
+                       port, tmp_path / "worker_pool.log")
+    yield f"{LOOPBACK}:{port}", proc
+    _stop(proc, out)
+
+
+def _embed(images, store, model, job_endpoint, pool_address, **popen):
+    return subprocess.Popen(
+        [sys.executable, "-m", "remap_cli", "embed", f"--input={images}", f"--output={store}",
+         f"--model={model}", f"--num_shards={N_GOOD}", "--progress_seconds=0",
+         "--runner=PortableRunner", f"--job_endpoint={job_endpoint}",
+         "--environment_type=EXTERNAL", f"--environment_config={pool_address}"],
+        env={**service_env(), "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, **popen)
+
+
+def test_a_killed_sdk_worker_fails_the_run_and_the_next_run_embeds_every_image_once(
+        tmp_path, tiny_model_path, job_service, pool):
+    images = tmp_path / "images"
+    cases = image_cases.write_collection(images, n_good=N_GOOD, odd=False, bad=False)
+    (images / "truncated.jpg").write_bytes(image_cases.truncated_jpeg())
+    store = tmp_path / "store"
+    pool_address, pool_proc = pool
+
+    first = _embed(images, store, tiny_model_path, job_service, pool_address)
+    worker, killed_at = None, None
+    deadline = time.monotonic() + 120
+    while first.poll() is None and time.monotonic() < deadline:
+        if worker is None:
+            harnesses = [k for k in _children(pool_proc.pid) if "SdkHarness" in _cmdline(k)]
+            worker = harnesses[0] if harnesses else None
+        # some shards are done: the job is past embedding, in the middle of writing its tables
+        elif list(store.glob("run-*/embeddings-*.parquet")):
+            os.kill(worker, signal.SIGKILL)
+            killed_at = time.monotonic()
+            break
+        time.sleep(0.002)
+    assert killed_at is not None, "the job ended (or never started a worker) before the kill"
+    out, err = first.communicate(timeout=60)
+    failed_after = time.monotonic() - killed_at
+    err = err.decode(errors="replace")
+
+    # no retry on this runner: the job fails, the launcher exits non-zero naming the failure
+    assert first.returncode == 1, err[-2000:]
+    assert "failed in state FAILED" in err and "Channel closed prematurely" in err, err[-2000:]
+    assert failed_after < 60
+    assert out == b""
+    (killed,) = list(store.glob("run-*"))
+    done = list(killed.glob("embeddings-*.parquet"))
+    assert done and not (killed / "run.json").exists()   # some shards, never completed
+    assert not (store / LEASE).exists()                    # the lease was given back
+
+    # the same command again (same job service and pool: the pool starts a new worker)
+    second = _embed(images, store, tiny_model_path, job_service, pool_address)
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err.decode(errors="replace")[-2000:]
+    printed = json.loads(out)
+    assert not killed.exists()                             # the killed run's remains removed
+    assert not (store / LEASE).exists()
+    (folder,) = list(store.glob("run-*"))
+    assert folder.name == f"run-{printed['run_id']}"
+    summary = json.loads((folder / "run.json").read_text())
+    assert summary["accounted"]
+    assert (summary["read"], summary["embedded"], summary["dead_lettered"],
+            summary["skipped"]) == (N_GOOD + 1, N_GOOD, 1, 0)
+    assert summary["dead_letter_by_reason"] == {"decode.corrupt": 1}
+    ids, uris = [], []
+    for shard in summary["shards"]:
+        t = pq.read_table(folder / shard, columns=["id", "uri"])
+        ids += t.column("id").to_pylist()
+        uris += t.column("uri").to_pylist()
+    assert len(ids) == len(set(ids)) == N_GOOD
+    assert sorted(uris) == sorted(cases["good"])
