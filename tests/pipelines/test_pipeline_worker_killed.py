@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import image_cases
+import remap_cli
 from beam_services import _start, _stop, job_service, service_env  # noqa: F401  (fixture)
 from objectstore import LOOPBACK, free_port
 from remap_store.lease import LEASE
@@ -60,43 +61,52 @@ def pool(tmp_path):
     _stop(proc, out)
 
 
-def _embed(images, store, model, job_endpoint, pool_address, **popen):
-    return subprocess.Popen(
-        [sys.executable, "-m", "remap_cli", "embed", f"--input={images}", f"--output={store}",
-         f"--model={model}", f"--num_shards={N_GOOD}", "--progress_seconds=0",
-         "--runner=PortableRunner", f"--job_endpoint={job_endpoint}",
-         "--environment_type=EXTERNAL", f"--environment_config={pool_address}"],
-        env={**service_env(), "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, **popen)
+def _embed_args(images, store, model, job_endpoint, pool_address) -> list[str]:
+    return ["embed", f"--input={images}", f"--output={store}", f"--model={model}",
+            f"--num_shards={N_GOOD}", "--progress_seconds=0", "--runner=PortableRunner",
+            f"--job_endpoint={job_endpoint}", "--environment_type=EXTERNAL",
+            f"--environment_config={pool_address}"]
 
 
 def test_a_killed_sdk_worker_fails_the_run_and_the_next_run_embeds_every_image_once(
-        tmp_path, tiny_model_path, job_service, pool):
+        tmp_path, tiny_model_path, job_service, pool, capsys):
     images = tmp_path / "images"
     cases = image_cases.write_collection(images, n_good=N_GOOD, odd=False, bad=False)
     (images / "truncated.jpg").write_bytes(image_cases.truncated_jpeg())
     store = tmp_path / "store"
     pool_address, pool_proc = pool
 
-    first = _embed(images, store, tiny_model_path, job_service, pool_address)
-    worker, killed_at = None, None
-    deadline = time.monotonic() + 120
-    while first.poll() is None and time.monotonic() < deadline:
-        if worker is None:
-            harnesses = [k for k in _children(pool_proc.pid) if "SdkHarness" in _cmdline(k)]
-            worker = harnesses[0] if harnesses else None
-        # some shards are done: the job is past embedding, in the middle of writing its tables
-        elif list(store.glob("run-*/embeddings-*.parquet")):
-            os.kill(worker, signal.SIGKILL)
-            killed_at = time.monotonic()
-            break
-        time.sleep(0.002)
-    assert killed_at is not None, "the job ended (or never started a worker) before the kill"
-    out, err = first.communicate(timeout=60)
+    # a real process: its exit status and what it prints are the point
+    first = subprocess.Popen(
+        [sys.executable, "-m", "remap_cli",
+         *_embed_args(images, store, tiny_model_path, job_service, pool_address)],
+        env={**service_env(), "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE)
+    try:
+        worker, killed_at = None, None
+        deadline = time.monotonic() + 120
+        while first.poll() is None and time.monotonic() < deadline:
+            if worker is None:
+                harnesses = [k for k in _children(pool_proc.pid) if "SdkHarness" in _cmdline(k)]
+                worker = harnesses[0] if harnesses else None
+            # some shards are done: the job is past embedding, in the middle of writing its tables
+            elif list(store.glob("run-*/embeddings-*.parquet")):
+                os.kill(worker, signal.SIGKILL)
+                killed_at = time.monotonic()
+                break
+            time.sleep(0.002)
+        assert killed_at is not None, "the job ended (or never started a worker) before the kill"
+        out, err = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(10)
     failed_after = time.monotonic() - killed_at
     err = err.decode(errors="replace")
 
-    # no retry on this runner: the job fails, the launcher exits non-zero naming the failure
+    # no retry on this runner: the job fails (FnApiRunner inside the job service: "Channel
+    # closed prematurely"), and the launcher exits 1 with Beam's traceback (not remap's one
+    # line: a RuntimeError from the runner is not one of the errors the console layer words)
     assert first.returncode == 1, err[-2000:]
     assert "failed in state FAILED" in err and "Channel closed prematurely" in err, err[-2000:]
     assert failed_after < 60
@@ -106,11 +116,12 @@ def test_a_killed_sdk_worker_fails_the_run_and_the_next_run_embeds_every_image_o
     assert done and not (killed / "run.json").exists()   # some shards, never completed
     assert not (store / LEASE).exists()                    # the lease was given back
 
-    # the same command again (same job service and pool: the pool starts a new worker)
-    second = _embed(images, store, tiny_model_path, job_service, pool_address)
-    out, err = second.communicate(timeout=120)
-    assert second.returncode == 0, err.decode(errors="replace")[-2000:]
-    printed = json.loads(out)
+    # the same command again, in-process this time (same job service and pool: the pool
+    # starts a new worker)
+    capsys.readouterr()
+    assert remap_cli.main(_embed_args(images, store, tiny_model_path, job_service,
+                                      pool_address)) == 0
+    printed = json.loads(capsys.readouterr().out)
     assert not killed.exists()                             # the killed run's remains removed
     assert not (store / LEASE).exists()
     (folder,) = list(store.glob("run-*"))
