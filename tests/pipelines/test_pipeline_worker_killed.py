@@ -1,9 +1,11 @@
 """A killed SDK worker: `remap embed` on the PortableRunner (Beam's local job service) with an
 EXTERNAL worker pool, how Beam Python runs on Flink. The pool's SDK harness process is
-SIGKILLed after the job has written some of its embedding shards; the run must fail (the local
-job service does not retry a bundle) without a run.json and with the store's lease given back,
-and the next `remap embed` must remove the killed run's folder and embed every image exactly
-once."""
+SIGKILLed while it runs the job's bundles (once it has loaded torch: it is past connecting to the
+runner and embeds; the job then still has seconds of images to embed, so the kill lands inside
+the job on a slow or a fast machine alike); the run must fail (the local job service does not
+retry a bundle) without a run.json, with the store's lease given back and one line from
+`remap embed` that says so, and the next `remap embed` must remove the killed run's remains and
+embed every image exactly once."""
 
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from objectstore import LOOPBACK, free_port
 from remap_store.lease import LEASE
 
 REPO = Path(__file__).parents[2]
-N_GOOD = 24
+N_GOOD = 24      # small photos of image_cases.write_collection
+N_LARGE = 24     # and larger ones: seconds of embedding after the worker has loaded torch
 
 
 def _children(pid: int) -> list[int]:
@@ -41,6 +44,15 @@ def _children(pid: int) -> list[int]:
         if int(fields[1]) == pid and fields[0] != "Z":
             kids.append(int(d.name))
     return kids
+
+
+def _loaded_torch(pid: int) -> bool:
+    """The process has mapped torch's library: an SDK harness does that when it sets up the
+    job's embed step (after it connected to the runner and took the job's bundles)."""
+    try:
+        return "libtorch" in (Path("/proc") / str(pid) / "maps").read_text()
+    except OSError:
+        return False
 
 
 def _cmdline(pid: int) -> str:
@@ -63,7 +75,7 @@ def pool(tmp_path):
 
 def _embed_args(images, store, model, job_endpoint, pool_address) -> list[str]:
     return ["embed", f"--input={images}", f"--output={store}", f"--model={model}",
-            f"--num_shards={N_GOOD}", "--progress_seconds=0", "--runner=PortableRunner",
+            f"--num_shards={N_GOOD + N_LARGE}", "--progress_seconds=0", "--runner=PortableRunner",
             f"--job_endpoint={job_endpoint}", "--environment_type=EXTERNAL",
             f"--environment_config={pool_address}"]
 
@@ -72,7 +84,12 @@ def test_a_killed_sdk_worker_fails_the_run_and_the_next_run_embeds_every_image_o
         tmp_path, tiny_model_path, job_service, pool, capsys):
     images = tmp_path / "images"
     cases = image_cases.write_collection(images, n_good=N_GOOD, odd=False, bad=False)
+    for i in range(N_LARGE):
+        large = images / f"large_{i:03d}.jpg"
+        large.write_bytes(image_cases.jpeg(1024, 768, seed=500 + i))
+        cases["good"].append(str(large))
     (images / "truncated.jpg").write_bytes(image_cases.truncated_jpeg())
+    n_images = N_GOOD + N_LARGE
     store = tmp_path / "store"
     pool_address, pool_proc = pool
 
@@ -89,12 +106,11 @@ def test_a_killed_sdk_worker_fails_the_run_and_the_next_run_embeds_every_image_o
             if worker is None:
                 harnesses = [k for k in _children(pool_proc.pid) if "SdkHarness" in _cmdline(k)]
                 worker = harnesses[0] if harnesses else None
-            # some shards are done: the job is past embedding, in the middle of writing its tables
-            elif list(store.glob("run-*/embeddings-*.parquet")):
+            elif _loaded_torch(worker):   # the worker runs the job's embed step
                 os.kill(worker, signal.SIGKILL)
                 killed_at = time.monotonic()
                 break
-            time.sleep(0.002)
+            time.sleep(0.01)
         assert killed_at is not None, "the job ended (or never started a worker) before the kill"
         out, err = first.communicate(timeout=60)
     finally:
@@ -105,16 +121,23 @@ def test_a_killed_sdk_worker_fails_the_run_and_the_next_run_embeds_every_image_o
     err = err.decode(errors="replace")
 
     # no retry on this runner: the job fails (FnApiRunner inside the job service: "Channel
-    # closed prematurely"), and the launcher exits 1 with Beam's traceback (not remap's one
-    # line: a RuntimeError from the runner is not one of the errors the console layer words)
+    # closed prematurely"), and remap embed says so in one line, exit 1: no traceback
     assert first.returncode == 1, err[-2000:]
-    assert "failed in state FAILED" in err and "Channel closed prematurely" in err, err[-2000:]
+    # the launcher's INFO lines, then the one error line
+    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("INFO pipelines.")]
+    assert len(lines) == 1, err[-2000:]
+    (line,) = lines
+    assert line.startswith("remap embed: error: the job of run "), line
+    assert "failed on the runner (RuntimeError: Channel closed prematurely.)" in line, line
+    assert "nothing of it was published" in line and "lease was released" in line, line
+    assert line.endswith("run the same command again to finish the work"), line
+    assert "Traceback" not in err
     assert failed_after < 60
     assert out == b""
-    (killed,) = list(store.glob("run-*"))
-    done = list(killed.glob("embeddings-*.parquet"))
-    assert done and not (killed / "run.json").exists()   # some shards, never completed
-    assert not (store / LEASE).exists()                    # the lease was given back
+    killed = list(store.glob("run-*"))     # the killed run's folder, if it got to write one
+    assert len(killed) <= 1
+    assert not any((k / "run.json").exists() for k in killed)   # never completed
+    assert not (store / LEASE).exists()                         # the lease was given back
 
     # the same command again, in-process this time (same job service and pool: the pool
     # starts a new worker)
@@ -122,19 +145,19 @@ def test_a_killed_sdk_worker_fails_the_run_and_the_next_run_embeds_every_image_o
     assert remap_cli.main(_embed_args(images, store, tiny_model_path, job_service,
                                       pool_address)) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert not killed.exists()                             # the killed run's remains removed
+    assert not any(k.exists() for k in killed)             # the killed run's remains removed
     assert not (store / LEASE).exists()
     (folder,) = list(store.glob("run-*"))
     assert folder.name == f"run-{printed['run_id']}"
     summary = json.loads((folder / "run.json").read_text())
     assert summary["accounted"]
     assert (summary["read"], summary["embedded"], summary["dead_lettered"],
-            summary["skipped"]) == (N_GOOD + 1, N_GOOD, 1, 0)
+            summary["skipped"]) == (n_images + 1, n_images, 1, 0)
     assert summary["dead_letter_by_reason"] == {"decode.corrupt": 1}
     ids, uris = [], []
     for shard in summary["shards"]:
         t = pq.read_table(folder / shard, columns=["id", "uri"])
         ids += t.column("id").to_pylist()
         uris += t.column("uri").to_pylist()
-    assert len(ids) == len(set(ids)) == N_GOOD
+    assert len(ids) == len(set(ids)) == n_images
     assert sorted(uris) == sorted(cases["good"])
