@@ -21,6 +21,7 @@ from ids), so both builds train, add and merge the same index.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,7 +33,8 @@ import apache_beam as beam
 import fsspec
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
-from pipelines.launch import is_dry_run, local_defaults, top_level_transforms
+from pipelines.launch import (IN_PROCESS_RUNNERS, is_dry_run, job_failed, local_defaults,
+                              quiet_runner_errors, runner_reason, top_level_transforms)
 from pipelines.options import EmbedOptions, IndexBuildOptions
 from pipelines.uris import apply_fsspec_config
 from pipelines.workers import StorageDoFn
@@ -298,8 +300,17 @@ def run(argv: list[str]) -> dict:
             pipeline.to_runner_api()
         return {"index": index, "dry_run": True, "factory": plan.factory,
                 "transforms": top_level_transforms(pipeline)}
-    state = pipeline.run().wait_until_finish()
+    in_process = options.view_as(StandardOptions).runner.split(".")[-1] in IN_PROCESS_RUNNERS
+    cleanup = f"nothing was published (the index folder's manifest is unchanged); {work} keeps " \
+              f"what was built, and the next run resumes from it"
+    result = pipeline.run()
+    try:
+        with quiet_runner_errors() if not in_process else contextlib.nullcontext():
+            state = result.wait_until_finish()
+    except Exception as e:
+        if in_process:   # the job ran in this process: its error is the code's own
+            raise
+        raise job_failed("the index job", runner_reason(e), cleanup) from e
     if state not in (None, "DONE"):
-        raise RuntimeError(f"the index job ended in state {state}; run it again: it resumes "
-                           f"from {work}")
+        raise job_failed("the index job", f"it ended in state {state}", cleanup)
     return read_manifest(index)

@@ -8,6 +8,7 @@ import contextlib
 import datetime as _dt
 import json
 import logging
+import re
 import secrets
 from typing import NamedTuple
 
@@ -29,6 +30,66 @@ LOCAL_RUNNER = "FnApiRunner"
 IN_PROCESS_RUNNERS = ("FnApiRunner", "DirectRunner", "direct", "BundleBasedDirectRunner",
                       "SwitchingDirectRunner")
 log = logging.getLogger(__name__)
+
+class JobFailed(RuntimeError):
+    """The runner ran the job and reports it failed (a killed worker, a failing bundle that it
+    does not retry): one line for the console, `remap <cmd>: error: ...`, exit 1 (what the nightly
+    scripts already read as "embed failed"; `remap -v` still shows the runner's traceback)."""
+
+    exit_status = 1
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b:?")
+
+
+def runner_reason(error: BaseException | str, limit: int = 200) -> str:
+    """The runner's short reason for a failed job: Beam's message is "Pipeline <job> failed in
+    state FAILED: <the worker's traceback>"; the reason is the traceback's last exception line
+    ("RuntimeError: Channel closed prematurely."), else its first line."""
+    text = str(error)
+    m = re.match(r"Pipeline \S+ failed in state \w+: ?(.*)", text, re.S)
+    detail = m.group(1) if m else text
+    lines = [line.strip() for line in detail.splitlines() if line.strip()]
+    if not lines:
+        return "no reason given"
+    reason = lines[0]
+    if "Traceback (most recent call last):" in detail:
+        raised = [line for line in lines if _EXCEPTION_LINE.match(line)]
+        if raised:
+            reason = raised[-1]
+    return reason if len(reason) <= limit else reason[:limit - 3] + "..."
+
+
+class _QuietRunnerErrors(logging.Filter):
+    """Beam's PortableRunner logs the job's ERROR messages (a worker's traceback, "Error running
+    pipeline.") on the root logger from its message thread while it waits; the failure then
+    reaches the user once, as JobFailed's line. Those records pass only with debug logging on
+    (`remap -v`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (record.name == "root" and record.levelno >= logging.ERROR
+                and record.threadName == "wait_until_finish_read"):
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
+@contextlib.contextmanager
+def quiet_runner_errors():
+    """While waiting for a job on a runner outside this process: its logged errors only at debug
+    level (a failure raises JobFailed, one line)."""
+    quiet = _QuietRunnerErrors()
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
+def job_failed(what: str, reason: str, cleanup: str) -> JobFailed:
+    return JobFailed(f"{what} failed on the runner ({reason}); {cleanup}; run the same command "
+                     f"again to finish the work")
+
 
 def default_run_id() -> str:
     now = _dt.datetime.now(_dt.timezone.utc)
@@ -173,6 +234,11 @@ def _job_ended(result) -> bool:
         return False
 
 
+def _embed_failed(run_id: str, reason: str) -> JobFailed:
+    return job_failed(f"the job of run {run_id}", reason, "nothing of it was published (no "
+                      "run.json) and the store's lease was released")
+
+
 def run(argv: list[str]) -> dict:
     """Run the embed pipeline. Waits for the job and returns its run summary (run.json, which
     the job's last step wrote); with --dry_run builds the graph (DataflowRunner: translates it,
@@ -214,18 +280,22 @@ def run(argv: list[str]) -> dict:
             if getattr(result, "has_job", True) is False:
                 raise RuntimeError(f"the runner submitted no job for run {p.run_id} (a result "
                                    f"without a job, and no --template_location); nothing ran")
-            state = result.wait_until_finish()
-        except BaseException:
+            with quiet_runner_errors() if not p.in_process else contextlib.nullcontext():
+                state = result.wait_until_finish()
+        except BaseException as e:
             # The job is over if it ran in this process, was never submitted, or reached a
             # terminal state; otherwise (Ctrl-C while waiting on a remote runner) it may still
             # run, and its lease lapses --lease_minutes after the last renewal.
             if p.in_process or result is None or _job_ended(result):
                 lease.release(p.store, p.run_id)
+                if (not p.in_process and result is not None and isinstance(e, Exception)
+                        and not isinstance(e, lease.LeaseLost)):
+                    # the runner's job failed (a killed worker): one line, not its traceback
+                    raise _embed_failed(p.run_id, runner_reason(e)) from e
             raise
     if state not in (None, PipelineState.DONE):
         lease.release(p.store, p.run_id)
-        raise RuntimeError(f"pipeline ended in state {state}; run {p.run_id} is incomplete and "
-                           f"will be redone by the next run")
+        raise _embed_failed(p.run_id, f"it ended in state {state}")
     summary_url = runs.run_summary_url(p.run_dir)
     fs, path = fsspec.core.url_to_fs(summary_url)
     fs.invalidate_cache(path.rsplit("/", 1)[0])   # written by a worker: listings may predate it

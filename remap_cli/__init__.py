@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         status = getattr(e, "exit_status", None)     # refusals that carry their own status
         if status is None:
             raise
+        if verbose:   # remap -v: the cause's traceback (a failed job: the runner's) too
+            logging.getLogger("remap_cli").debug("remap %s failed", name, exc_info=True)
         print(f"remap {name}: error: {redact(str(e))}", file=sys.stderr)
         return int(status)
 
