@@ -73,6 +73,8 @@ def build(args, work: str) -> tuple[str, np.ndarray, np.ndarray]:
                 "--target-recall", str(args.target_recall), "--recall-queries", "1000"]
         if args.factory:
             argv += ["--factory", args.factory]
+        if args.refine:
+            argv += ["--refine", str(args.refine)]
         if remap(argv) != 0:
             raise SystemExit("remap index failed")
     return index, X, xq
@@ -200,6 +202,8 @@ def main() -> None:
     ap.add_argument("--factory", default="IVF4096,PQ64",
                     help="FAISS factory (default: 64-byte PQ codes); '' lets remap choose")
     ap.add_argument("--target-recall", type=float, default=0.95)
+    ap.add_argument("--refine", type=int, default=0,
+                    help="remap index --refine K: re-rank K x k candidates on stored vectors")
     ap.add_argument("--queries", type=int, default=2000, help="held-out library queries")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--clients", type=int, default=4, help="concurrent HTTP clients")

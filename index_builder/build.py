@@ -34,9 +34,11 @@ import numpy as np
 from index_builder.add import AddJob, add_shards, ids_path, remove_ids, write_index_atomic
 from index_builder.embeddings import (LiveShard, check_store_model, iter_shard_batches, list_runs,
                                       plan_live_shards)
-from index_builder.id_map import shard_rows, write_id_map
+from index_builder.id_map import ID_MAP_IDS, shard_rows, write_id_map
 from index_builder.manifest import MANIFEST_NAME, file_entry, write_manifest
 from index_builder.merge import LAYOUTS, merge_in_memory, merge_to_ondisk
+from index_builder.refine import (REFINE_FILE, RefinedIndex, open_refine_vectors,
+                                  write_refine_vectors)
 from index_builder.recall import KS, exact_knn_stream, tune_search_params, unmeasured_recall
 from index_builder.train import (ERROR_SAMPLE, check_trainable, choose_factory, coarse_training,
                                  error_growth,
@@ -424,17 +426,21 @@ def _read_ids(index_path: str) -> np.ndarray:
 def merge_step(folder: str, layout: str = "single", target_recall: float = 0.95,
                tune_at: int = 10, recall_queries: int = 1000, seed: int = 0,
                source_store: str | None = None, started: float | None = None,
-               qe: int | None = None) -> dict:
+               qe: int | None = None, refine: int = 0) -> dict:
     """Make the searchable index from the folder's shards, measure recall against exact search on
     held-out queries, tune search parameters to `target_recall` (recall@`tune_at`), and write
     the manifest last. `qe`: the query expansion searches use by default (manifest `rerank`;
-    None: DEFAULT_QE)."""
+    None: DEFAULT_QE). `refine` K > 0: also store the vectors as float16 beside the id map and
+    re-rank K x k candidates on them at search time (index_builder.refine; recall is measured
+    and tuned with it); 0: no such file."""
     from index_builder.search import read_faiss_index
 
     folder = _local(folder, create=False)
     started = started or time.time()
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    if refine < 0:
+        raise ValueError(f"refine must be >= 0 (0: no re-ranking on stored vectors), got {refine}")
     train = _read_json(os.path.join(folder, TRAIN_JSON))
     state = _read_json(os.path.join(folder, STATE_JSON))
     if not train or not state or not state["shards"]:
@@ -479,6 +485,16 @@ def merge_step(folder: str, layout: str = "single", target_recall: float = 0.95,
     if shared:
         manifest["quantizer_file"] = shared
     index = read_faiss_index(folder, manifest, folder)
+    if refine:
+        t1 = time.time()
+        ids_sorted = np.load(os.path.join(folder, ID_MAP_IDS), mmap_mode="r")
+        name = write_refine_vectors(folder, ids_sorted, int(train["dimension"]),
+                                    _indexed_batches(state, shard_paths, table))
+        manifest["refine"] = {"file": file_entry(folder, name), "dtype": "float16",
+                              "k_factor": int(refine)}
+        log.info(f"merge: refine vectors written in {time.time() - t1:.1f}s "
+                 f"({manifest['refine']['file']['bytes'] / 2**20:.1f} MB)")
+        index = RefinedIndex(index, ids_sorted, open_refine_vectors(folder), refine)
     ntotal = int(index.ntotal)
     t0 = time.time()
     if ntotal < 2:  # leave-one-out: a query needs another vector to find
@@ -513,6 +529,15 @@ def merge_step(folder: str, layout: str = "single", target_recall: float = 0.95,
     return manifest
 
 
+def _indexed_batches(state: dict, shard_paths: list[str], table=None):
+    """(ids, X) batches of the indexed vectors, read back from the embedding shards (DBA'd
+    when the build augmented them)."""
+    for e, path in zip(state["shards"], shard_paths):
+        keep = _read_ids(path)
+        for ids, X, _ in iter_shard_batches(e["source"], keep=keep, with_uris=False):
+            yield ids, augmented(table, ids, X)
+
+
 def _write_id_map(folder: str, state: dict) -> list[dict]:
     """The id-sorted id -> URI/metadata map readers memory-map (index_builder.id_map)."""
     t0 = time.time()
@@ -530,12 +555,8 @@ def _measure_recall(folder: str, index, state: dict, shard_paths: list[str],
     vectors, each left out of its own results), search parameters tuned to the target; the
     queries and their exact neighbours saved to recall_queries.npz. -> (params, recall)"""
     ntotal = int(index.ntotal)
-    sources = [(e["source"], _read_ids(p)) for e, p in zip(state["shards"], shard_paths)]
-
     def batches():  # the indexed vectors, read back from the embedding shards
-        for source, keep in sources:
-            for ids, X, _ in iter_shard_batches(source, keep=keep, with_uris=False):
-                yield ids, augmented(table, ids, X)
+        return _indexed_batches(state, shard_paths, table)
 
     nq = min(recall_queries, ntotal)
     log.info(f"merge: {layout} index of {ntotal} vectors in {merge_seconds:.1f}s; measuring recall "
@@ -549,7 +570,9 @@ def _measure_recall(folder: str, index, state: dict, shard_paths: list[str],
     if not recall["target_met"]:
         log.warning(f"no search setting reached recall@{tune_at} {target_recall} "
                     f"(best {recall.get(f'recall@{tune_at}')}, with {params}); the index is too "
-                    f"compressed for this target: pass a larger --max-index-memory or --factory")
+                    f"compressed for this target: pass a larger --max-index-memory or --factory"
+                    + ("" if isinstance(index, RefinedIndex) else
+                       ", or --refine 10 to re-rank candidates on stored vectors"))
     # a file object: np.savez would append ".npz" to a temporary name
     with atomic_path(os.path.join(folder, RECALL_FILE)) as tmp, open(tmp, "wb") as f:
         np.savez(f, ids=qids, vectors=xq, true=true)
@@ -575,6 +598,8 @@ def _remove_unreferenced(folder: str, manifest: dict, state: dict) -> None:
         os.remove(os.path.join(folder, "index.ivfdata"))
     if manifest["layout"] == "shards" and os.path.exists(os.path.join(folder, INDEX_FILE)):
         os.remove(os.path.join(folder, INDEX_FILE))
+    if not manifest.get("refine") and os.path.exists(os.path.join(folder, REFINE_FILE)):
+        os.remove(os.path.join(folder, REFINE_FILE))
 
 
 # --------------------------------------------------------------------------- one shot
@@ -585,13 +610,13 @@ def build_index(store: str, output: str, factory: str | None = None,
                 target_recall: float = 0.95, workers: int | None = None,
                 progress: bool = True, opq: bool = False,
                 add_memory: str | int | None = None, qe: int | None = None,
-                dba: int = 0) -> dict:
+                dba: int = 0, refine: int = 0) -> dict:
     """Train, add and merge in one go (a fresh folder, or a full rebuild of an existing one).
 
     `dba` K > 0: database-side augmentation before the codes are trained and added: each stored
     vector is replaced by rerank.database_augmentation over its K nearest other vectors (exact
     all-kNN over the collection: O(N^2 D) time, N x D floats in memory), recorded in the
-    manifest's `rerank`. 0 (default): the embeddings as they are.
+    manifest's `rerank`. 0 (default): the embeddings as they are. `refine`: see merge_step.
 
     A build that fails removes the folder if it created it; an existing folder (and an index
     already in it) is left in place. Refusals (bad factory, budget, too few vectors, ...) come
@@ -614,7 +639,7 @@ def build_index(store: str, output: str, factory: str | None = None,
                    layout=layout)
         add_step(store, folder, workers, add_memory, seed=seed, progress=progress)
         return merge_step(folder, layout, target_recall, recall_queries=recall_queries,
-                          seed=seed, source_store=store, started=started, qe=qe)
+                          seed=seed, source_store=store, started=started, qe=qe, refine=refine)
     except BaseException:
         if created and os.path.isdir(created):
             shutil.rmtree(created, ignore_errors=True)

@@ -72,9 +72,11 @@ def read_manifest(folder: str) -> dict:
 
 
 def manifest_files(manifest: dict) -> list[dict]:
-    """Every file entry the manifest lists (index files, id files, id map), once each."""
+    """Every file entry the manifest lists (index files, id files, id map, re-ranking vectors),
+    once each."""
     seen, out = set(), []
-    for e in manifest["index_files"] + manifest["id_files"] + manifest.get("id_map", []):
+    refine = [manifest["refine"]["file"]] if manifest.get("refine") else []
+    for e in manifest["index_files"] + manifest["id_files"] + manifest.get("id_map", []) + refine:
         if e["path"] not in seen:
             seen.add(e["path"])
             out.append(e)
@@ -83,8 +85,9 @@ def manifest_files(manifest: dict) -> list[dict]:
 
 def reader_files(manifest: dict) -> list[dict]:
     """The file entries a query reader needs: the index files and the id map (format 2), or the
-    per-shard id files (format 1, no id map)."""
-    return manifest["index_files"] + (manifest.get("id_map") or manifest["id_files"])
+    per-shard id files (format 1, no id map), and the re-ranking vectors when the index has them."""
+    refine = [manifest["refine"]["file"]] if manifest.get("refine") else []
+    return manifest["index_files"] + (manifest.get("id_map") or manifest["id_files"]) + refine
 
 
 def verify_files(folder: str, entries: list[dict]) -> None:

@@ -225,7 +225,9 @@ def search_and_reconstruct(index, xq: np.ndarray, k: int
     (Q, k, d)), NaN vectors where there is no result. IndexIDMap2 (Flat, HNSW layouts) looks
     each id up (faiss's own search_and_reconstruct on it mistakes negative ids for missing ones);
     IVF indexes (also behind OPQ) decode from the inverted lists."""
-    if isinstance(index, ShardedIndex):
+    from index_builder.refine import RefinedIndex
+
+    if isinstance(index, (ShardedIndex, RefinedIndex)):
         return index.search_and_reconstruct(xq, k)
     xq = np.ascontiguousarray(xq, dtype=np.float32)
     if isinstance(index, faiss.IndexIDMap2):
@@ -241,7 +243,10 @@ def search_and_reconstruct(index, xq: np.ndarray, k: int
 
 def set_search_params(index, params: dict) -> None:
     """Apply FAISS search parameters (nprobe, efSearch, quantizer_efSearch, ...) to an index or
-    to every part of a ShardedIndex."""
+    to every part of a ShardedIndex (behind a RefinedIndex: to the index it re-ranks)."""
+    from index_builder.refine import unwrap
+
+    index = unwrap(index)
     ps = faiss.ParameterSpace()
     for part in index.parts if isinstance(index, ShardedIndex) else [index]:
         for key, value in params.items():

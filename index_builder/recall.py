@@ -107,6 +107,9 @@ def parameter_grid(index: faiss.Index) -> list[dict]:
 def _first_part(index) -> faiss.Index:
     from index_builder.merge import ShardedIndex
 
+    from index_builder.refine import unwrap
+
+    index = unwrap(index)     # a RefinedIndex's parameters are those of the index it re-ranks
     if isinstance(index, ShardedIndex):
         return index.parts[0]
     return faiss.downcast_index(index)

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from index_builder.cache import cached_index
 from index_builder.id_map import IdMap
 from index_builder.manifest import MANIFEST_NAME, read_manifest, reader_files, verify_files
+from index_builder.refine import RefinedIndex, open_refine_vectors, unwrap
 from index_builder.merge import (ShardedIndex, merge_in_memory, read_ondisk, set_search_params,
                                  sharded_index)
 from remap_store.files import join_url
@@ -116,9 +117,13 @@ class RemapIndex:
                                         cache if isinstance(cache, str) else None)
         elif local is not None and verify:
             verify_files(folder, entries)
+        refine = manifest.get("refine")
+        vectors = None
         if local is not None:
             index = read_faiss_index(local, manifest, local, mmap=mmap)
             id_map = _open_id_map(local, manifest, mapped=mmap)
+            if refine:
+                vectors = open_refine_vectors(local, mapped=mmap, name=refine["file"]["path"])
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 if verify:
@@ -127,10 +132,16 @@ class RemapIndex:
                 for e in manifest.get("id_map", []):
                     _read_local(folder, e["path"], tmp)
                 id_map = _open_id_map(tmp, manifest, mapped=False, remote=folder)
+                if refine:
+                    path = _read_local(folder, refine["file"]["path"], tmp)
+                    vectors = open_refine_vectors(os.path.dirname(path), mapped=False,
+                                                  name=os.path.basename(path))
         if index.d != manifest["dimension"]:
             raise ValueError(f"index at {folder} has dimension {index.d} but its manifest says "
                              f"{manifest['dimension']}; the index is damaged, rebuild it")
         set_search_params(index, manifest.get("search_params") or {})
+        if refine:      # candidates re-ranked on the stored vectors (index_builder.refine)
+            index = RefinedIndex(index, np.asarray(id_map.ids), vectors, refine["k_factor"])
         stats = {**stats, "mmap": bool(mmap and local is not None),
                  "open_seconds": round(time.time() - started, 3)}
         return cls(folder, manifest, index, id_map, stats)
@@ -386,12 +397,13 @@ def search_selected(index, xq: np.ndarray, k: int, allowed: np.ndarray, factory:
     """index.search restricted to the sorted ids `allowed` (a FAISS IDSelector in the search
     parameters, with the index's own nprobe/efSearch kept). -> (scores (Q, k), ids (Q, k))"""
     selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, np.int64))
+    outer, index = index, unwrap(index)     # a RefinedIndex filters its base's candidates
     try:
         if isinstance(index, ShardedIndex):
             params = [search_parameters(p, selector) for p in index.parts]
-            return index.search(xq, k, params=[p for p, _ in params])
+            return outer.search(xq, k, params=[p for p, _ in params])
         params, _keep = search_parameters(index, selector)
-        return index.search(xq, k, params=params)
+        return outer.search(xq, k, params=params)
     except RuntimeError as e:
         raise ValueError(f"this index ({factory}) cannot filter during the search "
                          f"({str(e).splitlines()[0][:120]}); rebuild it with an IVF, HNSW or "

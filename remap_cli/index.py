@@ -50,6 +50,12 @@ def _merge_args(p) -> None:
                         "measured choice, +0.8 mAP on the benchmark and +2.2 on held-out views, "
                         "see bench/RESULTS.md 'Issue 12'); `remap search --qe 0` turns it off "
                         "for one search")
+    p.add_argument("--refine", type=int, default=0, metavar="K",
+                   help="re-rank K x k candidates on stored float16 vectors at search time "
+                        "(refine.f16.npy beside the id map, memory-mapped by readers: 2 x "
+                        "dimension bytes per vector on disk). For compressed codes (PQ) whose "
+                        "recall stops rising with nprobe; recall is tuned with it. 0 (default): "
+                        "off; 10 is a usual choice")
 
 
 def _common(p, embeddings: bool = True, progress: bool = True) -> None:
@@ -114,6 +120,10 @@ def check_args(args) -> None:
     dba = getattr(args, "dba", None)
     if dba is not None and dba < 0:
         raise ValueError(f"--dba must be >= 0 (0: no database-side augmentation), got {dba}")
+    refine = getattr(args, "refine", None)
+    if refine is not None and refine < 0:
+        raise ValueError(f"--refine must be >= 0 (0: no re-ranking on stored vectors), got "
+                         f"{refine}")
     qe = getattr(args, "qe", None)
     if qe is not None and qe < 0:
         raise ValueError(f"--qe must be >= 0 (0: no query expansion), got {qe}")
@@ -143,7 +153,7 @@ def _run(args) -> int:
             return build_index(args.embeddings, folder, args.factory, args.train_sample,
                                args.recall_queries, args.seed, args.max_index_memory,
                                args.layout, args.target_recall, args.workers, progress, args.opq,
-                               args.add_memory, args.qe, args.dba)
+                               args.add_memory, args.qe, args.dba, args.refine)
 
         if is_remote(args.output):
             m, upload = build_and_upload(build, args.output, args.staging)
@@ -163,7 +173,8 @@ def _run(args) -> int:
         print(json.dumps({"index": args.output, "step": "add", **s}))
     else:
         m = merge_step(args.output, args.layout, args.target_recall,
-                       recall_queries=args.recall_queries, seed=args.seed, qe=args.qe)
+                       recall_queries=args.recall_queries, seed=args.seed, qe=args.qe,
+                       refine=args.refine)
         print(json.dumps(_summary(args.output, m)))
     return 0
 
