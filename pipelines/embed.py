@@ -85,7 +85,7 @@ def build_pipeline(pipeline: beam.Pipeline, opts: EmbedOptions, run_dir: str, ru
     not_images = listed[NOT_IMAGES] | "NotImageOutcomes" >> beam.Map(
         lambda _: "listed_not_images")
     outcomes = (decided[OUTCOMES], not_images) | "ListedOutcomes" >> beam.Flatten()
-    totals = {"rows": embedded.rows, "dead": dead, "tombstones": decided[TOMBSTONES],
+    totals = {"rows": embedded["rows"], "dead": dead, "tombstones": decided[TOMBSTONES],
               "outcomes": outcomes} | "WriteRunTables" >> WriteRunTables(
         run_dir, run_id, schema, opts.num_shards, opts.shard_rows, fsconf)
     return (totals, checked) | "WriteRunSummary" >> WriteRunSummary(run_dir, run_info, fsconf)

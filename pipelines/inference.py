@@ -8,6 +8,13 @@ shape together, so every forward pass is a full batch without cropping:
 
 One bad image never loses its batch: a batch whose forward fails is embedded again one image at
 a time, and only the image that fails alone is dead-lettered (stage "embed").
+
+An image's pixels never leave the step that embeds it: ShardRows (PredictionResult -> shard row,
+pixels dropped) reads RunInference's output directly, so the runner fuses the two, and only
+shard rows and Failures come out of EmbedImages. Anything between them that the runner cannot
+fuse (a Flatten, a GroupByKey, a side input) would make it hold every image's pixels until the
+whole input is embedded: the in-process FnApiRunner materialises every multi-input Flatten
+(issue 15: 20 GB at 10k images of 512 px).
 """
 
 from __future__ import annotations
@@ -147,12 +154,11 @@ class BatchByShape(beam.DoFn):
             yield GlobalWindows.windowed_value(bucket)
 
 
-def failed_batch_results(failed) -> list[PredictionResult]:
+def failed_batch_failures(failed) -> list[Failure]:
     """A batch RunInference dead-lettered whole ((batch, (type, repr, traceback)) from
-    with_exception_handling) -> a Failure result per image."""
+    with_exception_handling) -> the Failure of each of its images."""
     batch, (exc_type, exc_repr, _) = failed
-    return [PredictionResult(p, embed_failure(p, exc_type.__name__, exc_repr), None)
-            for p in batch]
+    return [embed_failure(p, exc_type.__name__, exc_repr) for p in batch]
 
 
 def shard_row(p: PreparedImage, vector, fingerprint: str) -> dict:
@@ -166,8 +172,14 @@ def shard_row(p: PreparedImage, vector, fingerprint: str) -> dict:
             "_metadata_sha1": metadata_sha1(p.metadata)}
 
 
+def count_failure(failure: Failure) -> None:
+    count("dead_lettered")
+    count(f"dead_letter.{failure.reason}")
+
+
 class _ShardRowsFn(beam.DoFn):
-    """PredictionResult -> shard row, or its Failure on the dead-letter output; counts both."""
+    """PredictionResult -> shard row (the image's pixels dropped), or its Failure on the
+    dead-letter output; counts both."""
 
     def __init__(self, fingerprint: str, progress_seconds: float):
         self.fingerprint, self.progress_seconds = fingerprint, progress_seconds
@@ -178,8 +190,7 @@ class _ShardRowsFn(beam.DoFn):
 
     def process(self, result: PredictionResult):
         if isinstance(result.inference, Failure):
-            count("dead_lettered")
-            count(f"dead_letter.{result.inference.reason}")
+            count_failure(result.inference)
             yield beam.pvalue.TaggedOutput(DEAD, result.inference)
             return
         count("embedded")
@@ -187,8 +198,17 @@ class _ShardRowsFn(beam.DoFn):
         yield shard_row(result.example, result.inference, self.fingerprint)
 
 
+def _failed_batch_fn(failed):
+    failures = failed_batch_failures(failed)
+    for f in failures:
+        count_failure(f)
+    return failures
+
+
 class EmbedImages(beam.PTransform):
-    """PreparedImage -> shard rows (dicts, `embedding` a float32 array) + `dead_letter`."""
+    """PreparedImage -> {"rows": shard rows (dicts, `embedding` a float32 array),
+    "dead_letter": Failures}. Both are made in the step that embeds (one fused stage): no image's
+    pixels leave it."""
 
     def __init__(self, model_uri, fingerprint, batch_size=32, device=None, progress_seconds=15.0,
                  fsspec_config=None, torch_threads=None):
@@ -204,8 +224,11 @@ class EmbedImages(beam.PTransform):
             | "BatchByShape" >> beam.ParDo(BatchByShape(handler.batch_size))
             | "RunInference" >> RunInference(handler.with_no_batching()
                                              ).with_exception_handling())
-        failed_results = failed.failed_inferences | "FailedBatches" >> beam.FlatMap(
-            failed_batch_results)
-        return ((predictions, failed_results) | "AllResults" >> beam.Flatten()
-                | "ShardRows" >> beam.ParDo(_ShardRowsFn(
-                    handler.fingerprint, self.progress_seconds)).with_outputs(DEAD, main="rows"))
+        # each read straight from RunInference's outputs (fused with it): no Flatten before
+        # the pixels are dropped
+        rows = predictions | "ShardRows" >> beam.ParDo(_ShardRowsFn(
+            handler.fingerprint, self.progress_seconds)).with_outputs(DEAD, main="rows")
+        failed_batches = failed.failed_inferences | "FailedBatches" >> beam.FlatMap(
+            _failed_batch_fn)
+        dead = (rows[DEAD], failed_batches) | "AllFailures" >> beam.Flatten()
+        return {"rows": rows.rows, DEAD: dead}

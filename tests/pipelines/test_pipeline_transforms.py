@@ -189,7 +189,7 @@ def test_embed_images_buckets_by_shape_and_dead_letters_a_failing_forward(tiny_m
         out = (p | beam.Create(good + [bad, bad_twin])
                | EmbedImages(tiny_model_path, fingerprint, batch_size=2,
                              progress_seconds=0))
-        assert_that(out.rows, check_rows, label="Rows")
+        assert_that(out["rows"], check_rows, label="Rows")
         assert_that(out[DEAD] | beam.Map(lambda f: (f.uri, f.stage, f.size, f.version)),
                     equal_to([("bad", "embed", 1, "v"), ("bad_twin", "embed", 1, "v")]),
                     label="Dead")
@@ -234,11 +234,10 @@ def test_batch_by_shape_keeps_one_shape_per_batch_and_every_image_once():
 def test_a_batch_failing_whole_is_dead_lettered_image_by_image():
     """What RunInference.with_exception_handling hands back for a batch whose inference raised
     (the batch, (type, repr, traceback)) becomes one embed failure per image."""
-    from pipelines.inference import failed_batch_results
+    from pipelines.inference import failed_batch_failures
 
     batch = [_prepared("a", (32, 32, 3)), _prepared("b", (32, 32, 3), 1)]
-    results = failed_batch_results((batch, (MemoryError, "MemoryError('oom')", ["tb"])))
-    assert [(r.example.uri, r.inference.stage, r.inference.error_type, r.inference.message,
-             r.inference.size, r.inference.version) for r in results] == [
+    failures = failed_batch_failures((batch, (MemoryError, "MemoryError('oom')", ["tb"])))
+    assert [(f.uri, f.stage, f.error_type, f.message, f.size, f.version) for f in failures] == [
         ("a", "embed", "MemoryError", "MemoryError('oom')", 1, "v"),
         ("b", "embed", "MemoryError", "MemoryError('oom')", 1, "v")]
