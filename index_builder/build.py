@@ -485,11 +485,13 @@ def merge_step(folder: str, layout: str = "single", target_recall: float = 0.95,
     if shared:
         manifest["quantizer_file"] = shared
     index = read_faiss_index(folder, manifest, folder)
+    # each embedding shard and the ids indexed from it, read once for every pass below
+    sources = [(e["source"], _read_ids(p)) for e, p in zip(state["shards"], shard_paths)]
     if refine:
         t1 = time.time()
         ids_sorted = np.load(os.path.join(folder, ID_MAP_IDS), mmap_mode="r")
         name = write_refine_vectors(folder, ids_sorted, int(train["dimension"]),
-                                    _indexed_batches(state, shard_paths, table))
+                                    _indexed_batches(sources, table))
         manifest["refine"] = {"file": file_entry(folder, name), "dtype": "float16",
                               "k_factor": int(refine)}
         log.info(f"merge: refine vectors written in {time.time() - t1:.1f}s "
@@ -506,7 +508,7 @@ def merge_step(folder: str, layout: str = "single", target_recall: float = 0.95,
         if os.path.exists(os.path.join(folder, RECALL_FILE)):
             os.remove(os.path.join(folder, RECALL_FILE))
     else:
-        params, recall = _measure_recall(folder, index, state, shard_paths, recall_queries,
+        params, recall = _measure_recall(folder, index, sources, recall_queries,
                                          merge_seconds, layout, target_recall, tune_at, seed,
                                          table)
     recall_seconds = time.time() - t0
@@ -529,12 +531,11 @@ def merge_step(folder: str, layout: str = "single", target_recall: float = 0.95,
     return manifest
 
 
-def _indexed_batches(state: dict, shard_paths: list[str], table=None):
-    """(ids, X) batches of the indexed vectors, read back from the embedding shards (DBA'd
-    when the build augmented them)."""
-    for e, path in zip(state["shards"], shard_paths):
-        keep = _read_ids(path)
-        for ids, X, _ in iter_shard_batches(e["source"], keep=keep, with_uris=False):
+def _indexed_batches(sources: list[tuple[str, np.ndarray]], table=None):
+    """(ids, X) batches of the indexed vectors, read back from the embedding shards: `sources`
+    (shard, ids indexed from it); DBA'd when the build augmented them."""
+    for source, keep in sources:
+        for ids, X, _ in iter_shard_batches(source, keep=keep, with_uris=False):
             yield ids, augmented(table, ids, X)
 
 
@@ -547,7 +548,7 @@ def _write_id_map(folder: str, state: dict) -> list[dict]:
     return [file_entry(folder, n) for n in names]
 
 
-def _measure_recall(folder: str, index, state: dict, shard_paths: list[str],
+def _measure_recall(folder: str, index, sources: list[tuple[str, np.ndarray]],
                     recall_queries: int, merge_seconds: float, layout: str,
                     target_recall: float, tune_at: int, seed: int,
                     table=None) -> tuple[dict, dict]:
@@ -555,8 +556,9 @@ def _measure_recall(folder: str, index, state: dict, shard_paths: list[str],
     vectors, each left out of its own results), search parameters tuned to the target; the
     queries and their exact neighbours saved to recall_queries.npz. -> (params, recall)"""
     ntotal = int(index.ntotal)
+
     def batches():  # the indexed vectors, read back from the embedding shards
-        return _indexed_batches(state, shard_paths, table)
+        return _indexed_batches(sources, table)
 
     nq = min(recall_queries, ntotal)
     log.info(f"merge: {layout} index of {ntotal} vectors in {merge_seconds:.1f}s; measuring recall "
