@@ -38,6 +38,14 @@ BATCH_ROWS = 1 << 20
 NOT_METADATA = ("id", "embedding", "model")
 
 
+def sorted_positions(ids_sorted: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """-> (row of each of `ids` in the ascending `ids_sorted`, whether it is there)."""
+    if not len(ids_sorted):
+        return np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)
+    pos = np.clip(np.searchsorted(ids_sorted, ids), 0, len(ids_sorted) - 1)
+    return pos, np.asarray(ids_sorted[pos] == ids)
+
+
 class IdMap:
     def __init__(self, ids: np.ndarray, table: pa.Table):
         """`ids` sorted ascending; row i of `table` (column `uri`, then metadata) is `ids[i]`'s."""
@@ -105,11 +113,7 @@ class IdMap:
     # ------------------------------------------------------------------ lookups
     def positions(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """-> (row of each id, whether the map holds it) for (Q,) int64 ids."""
-        ids = np.asarray(ids, np.int64).reshape(-1)
-        if not len(self.ids):
-            return np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)
-        pos = np.clip(np.searchsorted(self.ids, ids), 0, len(self.ids) - 1)
-        return pos, np.asarray(self.ids[pos] == ids)
+        return sorted_positions(self.ids, np.asarray(ids, np.int64).reshape(-1))
 
     def _take(self, column: str, pos: np.ndarray) -> list:
         """Python values of `column` at rows `pos` (chunk by chunk: no chunk is concatenated)."""

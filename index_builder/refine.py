@@ -25,6 +25,7 @@ from typing import Iterable
 
 import numpy as np
 
+from index_builder.id_map import sorted_positions as positions
 from remap_store.files import atomic_path
 
 REFINE_FILE = "refine.f16.npy"
@@ -63,14 +64,6 @@ def open_refine_vectors(folder: str, mapped: bool = True, name: str = REFINE_FIL
     """The (N, D) float16 refine vectors of a local index folder (memory-mapped read-only)."""
     return np.load(os.path.join(folder, name), mmap_mode="r" if mapped else None,
                    allow_pickle=False)
-
-
-def positions(ids_sorted: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """-> (row of each id in `ids_sorted`, whether it is there)."""
-    if not len(ids_sorted):
-        return np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)
-    pos = np.clip(np.searchsorted(ids_sorted, ids), 0, len(ids_sorted) - 1)
-    return pos, np.asarray(ids_sorted[pos] == ids)
 
 
 def refine_search(xq: np.ndarray, cand_ids: np.ndarray, ids_sorted: np.ndarray,

@@ -117,16 +117,11 @@ def check_args(args) -> None:
     target = getattr(args, "target_recall", None)
     if target is not None and not 0 < target <= 1:
         raise ValueError(f"--target-recall must be in (0, 1], got {target}")
-    dba = getattr(args, "dba", None)
-    if dba is not None and dba < 0:
-        raise ValueError(f"--dba must be >= 0 (0: no database-side augmentation), got {dba}")
-    refine = getattr(args, "refine", None)
-    if refine is not None and refine < 0:
-        raise ValueError(f"--refine must be >= 0 (0: no re-ranking on stored vectors), got "
-                         f"{refine}")
-    qe = getattr(args, "qe", None)
-    if qe is not None and qe < 0:
-        raise ValueError(f"--qe must be >= 0 (0: no query expansion), got {qe}")
+    for name, off in (("dba", "no database-side augmentation"),
+                      ("refine", "no re-ranking on stored vectors"), ("qe", "no query expansion")):
+        value = getattr(args, name, None)
+        if value is not None and value < 0:
+            raise ValueError(f"--{name} must be >= 0 (0: {off}), got {value}")
 
 
 def main(args) -> int:
