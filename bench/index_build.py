@@ -43,10 +43,10 @@ REMAP_SCRIPT = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[5])
 from index_builder.build import build_index
-store, out, budget, layout, _, opq = sys.argv[1:7]
+store, out, budget, layout, _, opq, refine = sys.argv[1:8]
 t = time.time()
 m = build_index(store, out, max_index_memory=budget, layout=layout, recall_queries=1000,
-                progress=False, opq=opq == "opq")
+                progress=False, opq=opq == "opq", refine=int(refine))
 print(json.dumps({"seconds": time.time() - t, "factory": m["factory"]}))
 """
 
@@ -119,6 +119,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-index-memory", default="100MB")
     ap.add_argument("--layout", default="single")
     ap.add_argument("--opq", action="store_true", help="let remap put OPQ in front of PQ")
+    ap.add_argument("--refine", type=int, default=0,
+                    help="remap index --refine K: re-rank K x k candidates on stored float16 "
+                         "vectors (their file is counted in bytes/vector on disk, not in RAM)")
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--work", default=None, help="working folder (default: a temp dir)")
     ap.add_argument("--bench-venv", default=os.path.join(ROOT, ".bench-venv"))
@@ -168,7 +171,7 @@ def main(argv=None) -> int:
     # ---- remap
     out = os.path.join(work, "remap-index")
     r = run_measured([sys.executable, "-c", REMAP_SCRIPT, store, out, args.max_index_memory,
-                      args.layout, ROOT, "opq" if args.opq else "pq"],
+                      args.layout, ROOT, "opq" if args.opq else "pq", str(args.refine)],
                      os.path.join(work, "remap.log"))
     if r["rc"] != 0:
         print(open(os.path.join(work, "remap.log")).read()[-3000:], file=sys.stderr)
@@ -177,7 +180,10 @@ def main(argv=None) -> int:
     m = idx.manifest
     ev = evaluate(idx.index, xq, ids[rows], ids[nn])
     index_bytes = sum(e["bytes"] for e in m["index_files"])
+    refine_bytes = m["refine"]["file"]["bytes"] if m.get("refine") else 0
     results["remap"] = {**r, **ev, "factory": m["factory"], "params": m["search_params"],
+                        "refine": (m["refine"]["k_factor"] if m.get("refine") else 0),
+                        "refine_bytes_per_vector": refine_bytes / n,
                         "index_bytes": index_bytes, "bytes_per_vector": index_bytes / n,
                         "manifest_recall@10": m["recall"].get("recall@10")}
     print(f"remap: {results['remap']}", file=sys.stderr)
@@ -274,7 +280,9 @@ def markdown_table(results: dict, n: int, dim: int, data: str, budget: str) -> s
         if "error" in r:
             lines.append(f"| {name} | failed: {r['error'][:120]!r} | | | | | | | |")
             continue
-        lines.append(f"| {name} | `{r['factory']}` | `{r['params']}` | {r['seconds']:.0f} s | "
+        refine = (f" + refine x{r['refine']} ({r['refine_bytes_per_vector']:.0f} B/vector float16 "
+                  f"on disk, memory-mapped)" if r.get("refine") else "")
+        lines.append(f"| {name} | `{r['factory']}`{refine} | `{r['params']}` | {r['seconds']:.0f} s | "
                      f"{r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['bytes_per_vector']:.1f} | "
                      f"{r['recall@1']:.3f} | {r['recall@10']:.3f} | {r['qps']:,.0f} |")
     return "\n".join(lines)
