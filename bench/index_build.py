@@ -3,7 +3,8 @@
     python bench/index_build.py --n 1000000 --dim 512 --max-index-memory 100MB
     python bench/index_build.py --embeddings STORE            # real embeddings of `remap embed`
 
-Each builder runs as its own subprocess (autofaiss in its own venv, default .bench-venv: it pins
+Each builder runs as its own subprocess (autofaiss in its own venv, default .bench-venv, made by
+`python -m venv .bench-venv && .bench-venv/bin/pip install autofaiss psutil "pyarrow<18" faiss-cpu==1.11.0`: it pins
 numpy 1.26 / faiss-cpu 1.11), its peak memory is the largest summed RSS of its process tree
 (polled every 0.2 s). Both indexes are then evaluated here, in one process, on the same 1000
 leave-one-out queries (database vectors whose own id is excluded) against exact search:
@@ -165,8 +166,13 @@ def main(argv=None) -> int:
     print(f"data: {n} x {dim} ({data}), prepared in {time.time() - t:.0f}s", file=sys.stderr)
 
     rows, nn = leave_one_out_truth(X, min(args.queries, n - 1))
-    xq = X[rows]
+    xq = X[rows].copy()
     results = {}
+    emb_dir = os.path.join(work, "npy")
+    if not args.skip_autofaiss and not os.path.exists(os.path.join(emb_dir, "part0.npy")):
+        os.makedirs(emb_dir, exist_ok=True)
+        np.save(os.path.join(emb_dir, "part0.npy"), X)
+    del X  # the builders read their own copies: at 10M x 256 this holds 10 GB otherwise
 
     # ---- remap
     out = os.path.join(work, "remap-index")
@@ -195,10 +201,6 @@ def main(argv=None) -> int:
         if not os.path.exists(py):
             results["autofaiss"] = {"error": f"no autofaiss venv at {args.bench_venv}"}
         else:
-            emb_dir = os.path.join(work, "npy")
-            os.makedirs(emb_dir, exist_ok=True)
-            if not os.path.exists(os.path.join(emb_dir, "part0.npy")):
-                np.save(os.path.join(emb_dir, "part0.npy"), X)
             af_index = os.path.join(work, "autofaiss.index")
             af_infos = os.path.join(work, "autofaiss_infos.json")
             r = run_measured([py, "-c", AUTOFAISS_SCRIPT, emb_dir, af_index, af_infos,
