@@ -177,11 +177,12 @@ class MergeFn(StorageDoFn):
     uploaded to --index manifest last; then the work folder is removed. -> the manifest."""
 
     def __init__(self, index: str, work: str, store: str, layout: str, target_recall: float,
-                 recall_queries: int, seed: int, started: float, fsspec_config):
+                 recall_queries: int, seed: int, started: float, fsspec_config,
+                 qe: int | None = None, refine: int = 0):
         super().__init__(fsspec_config)
         self.index, self.work, self.store, self.layout = index, work, store, layout
         self.target_recall, self.recall_queries, self.seed = target_recall, recall_queries, seed
-        self.started = started
+        self.started, self.qe, self.refine = started, qe, refine
 
     def process(self, entries):
         from index_builder.build import TRAIN_JSON, TRAINED_FILE, adopt_shards, merge_step
@@ -198,7 +199,8 @@ class MergeFn(StorageDoFn):
                                        for e in entries])
             manifest = merge_step(local, self.layout, self.target_recall,
                                   recall_queries=self.recall_queries, seed=self.seed,
-                                  source_store=self.store, started=self.started)
+                                  source_store=self.store, started=self.started,
+                                  qe=self.qe, refine=self.refine)
             upload_index(local, self.index, keep=(WORK + "/",))
         fs, path = fsspec.core.url_to_fs(self.work)
         fs.rm(path, recursive=True)
@@ -229,7 +231,7 @@ def build_pipeline(pipeline: beam.Pipeline, plan, opts: IndexBuildOptions, work:
      | "Collect" >> beam.combiners.ToList()
      | "Merge" >> beam.ParDo(MergeFn(opts.index.rstrip("/"), work, opts.embeddings,
                                      opts.layout, opts.target_recall, opts.recall_queries,
-                                     opts.seed, started, fsconf)))
+                                     opts.seed, started, fsconf, opts.qe, opts.refine)))
 
 
 def _check(opts: IndexBuildOptions) -> None:
@@ -241,6 +243,10 @@ def _check(opts: IndexBuildOptions) -> None:
         value = getattr(opts, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be at least 1 (got {value})")
+    for name, off in (("refine", "no re-ranking on stored vectors"), ("qe", "no query expansion")):
+        value = getattr(opts, name)
+        if value is not None and value < 0:
+            raise ValueError(f"--{name} must be >= 0 (0: {off}), got {value}")
     if not 0 < opts.target_recall <= 1:
         raise ValueError(f"--target_recall must be in (0, 1] (got {opts.target_recall})")
 

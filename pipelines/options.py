@@ -112,6 +112,15 @@ class IndexBuildOptions(PipelineOptions):
                             help="held-out queries for the recall measured into the manifest")
         parser.add_argument("--seed", type=int, default=0,
                             help="seed of the training sample and the recall queries")
+        parser.add_argument("--qe", type=int, default=None,
+                            help="alpha query expansion over the top N results that searches "
+                                 "of this index apply by default, as `remap index --qe` (0: "
+                                 "off; default 2)")
+        parser.add_argument("--refine", type=int, default=0,
+                            help="re-rank K x k candidates on stored float16 vectors, as "
+                                 "`remap index --refine` (refine.f16.npy, written by the merge "
+                                 "worker from the shards: 2 x dimension bytes per vector; 0: "
+                                 "off)")
 
 
 # Numeric options of EmbedOptions: the values each accepts, and how to say so.

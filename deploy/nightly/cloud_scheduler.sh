@@ -32,6 +32,8 @@ run_job() {  # run_job NAME EXTRA_ENV...: a Cloud Run job running reindex.sh
   local env="INPUT=$BUCKET/images/,STORE=$BUCKET/store,INDEX_ROOT=$BUCKET/indexes"
   env+=",MODEL=$BUCKET/models/remap.pt,KEEP=7,MIN_RECALL=0.9,WORK_DIR=/tmp/remap-reindex"
   env+=",GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false,OMP_NUM_THREADS=4"
+  # the index build as the Airflow DAG's build_index runs it: remap index-beam, same options
+  env+=",INDEX_BUILDER=beam,INDEX_ARGS=--max_index_memory=8GB --target_recall=0.95"
   for e in "$@"; do env+=",$e"; done
   # ^@^ makes '@' the list separator, so EMBED_ARGS may contain commas and spaces
   gcloud run jobs deploy "$name" --project="$PROJECT" --region="$REGION" \

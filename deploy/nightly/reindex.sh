@@ -6,15 +6,19 @@
 #       --index-root gs://remap/indexes [--model gs://remap/models/remap-v3.pt] \
 #       [--date 2026-11-23] [--keep 7] [--min-recall 0.9] [--recall-k 10] [--max-shrink 0.5] \
 #       [--index-args "--factory IVF4096,PQ64 --max-index-memory 4GB"] [--work-dir /scratch] \
-#       [--skip-embed] \
+#       [--skip-embed] [--index-builder local|beam] \
 #       [-- <Beam flags for remap embed: --runner=DataflowRunner --project=... ...>]
 #
 # Every flag also reads an environment variable (INPUT, STORE, INDEX_ROOT, MODEL, RUN_DATE,
 # KEEP, MIN_RECALL, RECALL_K, MAX_SHRINK, INDEX_ARGS and EMBED_ARGS (both word-split),
-# WORK_DIR, SKIP_EMBED=1), so a CronJob or an Airflow task can configure it without quoting
-# trouble.
-# `remap index` builds in a local folder: with a gs:// or s3:// --index-root the index is
-# built under --work-dir (default $TMPDIR) and uploaded, manifest.json last.
+# WORK_DIR, SKIP_EMBED=1, INDEX_BUILDER), so a CronJob or an Airflow task can configure it
+# without quoting trouble.
+# --index-builder local (default): `remap index` builds in a local folder: with a gs:// or s3://
+# --index-root the index is built under --work-dir (default $TMPDIR) and uploaded, manifest.json
+# last. --index-builder beam: `remap index-beam`, the build as its own Beam job (the Airflow
+# DAG's build_index task), writing the index folder itself (local, gs://, s3://); --index-args
+# are then index-beam's options and Beam flags ("--max_index_memory 8GB --refine 10
+# --runner=DataflowRunner ..."); a killed night run again resumes from the folder's _build/.
 # --skip-embed: index + gate + publish only, for when the embed is scheduled on its own (e.g.
 # Cloud Scheduler -> Flex Template); only runs complete by then (run.json) are indexed.
 #
@@ -39,6 +43,7 @@ MAX_SHRINK="${MAX_SHRINK:-0.5}"
 WORK_DIR="${WORK_DIR:-${TMPDIR:-/tmp}/remap-reindex}"
 REMAP="${REMAP:-remap}"
 SKIP_EMBED="${SKIP_EMBED:-0}"
+INDEX_BUILDER="${INDEX_BUILDER:-local}"
 read -r -a embed_args <<< "${EMBED_ARGS:-}"
 read -r -a index_args <<< "${INDEX_ARGS:-}"
 
@@ -58,6 +63,7 @@ while [ $# -gt 0 ]; do
     --index-args) read -r -a index_args <<< "$2"; shift 2 ;;
     --work-dir) WORK_DIR="$2"; shift 2 ;;
     --skip-embed) SKIP_EMBED=1; shift ;;
+    --index-builder) INDEX_BUILDER="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     --) shift; embed_args+=("$@"); break ;;
     *) echo "reindex.sh: unknown argument $1 (Beam flags go after --)" >&2; usage >&2; exit 1 ;;
@@ -69,6 +75,10 @@ for v in "${required[@]}"; do
   flag="${v,,}"
   if [ -z "${!v}" ]; then echo "reindex.sh: --${flag//_/-} is required" >&2; exit 1; fi
 done
+case "$INDEX_BUILDER" in
+  local|beam) ;;
+  *) echo "reindex.sh: --index-builder must be local or beam, not '$INDEX_BUILDER'" >&2; exit 1 ;;
+esac
 INDEX_ROOT="${INDEX_ROOT%/}"
 case "$INDEX_ROOT" in *://*) ;; /*) ;; *) INDEX_ROOT="$PWD/$INDEX_ROOT" ;; esac
 
@@ -118,11 +128,19 @@ else
   build="$target"
   case "$target" in
     file://*) build="${target#file://}" ;;
-    *://*) build="$WORK_DIR/$(basename "$target")"; rm -rf "$build"; mkdir -p "$WORK_DIR" ;;
+    *://*) [ "$INDEX_BUILDER" = beam ] || {
+             build="$WORK_DIR/$(basename "$target")"; rm -rf "$build"; mkdir -p "$WORK_DIR"; } ;;
   esac
-  if ! "$REMAP" index --embeddings "$STORE" --output "$build" --no-progress \
-        "${index_args[@]}" >&2; then
-    log "index build failed: CURRENT unchanged; rerun to retry"
+  if [ "$INDEX_BUILDER" = beam ]; then
+    built=0
+    "$REMAP" index-beam --embeddings "$STORE" --index "$build" "${index_args[@]}" >&2 || built=$?
+  else
+    built=0
+    "$REMAP" index --embeddings "$STORE" --output "$build" --no-progress \
+      "${index_args[@]}" >&2 || built=$?
+  fi
+  if [ "$built" != 0 ]; then
+    log "index build ($INDEX_BUILDER) failed: CURRENT unchanged; rerun to retry"
     exit 11
   fi
   if [ "$build" != "$target" ] && [ "$build" != "${target#file://}" ]; then

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -282,6 +283,16 @@ def test_deployment_files_parse():
     assert cron["kind"] == "CronJob" and cron["spec"]["concurrencyPolicy"] == "Forbid"
     assert "reindex.sh" in " ".join(
         cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"])
+    # the CronJob builds the index as the Airflow DAG's build_index does: index-beam, same options
+    env = {e["name"]: e.get("value") for e in
+           cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    dag = (DEPLOY / "nightly" / "airflow_dag.py").read_text()
+    dag_args = re.search(r"remap_index_beam_args'[^']*'([^']*)'", dag).group(1)
+    from pipelines.options import unknown_options
+    assert env["INDEX_BUILDER"] == "beam" and env["INDEX_ARGS"] == dag_args
+    assert unknown_options(env["INDEX_ARGS"].split()) == []
+    assert f"INDEX_BUILDER=beam,INDEX_ARGS={dag_args}" in \
+        (DEPLOY / "nightly" / "cloud_scheduler.sh").read_text()
 
     serve = {d["kind"]: d for d in yaml.safe_load_all((DEPLOY / "serve" / "k8s.yaml").read_text())}
     pod = serve["Deployment"]["spec"]["template"]
@@ -556,6 +567,28 @@ def test_nightly_reports_a_busy_store_and_keeps_current(nightly):
     assert "store busy" in busy.stderr and "29990101T000000000Z-busy00" in busy.stderr
     assert (tmp / "indexes" / "CURRENT").read_text() == current
     assert not (tmp / "indexes" / "2026-11-21").exists()
+
+
+def test_nightly_with_the_beam_index_builder_publishes_the_same_collection(nightly, tmp_path):
+    """--index-builder beam (INDEX_BUILDER, as the CronJob sets it): the index is built by
+    `remap index-beam` (the Airflow DAG's build_index) on the in-process runner, then gated and
+    published like the local build's."""
+    tmp, first, built, _ = nightly
+    assert first.returncode == 0, first.stderr
+    root = tmp_path / "indexes"
+    done = _reindex(["--skip-embed", "--store", str(tmp / "store"), "--index-root", str(root),
+                     "--date", "2026-11-22", "--index-builder", "beam",
+                     "--index-args", "--recall_queries 3 --refine 2"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "index-beam: 3 vectors" in done.stderr
+    published = str(root / "2026-11-22")
+    assert (root / "CURRENT").read_text().strip() == published
+    m = _manifest(published)
+    assert m["num_vectors"] == 3 and m["refine"]["k_factor"] == 2
+    assert m["model"] == built["model"] and not (root / "2026-11-22" / "_build").exists()
+    bad = _reindex(["--skip-embed", "--store", str(tmp / "store"), "--index-root", str(root),
+                    "--index-builder", "spark"], tmp_path)
+    assert bad.returncode == 1 and "--index-builder must be local or beam" in bad.stderr
 
 
 @pytest.mark.slow

@@ -158,6 +158,33 @@ def test_a_killed_build_run_again_completes_with_no_duplicates(collection, tmp_p
     _assert_same_neighbours(built, reference)
 
 
+def test_refine_and_query_expansion_options_match_the_local_build(collection, tmp_path):
+    """`--refine` and `--qe` as `remap index`'s: the merge worker writes the same float16
+    vectors (same checksum) and the same rerank default, and the re-ranked neighbours match."""
+    root, store, _ = collection
+    local = str(tmp_path / "local")
+    build_index(store, local, factory=IVF, recall_queries=300, workers=1, progress=False,
+                refine=5, qe=0)
+    index = str(tmp_path / "idx")
+    assert remap(["index-beam", f"--embeddings={store}", f"--index={index}", f"--factory={IVF}",
+                  "--recall_queries=300", "--refine=5", "--qe=0"]) == 0
+    reference = open_index(local)
+    built = _assert_complete(index, fsspec.filesystem("file"), reference.id_map.ids)
+    for key in ("refine", "rerank"):
+        assert built.manifest[key] == reference.manifest[key], key
+    assert built.manifest["refine"]["k_factor"] == 5 and built.manifest["rerank"]["qe"] == 0
+    assert built.manifest["recall"]["recall@10"] > 0.95     # re-ranked on the stored vectors
+    # the same k on both sides: a refined search's candidates are k x k_factor
+    xq = _queries()
+    D, I = built.index.search(xq, 10)
+    Dr, Ir = reference.index.search(xq, 10)
+    np.testing.assert_allclose(D, Dr, rtol=1e-6, atol=1e-6)
+    untied = ~np.isclose(np.diff(Dr, axis=1, prepend=np.inf), 0, atol=1e-6) & \
+        ~np.isclose(np.diff(Dr, axis=1, append=-np.inf), 0, atol=1e-6)
+    assert untied.mean() > 0.5
+    np.testing.assert_array_equal(I[untied], Ir[untied])
+
+
 def test_a_work_folder_of_another_plan_is_cleared_not_reused(collection, tmp_path):
     root, store, local = collection
     index = tmp_path / "idx"
@@ -183,6 +210,9 @@ def test_refusals_come_before_the_job_and_write_nothing(collection, tmp_path, ca
     assert remap(["index-beam", f"--embeddings={store}", f"--index={index}",
                   "--recall_querys=5"]) == 2
     assert "unknown option(s) --recall_querys" in capsys.readouterr().err
+    assert remap(["index-beam", f"--embeddings={store}", f"--index={index}",
+                  "--refine=-1"]) == 2
+    assert "--refine must be >= 0" in capsys.readouterr().err and not index.exists()
     assert remap(["index-beam", f"--embeddings={store}", f"--index={index}", "--dry_run=True",
                   f"--factory={IVF}"]) == 0
     out = json.loads(capsys.readouterr().out)
