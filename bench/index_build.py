@@ -4,8 +4,8 @@
     python bench/index_build.py --embeddings STORE            # real embeddings of `remap embed`
 
 Each builder runs as its own subprocess (autofaiss in its own venv, default .bench-venv, made by
-`python -m venv .bench-venv && .bench-venv/bin/pip install autofaiss psutil "pyarrow<18" faiss-cpu==1.11.0`: it pins
-numpy 1.26 / faiss-cpu 1.11), its peak memory is the largest summed RSS of its process tree
+`python -m venv .bench-venv && .bench-venv/bin/pip install autofaiss psutil "pyarrow<18"
+faiss-cpu==1.11.0`: autofaiss 2.18 needs numpy 1.26 / faiss-cpu 1.11), its peak memory is the largest summed RSS of its process tree
 (polled every 0.2 s). Both indexes are then evaluated here, in one process, on the same 1000
 leave-one-out queries (database vectors whose own id is excluded) against exact search:
 1-recall@10 (is the true nearest neighbour among the first 10), queries per second with each
@@ -186,10 +186,10 @@ def main(argv=None) -> int:
     m = idx.manifest
     ev = evaluate(idx.index, xq, ids[rows], ids[nn])
     index_bytes = sum(e["bytes"] for e in m["index_files"])
-    refine_bytes = m["refine"]["file"]["bytes"] if m.get("refine") else 0
+    refine = m.get("refine") or {"k_factor": 0, "file": {"bytes": 0}}
     results["remap"] = {**r, **ev, "factory": m["factory"], "params": m["search_params"],
-                        "refine": (m["refine"]["k_factor"] if m.get("refine") else 0),
-                        "refine_bytes_per_vector": refine_bytes / n,
+                        "refine": refine["k_factor"],
+                        "refine_bytes_per_vector": refine["file"]["bytes"] / n,
                         "index_bytes": index_bytes, "bytes_per_vector": index_bytes / n,
                         "manifest_recall@10": m["recall"].get("recall@10")}
     print(f"remap: {results['remap']}", file=sys.stderr)

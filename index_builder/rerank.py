@@ -13,6 +13,18 @@ from __future__ import annotations
 import numpy as np
 
 
+# What 0 means for each build-time re-ranking count (`remap index` and `remap index-beam`).
+RERANK_OFF = {"dba": "no database-side augmentation", "refine": "no re-ranking on stored vectors",
+              "qe": "no query expansion"}
+
+
+def check_rerank_counts(**counts: int | None) -> None:
+    """Refuse a negative --dba / --refine / --qe (None: not given), naming it."""
+    for name, value in counts.items():
+        if value is not None and value < 0:
+            raise ValueError(f"--{name} must be >= 0 (0: {RERANK_OFF[name]}), got {value}")
+
+
 def l2_normalise(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (zero rows stay zero): (N, D) -> (N, D) float32."""
     x = np.asarray(x, np.float32)

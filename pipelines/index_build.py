@@ -235,6 +235,8 @@ def build_pipeline(pipeline: beam.Pipeline, plan, opts: IndexBuildOptions, work:
 
 
 def _check(opts: IndexBuildOptions) -> None:
+    from index_builder.rerank import check_rerank_counts
+
     for name in ("embeddings", "index"):
         if not getattr(opts, name):
             raise ValueError(f"--{name} is required: remap index-beam --embeddings <store> "
@@ -243,10 +245,7 @@ def _check(opts: IndexBuildOptions) -> None:
         value = getattr(opts, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be at least 1 (got {value})")
-    for name, off in (("refine", "no re-ranking on stored vectors"), ("qe", "no query expansion")):
-        value = getattr(opts, name)
-        if value is not None and value < 0:
-            raise ValueError(f"--{name} must be >= 0 (0: {off}), got {value}")
+    check_rerank_counts(refine=opts.refine, qe=opts.qe)
     if not 0 < opts.target_recall <= 1:
         raise ValueError(f"--target_recall must be in (0, 1] (got {opts.target_recall})")
 

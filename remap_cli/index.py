@@ -104,6 +104,7 @@ def add_arguments(parser) -> None:
 
 def check_args(args) -> None:
     """Refuse option values that cannot work, before any work is done."""
+    from index_builder.rerank import check_rerank_counts
     from index_builder.train import parse_bytes
 
     if getattr(args, "max_index_memory", None) is not None:
@@ -117,11 +118,7 @@ def check_args(args) -> None:
     target = getattr(args, "target_recall", None)
     if target is not None and not 0 < target <= 1:
         raise ValueError(f"--target-recall must be in (0, 1], got {target}")
-    for name, off in (("dba", "no database-side augmentation"),
-                      ("refine", "no re-ranking on stored vectors"), ("qe", "no query expansion")):
-        value = getattr(args, name, None)
-        if value is not None and value < 0:
-            raise ValueError(f"--{name} must be >= 0 (0: {off}), got {value}")
+    check_rerank_counts(**{name: getattr(args, name, None) for name in ("dba", "refine", "qe")})
 
 
 def main(args) -> int:

@@ -131,11 +131,10 @@ else
     *://*) [ "$INDEX_BUILDER" = beam ] || {
              build="$WORK_DIR/$(basename "$target")"; rm -rf "$build"; mkdir -p "$WORK_DIR"; } ;;
   esac
+  built=0
   if [ "$INDEX_BUILDER" = beam ]; then
-    built=0
     "$REMAP" index-beam --embeddings "$STORE" --index "$build" "${index_args[@]}" >&2 || built=$?
   else
-    built=0
     "$REMAP" index --embeddings "$STORE" --output "$build" --no-progress \
       "${index_args[@]}" >&2 || built=$?
   fi
