@@ -1,6 +1,6 @@
 """Benchmark: checkpoints (or model names) on the `remap eval` benchmark's eval split, embedded
 as the product embeds, with and without re-ranking (alpha-QE, DBA), paired intervals against
-the first model. Lighter than `remap eval` (no baseline table, no KLW/whitening fitting).
+the first model, overall and per nuisance. Lighter than `remap eval` (no baseline table, no KLW/whitening fitting).
 
     python bench/benchmark_models.py --cache ~/.cache/remap --model gem --model remap
 
@@ -90,10 +90,19 @@ def main(argv=None):
     for name, (aps, fp) in rows.items():
         d = paired_bootstrap(aps, rows[ref][0], groups)
         per = {n: round(float(np.nanmean(aps[nuis == n])) * 100, 1) for n in names}
+        per_d = {n: [round(x * 100, 1) for x in paired_bootstrap(
+            aps[nuis == n], rows[ref][0][nuis == n], groups[nuis == n])] for n in names}
         report[name] = {"map": round(float(np.nanmean(aps)) * 100, 1), **per,
-                        "vs_first": [round(x * 100, 1) for x in d], "fingerprint": fp}
+                        "vs_first": [round(x * 100, 1) for x in d],
+                        "vs_first_per_nuisance": per_d, "fingerprint": fp}
         print(f"{name[-40:]:40s}{report[name]['map']:7.1f}" + "".join(f"{per[n]:9.1f}" for n in names)
               + f"   {d[0] * 100:+.1f} [{d[1] * 100:+.1f}, {d[2] * 100:+.1f}]")
+    print(f"\nper nuisance against {ref} (paired over photos, 95% CI):")
+    for name, r in report.items():
+        if name != ref:
+            print(f"{name[-40:]:40s}" + "".join(
+                f"  {n[:8]} {v[0]:+.1f} [{v[1]:+.1f}, {v[2]:+.1f}]"
+                for n, v in r["vs_first_per_nuisance"].items()))
     line = {"bench": "benchmark_models", "benchmark": bench.summary(), "seed": args.seed,
             "jpeg_megapixels": args.jpeg,
             "mean_jpeg_kb": None if jpegs is None else round(np.mean([len(j) for j in jpegs]) / 1024, 1),
