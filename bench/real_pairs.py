@@ -6,7 +6,7 @@ size), the partner's rank for each query and mAP, paired intervals against the f
 
 The database is both sides of every pair and, as distractors, OpenCV's unpaired photos, the
 benchmark's photos of both splits (`benchmark_photos("all")`, unless --no-benchmark-photos;
-the pairs' own scenes left out) and any `--distractors GLOB` files. Besides ranks it reports the
+the pairs' own scenes and OpenCV's photos, already there, left out) and any `--distractors GLOB` files. Besides ranks it reports the
 gap (the partner's similarity minus the best other image's, in standard deviations of the
 query's similarities), which still separates models when every partner is first. Prints a table and one JSON line.
 """
@@ -45,14 +45,16 @@ def main(argv=None):
 
     from remap_core.evaluation.benchmark import benchmark_photos, default_cache_dir
     from remap_core.evaluation.metrics import paired_bootstrap
-    from remap_core.evaluation.real_pairs import REAL_PAIRS, load_real_pairs, score_real_pairs
+    from remap_core.evaluation.real_pairs import DISTRACTORS, REAL_PAIRS, load_real_pairs, score_real_pairs
 
     t0 = time.time()
     cache = args.cache or default_cache_dir()
-    scenes = {os.path.splitext(a)[0] for a, _, _ in REAL_PAIRS}
+    # the pairs' scenes are never distractors; OpenCV's unpaired photos are already in the set
+    skip = {os.path.splitext(f)[0] for a, b, _ in REAL_PAIRS for f in (a, b)} | \
+        {os.path.splitext(f)[0] for f in DISTRACTORS}
     extra = {} if args.no_benchmark_photos else {
         n: im for n, im in benchmark_photos("all", cache, max_side=1024).items()
-        if n.rsplit("/", 1)[-1] not in scenes}
+        if not (n.startswith("debian/opencv-doc/") and n.rsplit("/", 1)[-1] in skip)}
     for pattern in args.distractors:
         for path in sorted(glob.glob(pattern, recursive=True)):
             extra[path] = Image.open(path).convert("RGB")
