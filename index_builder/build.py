@@ -40,8 +40,8 @@ from index_builder.merge import LAYOUTS, merge_in_memory, merge_to_ondisk
 from index_builder.refine import (REFINE_FILE, RefinedIndex, open_refine_vectors,
                                   write_refine_vectors)
 from index_builder.recall import KS, exact_knn_stream, tune_search_params, unmeasured_recall
-from index_builder.train import (ERROR_SAMPLE, check_trainable, choose_factory, coarse_training,
-                                 error_growth,
+from index_builder.train import (DEFAULT_CODE_BYTES, ERROR_SAMPLE, check_code_bytes,
+                                 check_trainable, choose_factory, coarse_training, error_growth,
                                  held_out_size, make_index, parse_bytes, quantization_error,
                                  reservoir_sample, train_index, training_size)
 from remap_store.files import atomic_path, redact, write_json_atomic
@@ -211,7 +211,8 @@ class TrainingPlan:
 
 def plan_training(store: str, factory: str | None = None, max_index_memory: str | int = "4GB",
                   train_sample: int | None = None, points_per_centroid: int = 50, seed: int = 0,
-                  opq: bool = False, layout: str | None = None) -> TrainingPlan:
+                  opq: bool = False, layout: str | None = None,
+                  code_bytes: int = DEFAULT_CODE_BYTES) -> TrainingPlan:
     """List the store's runs, plan the live shards, choose (or check) the factory and the sample
     size. Everything that can be refused (the budget, the factory, too few vectors to train it,
     a `layout` it cannot take) is refused here, before anything is sampled or written."""
@@ -227,7 +228,8 @@ def plan_training(store: str, factory: str | None = None, max_index_memory: str 
     if n == 0:
         raise ValueError(f"the runs of {store} hold no live vectors (none embedded, or all "
                          f"deleted); nothing to index")
-    factory = factory or choose_factory(n, dim, budget, opq)
+    check_code_bytes(code_bytes)
+    factory = factory or choose_factory(n, dim, budget, opq, code_bytes)
     empty = make_index(factory, dim)
     needs_training = not empty.is_trained
     size = training_size(factory, n, dim, points_per_centroid) if train_sample is None \
@@ -277,7 +279,7 @@ def _coarse_training(index: faiss.Index) -> str | None:
 def train_step(store: str, folder: str, factory: str | None = None,
                max_index_memory: str | int = "4GB", train_sample: int | None = None,
                points_per_centroid: int = 50, seed: int = 0, opq: bool = False,
-               layout: str | None = None) -> dict:
+               layout: str | None = None, code_bytes: int = DEFAULT_CODE_BYTES) -> dict:
     """Choose (or take) the factory, sample the collection uniformly at random across all
     shards (streamed), train, write trained.faiss + train.json. Existing index shards of an
     earlier training are dropped from state.json: re-add them with add_step.
@@ -287,7 +289,7 @@ def train_step(store: str, folder: str, factory: str | None = None,
     folder = _local(folder, create=False)
     started = time.time()
     plan = plan_training(store, factory, max_index_memory, train_sample, points_per_centroid,
-                         seed, opq, layout)
+                         seed, opq, layout, code_bytes)
     if os.path.exists(os.path.join(folder, MANIFEST_NAME)):
         log.info(f"train: {folder} holds an index; training anew (it is replaced at the merge)")
     folder = _local(folder)
@@ -612,7 +614,7 @@ def build_index(store: str, output: str, factory: str | None = None,
                 target_recall: float = 0.95, workers: int | None = None,
                 progress: bool = True, opq: bool = False,
                 add_memory: str | int | None = None, qe: int | None = None,
-                dba: int = 0, refine: int = 0) -> dict:
+                dba: int = 0, refine: int = 0, code_bytes: int = DEFAULT_CODE_BYTES) -> dict:
     """Train, add and merge in one go (a fresh folder, or a full rebuild of an existing one).
 
     `dba` K > 0: database-side augmentation before the codes are trained and added: each stored
@@ -638,7 +640,7 @@ def build_index(store: str, output: str, factory: str | None = None,
         elif os.path.isdir(folder):
             remove_augmentation(folder)
         train_step(store, folder, factory, max_index_memory, train_sample, seed=seed, opq=opq,
-                   layout=layout)
+                   layout=layout, code_bytes=code_bytes)
         add_step(store, folder, workers, add_memory, seed=seed, progress=progress)
         return merge_step(folder, layout, target_recall, recall_queries=recall_queries,
                           seed=seed, source_store=store, started=started, qe=qe, refine=refine)

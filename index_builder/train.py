@@ -37,6 +37,10 @@ PQ_CENTROIDS = 256  # every PQ{m}x8 sub-quantizer (and OPQ's) is a 2^8-centroid 
 TWO_LEVEL_MIN_LISTS = 8192
 ERROR_SAMPLE = 10_000  # vectors held out of training to measure the quantisation error
 PQ_KEEP = 0.5  # a PQ size that divides the dimension is used if it keeps >= half the code bytes
+# The largest PQ code chosen by default, bytes per vector (`--code-bytes`): on the benchmark the
+# shipped model's descriptors keep 98.9 % of float mAP at 64 B (93.1 against 94.1) and 99.9 %
+# at 128 B, for twice the memory (bench/RESULTS.md, "Compression"). The budget may choose less.
+DEFAULT_CODE_BYTES = 64
 
 
 def parse_bytes(text: str | int | float, what: str = "--max-index-memory") -> int:
@@ -96,13 +100,15 @@ def opq_dim(dim: int, m: int) -> int:
     return (min(dim // m, 6) + 1) * m
 
 
-def choose_factory(n: int, dim: int, max_index_bytes: int, opq: bool = False) -> str:
+def choose_factory(n: int, dim: int, max_index_bytes: int, opq: bool = False,
+                   code_bytes: int = DEFAULT_CODE_BYTES) -> str:
     """The index for n vectors of dim float32 under a memory budget, the way autofaiss picks:
 
     - n <= 100k and the raw vectors fit: Flat (exact);
     - n <= 500k and vectors + an HNSW32 graph fit: HNSW32;
     - IVF{k},Flat (k ~ 4 sqrt(n)) when the raw vectors + ids fit;
-    - else IVF{k}(_HNSW32),PQ{m}x8 with the largest m whose codes + ids fit. FAISS needs m to
+    - else IVF{k}(_HNSW32),PQ{m}x8 with the largest m, at most `code_bytes` (default
+      DEFAULT_CODE_BYTES: more buys little retrieval), whose codes + ids fit. FAISS needs m to
       divide the dimension: the largest fitting m that divides it is taken when it keeps at
       least half the affordable code bytes, else the vectors are turned by a random rotation
       padded to a multiple of m (RR{y}: inner products unchanged, no training). With `opq`, a
@@ -114,6 +120,7 @@ def choose_factory(n: int, dim: int, max_index_bytes: int, opq: bool = False) ->
         raise ValueError("the collection is empty; embed some images first")
     if max_index_bytes <= 0:
         raise ValueError(f"--max-index-memory must be positive, got {max_index_bytes} bytes")
+    check_code_bytes(code_bytes)
     raw = 4 * dim * n
     if n <= FLAT_MAX and raw <= max_index_bytes:
         return "Flat"
@@ -127,7 +134,8 @@ def choose_factory(n: int, dim: int, max_index_bytes: int, opq: bool = False) ->
         raise ValueError(f"{n} vectors are too few to train PQ codes ({PQ_CENTROIDS} centroids "
                          f"per sub-vector) and their exact index needs {raw} bytes; raise "
                          f"--max-index-memory to at least {raw} or pass --factory")
-    fitting = [m for m in PQ_CHOICES if m < dim and ivf_pq_bytes(n, dim, k, m) <= max_index_bytes]
+    fitting = [m for m in PQ_CHOICES
+               if m < dim and m <= code_bytes and ivf_pq_bytes(n, dim, k, m) <= max_index_bytes]
     if opq:
         for m in fitting:
             y = opq_dim(dim, m)
@@ -146,6 +154,13 @@ def choose_factory(n: int, dim: int, max_index_bytes: int, opq: bool = False) ->
     need = ivf_pq_bytes(n, dim, k, PQ_CHOICES[-1])
     raise ValueError(f"{n} vectors cannot fit {max_index_bytes} bytes even with 4-byte codes "
                      f"(need about {need}); raise --max-index-memory or pass --factory")
+
+
+def check_code_bytes(code_bytes: int) -> None:
+    """Refuse a `--code-bytes` below the smallest PQ code FAISS offers."""
+    if int(code_bytes) < PQ_CHOICES[-1]:
+        raise ValueError(f"--code-bytes must be at least {PQ_CHOICES[-1]} (the smallest PQ "
+                         f"code), got {code_bytes}")
 
 
 def nlist_of(factory: str) -> int:

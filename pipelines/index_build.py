@@ -289,7 +289,8 @@ def run(argv: list[str]) -> dict:
     dry_run = is_dry_run(options)
     options.view_as(TestOptions).dry_run = dry_run
     plan = plan_training(opts.embeddings, opts.factory, opts.max_index_memory, opts.train_sample,
-                         seed=opts.seed, opq=opts.opq, layout=opts.layout)
+                         seed=opts.seed, opq=opts.opq, layout=opts.layout,
+                         **({} if opts.code_bytes is None else {"code_bytes": opts.code_bytes}))
     index = opts.index.rstrip("/")
     work = join_url(index, WORK)
     log.info("index-beam: %d vectors of dim %d in %d shards -> %s (%s); sample %d (+%d held "

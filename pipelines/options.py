@@ -100,6 +100,9 @@ class IndexBuildOptions(PipelineOptions):
         parser.add_argument("--train_sample", type=int, default=None,
                             help="training vectors, drawn uniformly across all shards in "
                                  "parallel (default: 50 per IVF centroid, within 39-256)")
+        parser.add_argument("--code_bytes", type=int, default=None,
+                            help="largest PQ code, bytes per vector, when PQ is chosen (default "
+                                 "64, as `remap index --code-bytes`)")
         parser.add_argument("--opq", action="store_true", default=False,
                             help="when PQ is chosen, learn an OPQ rotation in front")
         parser.add_argument("--layout", choices=("single", "ondisk", "shards"), default="single",

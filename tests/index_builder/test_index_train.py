@@ -11,8 +11,8 @@ import pytest
 
 from index_builder.recall import exact_knn_stream, recall_at, tune_search_params
 from index_builder.synthetic import clustered_vectors
-from index_builder.train import (choose_factory, ivf_part, nlist_for, parse_bytes,
-                                 quantization_error, reservoir_sample, train_index, training_size)
+from index_builder.train import (DEFAULT_CODE_BYTES, choose_factory, ivf_part, ivf_pq_bytes,
+                                 nlist_for, parse_bytes, quantization_error, reservoir_sample, train_index, training_size)
 
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")
@@ -248,3 +248,23 @@ def test_two_level_kmeans_trains_large_list_counts_and_recalls_as_flat_kmeans(mo
                  for i in (auto, two, flat)]
     np.testing.assert_array_equal(centroids[0], centroids[1])
     assert not np.array_equal(centroids[0], centroids[2])
+
+
+def test_pq_codes_stop_at_the_default_code_size_unless_asked_for_more():
+    # 5M x 256-D under the default 4 GB: 128-byte codes would fit (about 0.7 GB)
+    n, dim, budget = 5_000_000, 256, 4 << 30
+    k = nlist_for(n)
+    assert ivf_pq_bytes(n, dim, k, 128) <= budget < 4 * dim * n
+    assert choose_factory(n, dim, budget) == f"{ivf_part(k)},PQ{DEFAULT_CODE_BYTES}x8"
+    assert DEFAULT_CODE_BYTES == 64
+    assert choose_factory(n, dim, budget, code_bytes=128) == f"{ivf_part(k)},PQ128x8"
+    assert choose_factory(n, dim, budget, code_bytes=32) == f"{ivf_part(k)},PQ32x8"
+    assert choose_factory(n, dim, budget, opq=True, code_bytes=32).startswith("OPQ32_")
+    # a cap between sizes takes the largest size under it; the budget still decides below it
+    assert choose_factory(n, dim, budget, code_bytes=100) == f"{ivf_part(k)},PQ64x8"
+    assert choose_factory(n, dim, ivf_pq_bytes(n, dim, k, 32), code_bytes=128) == \
+        f"{ivf_part(k)},PQ32x8"
+    # exact and graph indexes are not codes: the cap does not touch them
+    assert choose_factory(500, 256, 1 << 30, code_bytes=4) == "Flat"
+    with pytest.raises(ValueError, match="--code-bytes must be at least 4"):
+        choose_factory(n, dim, budget, code_bytes=2)

@@ -188,6 +188,16 @@ def test_budgets_that_are_not_positive_sizes_are_refused_before_any_work(tiny_st
     assert "train:" not in err and not out.exists()
 
 
+def test_a_code_size_below_the_smallest_pq_code_is_refused_before_any_work(tiny_store, tmp_path,
+                                                                           capsys):
+    out = tmp_path / "index"
+    assert remap(["index", "--embeddings", tiny_store, "--output", str(out),
+                  "--code-bytes", "2"]) == 2
+    err = capsys.readouterr().err
+    one_error_line(err, "--code-bytes must be at least 4")
+    assert "train:" not in err and not out.exists()
+
+
 def test_refusals_exit_2_every_time_in_a_fresh_process(tiny_store, tmp_path):
     """The issue's commands, each in a new interpreter: 4 of 33 runs used to abort at exit
     (status 134, `terminate called without an active exception`) instead of exiting 2. Those
