@@ -5,6 +5,8 @@ models that ship with remap.
 
 - "remap-lite0-v1" (also "remap" and `None`: the default): the trained REMAP model shipped in
   `remap_core/models/` (MODEL.md: backbone, taps, training recipe, fingerprint, benchmarks);
+- "gem-lite0-v1": the same backbone with a GeM head, trained by the shipped model's recipe at
+  equal budget (MODEL.md, "gem-lite0-v1"): the trained baseline, ahead of the default on clutter;
 - "gem", "mac", "spoc", "rmac": EfficientNet-Lite0 ImageNet weights with that head, untrained
   (the baselines; "gem" was the default before the trained REMAP model shipped).
 """
@@ -21,7 +23,8 @@ from remap_core.descriptor.model import RetrievalNet, build_model, make_config
 
 CHECKPOINT_FORMAT = "remap-checkpoint/1"
 
-SHIPPED_MODELS = {"remap-lite0-v1": "remap-lite0-v1.pt"}  # name -> file in remap_core/models/
+SHIPPED_MODELS = {"remap-lite0-v1": "remap-lite0-v1.pt",  # name -> file in remap_core/models/
+                  "gem-lite0-v1": "gem-lite0-v1.pt"}
 MODEL_ALIASES = {"remap": "remap-lite0-v1"}                # "remap": the current default
 DEFAULT_MODEL = MODEL_ALIASES["remap"]
 BASELINE_MODELS = ("gem", "mac", "spoc", "rmac")
@@ -164,7 +167,7 @@ def model_hint(fingerprint: str) -> str:
     """What to pass as --model to get `fingerprint` back, when it is a shipped or baseline model
     (for error messages about stores and indexes built with another model); else ""."""
     for name in (*SHIPPED_MODELS, *BASELINE_MODELS):
-        head = "remap" if name in SHIPPED_MODELS else name
+        head = name.split("-")[0]                    # "remap-lite0-v1" -> "remap", "gem" -> "gem"
         if f".{head}." not in fingerprint:          # <backbone>.<head>.d<dim>.<hash>
             continue
         try:

@@ -104,3 +104,16 @@ def test_a_half_precision_checkpoint_loads_to_the_fingerprint_it_was_saved_with(
     assert loaded.fingerprint == fp == model_fingerprint(model)
     torch.testing.assert_close(loaded(x), model(x))
     assert torch.allclose(before, loaded(x), atol=2e-3)   # rounding to float16 moves it little
+
+
+def test_the_trained_gem_baseline_ships_beside_the_default_and_is_named_back():
+    from remap_core.descriptor.checkpoint import model_hint, read_checkpoint, shipped_model_path
+
+    path = shipped_model_path("gem-lite0-v1")
+    ckpt = read_checkpoint(path)
+    model = load_model("gem-lite0-v1", device="cpu")
+    assert model.config["head"] == "gem" and model.config["whiten_dim"] == 256
+    assert model.config["max_side"] == load_model(None, device="cpu").config["max_side"]
+    assert "trained" in ckpt["extra"] and model.fingerprint == ckpt["fingerprint"]
+    assert model_hint(model.fingerprint) == "gem-lite0-v1"
+    assert load_model(None, device="cpu").fingerprint != model.fingerprint   # not the default
