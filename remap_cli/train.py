@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from remap_core.training.run import DEFAULT_TAPS, TrainRun
+from remap_core.training.run import DEFAULT_TAPS, FINAL_WHITENINGS, TrainRun
 
 _D = TrainRun(out="")
 
@@ -75,6 +75,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--no-klw-init", action="store_true",
                    help="keep uniform (or --init-model's) KLW weights")
 
+    f = parser.add_argument_group("final model (model.pt, after the last epoch; --resume on a "
+                                  "finished run writes it again)")
+    f.add_argument("--whole-map-weight", type=float, default=_D.whole_map_weight, metavar="K",
+                   help="REMAP: weigh the whole-map region K times the mean weight of the grid "
+                   f"regions (default {_D.whole_map_weight:g}: the grid regions outvote the "
+                   "whole map under clutter; see MODEL.md); a negative K keeps the trained "
+                   "weight")
+    f.add_argument("--final-whiten", choices=FINAL_WHITENINGS, default=_D.final_whiten,
+                   help="refit the whitening on the trained model's descriptors of the training "
+                   "images: pca (default), learned, or keep the whitening as trained")
+
     t = parser.add_argument_group("training")
     d = _D
     t.add_argument("--epochs", type=int, default=d.epochs)
@@ -122,6 +133,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from remap_core.training import run
 
-    run.run_training(TrainRun(**{f.name: getattr(args, f.name)
-                                 for f in dataclasses.fields(TrainRun)}))
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainRun)}
+    if values["whole_map_weight"] is not None and values["whole_map_weight"] < 0:
+        values["whole_map_weight"] = None
+    run.run_training(TrainRun(**values))
     return 0

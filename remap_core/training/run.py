@@ -31,6 +31,11 @@ import numpy as np
 from remap_core.training.train import TrainOptions
 
 DEFAULT_TAPS = "stage5,head"   # as `remap eval`
+# The whole-map region's weight in the final REMAP model, as a multiple of the mean weight of the
+# grid regions: chosen on half of the held-out proxy's photos (bench/RESULTS.md, "Issue 12:
+# the whole map and the final whitening").
+WHOLE_MAP_WEIGHT = 100.0
+FINAL_WHITENINGS = ("pca", "learned", "keep")
 TRAINABLE_HEADS = ("remap", "gem", "rmac")
 _T = TrainOptions()
 
@@ -66,6 +71,9 @@ class TrainRun:
     layer_norm: bool = False              # L2 per layer before concatenation, learned layer weights
     klw_pairs: int = 400
     no_klw_init: bool = False
+    # the final model (model.pt), after the last epoch; see `finalise_model`
+    whole_map_weight: float | None = WHOLE_MAP_WEIGHT   # REMAP: whole map x the grid's mean
+    final_whiten: str = "pca"             # refit the whitening: "pca", "learned" or "keep"
     # training (see TrainOptions)
     epochs: int = _T.epochs
     tuples: int = _T.tuples_per_epoch
@@ -271,8 +279,8 @@ def run_training(options: TrainRun) -> dict:
         record = _run_record(options, int(model.config["max_side"]))
         _check_same_run(out, record)
         if start_epoch > opts.epochs:
-            print(f"{out} already trained for {state['epoch']} epochs; raise --epochs to go on")
-            return {"model": None, "history": history}
+            print(f"{out} already trained for {state['epoch']} epochs (raise --epochs to go "
+                  f"on): writing its final model again")
     else:
         if os.path.exists(last):
             raise ValueError(f"{out} already holds a training run (last.pt); pass --resume to "
@@ -301,14 +309,21 @@ def run_training(options: TrainRun) -> dict:
 
     n_cached = opts.freeze if opts.cache else 0
     validate = None if options.no_val else make_validator(options, model, n_cached, progress)
-    history = train(model, ts.images, ts.labels, opts, out, validate=validate,
-                    optimizer=optimizer, start_epoch=start_epoch, history=history,
-                    scaler_state=scaler_state, progress=progress, cache=caches.get(1.0),
-                    groups=ts.groups)
+    if start_epoch <= opts.epochs:
+        history = train(model, ts.images, ts.labels, opts, out, validate=validate,
+                        optimizer=optimizer, start_epoch=start_epoch, history=history,
+                        scaler_state=scaler_state, progress=progress, cache=caches.get(1.0),
+                        groups=ts.groups)
+    finalised = finalise_model(model, ts, options, caches)
+    final_record = {"epoch": "final", **finalised}
+    if validate is not None:
+        final_record.update(validate(model))
+    print(f"final model: {json.dumps(final_record)}")
     final = os.path.join(out, "model.pt")
     fp = save_checkpoint(model, final, extra={"trained": {"epochs": opts.epochs,
                                                           "source": source,
-                                                          "history": history}})
+                                                          "history": history,
+                                                          "final": final_record}})
     _print_summary(history, final, fp, time.time() - t_start)
     return {"model": final, "fingerprint": fp, "history": history}
 
@@ -348,6 +363,41 @@ def initialise_model(model, ts, options: TrainRun, caches: dict) -> None:
                              n_pairs=max(options.klw_pairs, 1000), rng=rng, caches=caches,
                              shrinkage=options.whiten_shrinkage)
         print(f"{options.whiten} whitening initialised: {model.head.out_dim} -> {model.dim}")
+
+
+def finalise_model(model, ts, options: TrainRun, caches: dict) -> dict:
+    """The last step of a run, on the trained model in place: (1) REMAP heads: the whole-map
+    region's KLW weight set to `options.whole_map_weight` x the mean of the grid regions'
+    (`klw.weigh_whole_map`; None keeps the trained weight); (2) the whitening refitted on the
+    trained model's descriptors of the training images (`options.final_whiten`, as
+    `initialise_model` fits it; "keep": the whitening as trained).
+
+    Why: the triplet loss co-adapts the whitening with the training views' generator; a PCA
+    whitening refitted after training, as Radenović et al. learn theirs after fine-tuning,
+    generalises better. And the KLW weights estimated and trained on generated views leave the
+    grid regions outvoting the whole map under real clutter (bench/RESULTS.md).
+    -> what was done, for the checkpoint and the log."""
+    from remap_core.fitting.klw import weigh_whole_map
+    from remap_core.training.train import initialise_whitening
+
+    if options.final_whiten not in FINAL_WHITENINGS:
+        raise ValueError(f"--final-whiten {options.final_whiten!r}: choose one of "
+                         f"{', '.join(FINAL_WHITENINGS)}")
+    done: dict = {}
+    head = model.head
+    if (options.whole_map_weight is not None and model.config["head"] == "remap"
+            and getattr(head, "include_global", False)):
+        w = weigh_whole_map(head.region_weights.detach().cpu().numpy(), options.whole_map_weight)
+        head.set_region_weights(w)
+        done["whole_map_weight"] = options.whole_map_weight
+    if options.final_whiten != "keep" and model.whiten is not None:
+        rng = np.random.default_rng([options.seed, 2025])
+        model.eval()
+        initialise_whitening(model, ts.images, ts.labels, model.dim, options.final_whiten,
+                             n_pairs=max(options.klw_pairs, 1000), rng=rng, caches=caches,
+                             shrinkage=options.whiten_shrinkage)
+        done["final_whitening"] = options.final_whiten
+    return done
 
 
 def _print_summary(history: list[dict], final: str, fingerprint: str, wall_s: float) -> None:

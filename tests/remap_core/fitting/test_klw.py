@@ -85,3 +85,19 @@ def test_canonical_region_vectors_and_pair_distances_match_a_direct_computation(
     d = pair_region_distances(vectors, np.array([[0, 2], [1, 3]]))
     assert d.shape == (2, 1, 6)
     np.testing.assert_allclose(d[1, 0, 4], np.linalg.norm(va[1, 4] - vb[1, 4]), rtol=1e-6)
+
+
+def test_weigh_whole_map_sets_the_whole_map_from_the_grid_mean_only():
+    from remap_core.fitting.klw import weigh_whole_map
+
+    w = np.array([[5.0, 1.0, 2.0, 3.0], [0.5, 4.0, 4.0, 4.0]])
+    out = weigh_whole_map(w, 10.0)
+    np.testing.assert_allclose(out[:, 0], [20.0, 40.0])     # 10 x mean(1, 2, 3), 10 x 4
+    np.testing.assert_array_equal(out[:, 1:], w[:, 1:])     # the grid is left alone
+    assert w[0, 0] == 5.0                                    # the input is not changed
+    np.testing.assert_array_equal(weigh_whole_map(w, 0.0)[:, 0], [0.0, 0.0])
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            weigh_whole_map(w, bad)
+    with pytest.raises(ValueError, match="at least one grid region"):
+        weigh_whole_map(np.ones((2, 1)), 3.0)

@@ -243,3 +243,44 @@ def test_remap_train_on_benchmark_views_tiles_the_train_split_photos(tmp_path, c
     assert "12 classes" in trained["source"]
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["tiles"] == 2 and run["clutter_backgrounds"] == 16
+
+
+def test_the_final_model_weighs_the_whole_map_and_refits_its_whitening(tmp_path):
+    """model.pt is last.pt after the final step: the whole-map weight x the grid's mean and a
+    PCA whitening refitted on the trained descriptors; --resume on a finished run writes it
+    again with other final options, and 'keep' with a negative weight gives last.pt back."""
+    from remap_cli import main
+
+    images, labels = _images(n_classes=4, per_class=3, seed=6)
+    for i, (im, lab) in enumerate(zip(images, labels)):
+        (tmp_path / "data" / f"c{lab}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(tmp_path / "data" / f"c{lab}" / f"{i}.png")
+    args = ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+            "--taps", "stage7,head", "--max-side", "64", "--scales", "1", "--whiten-dim", "8",
+            "--klw-pairs", "10", "--epochs", "1", "--tuples", "2", "--batch", "2",
+            "--negatives", "2", "--freeze", "15", "--no-val", "--quiet"]
+    assert main(args + ["--whole-map-weight", "7"]) == 0
+    last = load_model(str(tmp_path / "run" / "last.pt"), device="cpu")
+    final = load_model(str(tmp_path / "run" / "model.pt"), device="cpu")
+    w_last = last.head.region_weights.detach().numpy()
+    w_final = final.head.region_weights.detach().numpy()
+    np.testing.assert_allclose(w_final[:, 0], 7 * w_last[:, 1:].mean(axis=1), rtol=1e-4)
+    np.testing.assert_allclose(w_final[:, 1:], w_last[:, 1:], rtol=1e-5)
+    assert not torch.allclose(final.whiten.weight, last.whiten.weight)
+    # the refitted whitening whitens the training descriptors: zero mean, unit variance
+    from remap_core.data.preprocess import resize_for_model
+    from remap_core.training.train import pooled_descriptors
+
+    seen = [resize_for_model(Image.fromarray(im), 64, 32) for im in images]   # as trained on
+    x = final.whiten(torch.from_numpy(pooled_descriptors(final, seen)).float()).detach().numpy()
+    np.testing.assert_allclose(x.mean(axis=0), 0, atol=1e-3)
+    np.testing.assert_allclose(x.var(axis=0, ddof=1), 1, rtol=1e-3)   # PCA: N - 1
+    record = read_checkpoint(str(tmp_path / "run" / "model.pt"))["extra"]["trained"]["final"]
+    assert record == {"epoch": "final", "whole_map_weight": 7.0, "final_whitening": "pca"}
+    # --resume on the finished run: the final step again, here undone
+    assert main(args + ["--resume", "--whole-map-weight", "-1", "--final-whiten", "keep"]) == 0
+    again = load_model(str(tmp_path / "run" / "model.pt"), device="cpu")
+    np.testing.assert_allclose(embed_images(again, images), embed_images(last, images),
+                               atol=1e-6)
+    log = [json.loads(s) for s in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1]                  # no epoch was trained again
