@@ -1,0 +1,45 @@
+"""bench/region_aggregation.py: its numpy re-aggregation of stored region vectors is the REMAP
+head's, and its whitening step is the model's, so its variants score what the product embeds."""
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import torch
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "bench" / "region_aggregation.py"
+spec = importlib.util.spec_from_file_location("bench_region_aggregation", SCRIPT)
+region_aggregation = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(region_aggregation)
+
+
+def test_stored_regions_re_aggregate_to_the_model_s_own_descriptors():
+    from remap_core.descriptor.checkpoint import load_model
+    from remap_core.descriptor.pooling import resize_batch
+    from remap_core.fitting.klw import weigh_whole_map
+
+    model = load_model("remap-lite0-v1", device="cpu").float().eval()   # trained, 3 scales
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 255, (128, 192, 3), dtype=np.uint8) for _ in range(3)] + \
+             [rng.integers(0, 255, (192, 128, 3), dtype=np.uint8)]        # two shapes
+    regs, idx = region_aggregation.region_vectors(model, arrays)
+    w = model.head.region_weights.detach().numpy()
+    pooled = region_aggregation.aggregate(regs, idx, w)
+    x = [torch.from_numpy(a).permute(2, 0, 1)[None].float() for a in arrays]
+    with torch.no_grad():
+        for si, s in enumerate(model.config["scales"]):
+            want = torch.cat([model.pooled(resize_batch(xi, s)) for xi in x]).numpy()
+            np.testing.assert_allclose(pooled[si], want, rtol=1e-4, atol=1e-5)
+        # the model's whitening, as the script reads it back, gives the model's embedding
+        W = model.whiten.weight.numpy().astype(np.float64)
+        mean = np.linalg.lstsq(W, -model.whiten.bias.numpy(), rcond=None)[0]
+        got = region_aggregation.describe(pooled, mean, W)
+        np.testing.assert_allclose(got, model.embed_arrays(arrays), atol=1e-4)
+        # a whole-map weight changes the whole-map region's term only
+        w10 = weigh_whole_map(w, 10.0)
+        diff = region_aggregation.aggregate(regs, idx, w10) - pooled
+        whole = np.stack([np.concatenate([r[0] / (np.linalg.norm(r[0]) + 1e-6) for r in regs[0, i]])
+                          for i in range(len(arrays))])
+        scale = np.concatenate([np.full(r.shape[1], w10[l, 0] - w[l, 0])
+                                for l, r in enumerate(regs[0, 0])])
+        np.testing.assert_allclose(diff[0], whole * scale, rtol=1e-4, atol=1e-5)
