@@ -318,6 +318,8 @@ def run_training(options: TrainRun) -> dict:
     final_record = {"epoch": "final", **finalised}
     if validate is not None:
         final_record.update(validate(model))
+    # plain JSON types (validation returns numpy scalars): the checkpoint loads weights_only
+    final_record = json.loads(json.dumps(final_record, default=float))
     print(f"final model: {json.dumps(final_record)}")
     final = os.path.join(out, "model.pt")
     fp = save_checkpoint(model, final, extra={"trained": {"epochs": opts.epochs,

@@ -284,3 +284,24 @@ def test_the_final_model_weighs_the_whole_map_and_refits_its_whitening(tmp_path)
                                atol=1e-6)
     log = [json.loads(s) for s in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1]                  # no epoch was trained again
+
+
+def test_the_final_model_s_validation_record_loads_with_the_checkpoint(tmp_path, monkeypatch):
+    """Validation returns numpy scalars; the final record stored in model.pt must still load
+    (torch.load weights_only refuses numpy objects)."""
+    from remap_cli import main
+    from remap_core.training import run
+
+    monkeypatch.setattr(run, "make_validator",
+                        lambda *a, **k: (lambda m: {"map": np.float64(0.25)}))
+    images, labels = _images(n_classes=3, per_class=2, seed=4)
+    for i, (im, lab) in enumerate(zip(images, labels)):
+        (tmp_path / "data" / f"c{lab}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(tmp_path / "data" / f"c{lab}" / f"{i}.png")
+    assert main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+                 "--taps", "stage7,head", "--max-side", "64", "--scales", "1",
+                 "--whiten-dim", "4", "--klw-pairs", "5", "--epochs", "1", "--tuples", "2",
+                 "--batch", "2", "--negatives", "1", "--freeze", "15", "--quiet"]) == 0
+    final = read_checkpoint(str(tmp_path / "run" / "model.pt"))["extra"]["trained"]["final"]
+    assert final["map"] == 0.25 and type(final["map"]) is float
+    assert load_model(str(tmp_path / "run" / "model.pt"), device="cpu").dim == 4
