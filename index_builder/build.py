@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 # alpha query expansion that searches of a new index apply by default (manifest `rerank`):
 # the top 2 results weighted by score ** 3, as measured in bench/RESULTS.md ("Issue 12":
-# remap-lite0-v1 94.1 -> 94.9 mAP on the benchmark, 46.8 -> 49.0 on the held-out views;
+# remap-lite0-v2 94.5 -> 94.8 mAP on the benchmark, 51.8 -> 54.0 on the held-out views;
 # bench/benchmark_models.py and bench/heldout_eval.py --rerank qe). `remap index --qe N` sets
 # another default, `remap search --qe 0` (search_vectors(qe=0)) turns it off for one search.
 # A manifest without `rerank` (built before) means no expansion.

@@ -25,10 +25,10 @@ class EmbedOptions(PipelineOptions):
                                  "run-<id>/ with shards, dead letter, tombstones and run.json")
         parser.add_argument("--model", default=None,
                             help="checkpoint path or fsspec URL, or a model name (default: "
-                                 "the shipped trained REMAP model, remap-lite0-v1, see MODEL.md; "
-                                 "'gem-lite0-v1': a GeM head trained the same way, better on "
-                                 "clutter; 'gem': the untrained Lite0 GeM baseline, the default "
-                                 "before them)")
+                                 "the shipped trained REMAP model, remap-lite0-v2, see MODEL.md; "
+                                 "'remap-lite0-v1': the former default, for stores built with it; "
+                                 "'gem-lite0-v1': a GeM head trained the same way; 'gem': the "
+                                 "untrained Lite0 GeM baseline, the default before them)")
         parser.add_argument("--run_id", default=None,
                             help="run id: letters, digits, '.', '_', '-' (at most 128, no '..'); "
                                  "must sort after the store's earlier runs (default: UTC "
