@@ -189,9 +189,11 @@ def load_training_set(options: TrainRun, max_side: int, multiple: int = 32):
 
 # --------------------------------------------------------------------------- main
 
+# what the training set depends on; --seed too, since the view seed derives from it (a run
+# folder written before "seed" was recorded is not checked for it)
 RUN_KEYS = ("data", "photos", "benchmark_views", "views_per_photo", "view_seed", "max_side",
             "val_seed", "views_per_nuisance", "side", "no_debian", "max_photos", "tiles",
-            "no_extra_photos", "clutter_backgrounds", "photo_backgrounds")
+            "no_extra_photos", "clutter_backgrounds", "photo_backgrounds", "seed")
 
 
 def _run_record(options: TrainRun, max_side: int) -> dict:

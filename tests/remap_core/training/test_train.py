@@ -305,3 +305,24 @@ def test_the_final_model_s_validation_record_loads_with_the_checkpoint(tmp_path,
     final = read_checkpoint(str(tmp_path / "run" / "model.pt"))["extra"]["trained"]["final"]
     assert final["map"] == 0.25 and type(final["map"]) is float
     assert load_model(str(tmp_path / "run" / "model.pt"), device="cpu").dim == 4
+
+
+def test_resume_refuses_another_seed_whose_views_would_differ(tmp_path, capsys):
+    """The generated views derive from --seed: resuming (or re-finalising) a run with another
+    seed would train or refit on other images, so it is refused."""
+    from remap_cli import main
+
+    images, _ = _images(n_classes=3, per_class=1, seed=8)
+    (tmp_path / "photos").mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im).resize((128, 96)).save(tmp_path / "photos" / f"{i}.png")
+    args = ["train", "--photos", str(tmp_path / "photos"), "--tiles", "2",
+            "--views-per-photo", "1", "--out", str(tmp_path / "run"), "--taps", "stage7,head",
+            "--max-side", "64", "--scales", "1", "--whiten-dim", "8", "--klw-pairs", "10",
+            "--epochs", "1", "--tuples", "2", "--batch", "2", "--negatives", "2",
+            "--freeze", "15", "--no-val", "--quiet"]
+    assert main(args + ["--seed", "3"]) == 0
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 2
+    assert "seed: 3 -> 0" in capsys.readouterr().err
+    assert main(args + ["--resume", "--seed", "3"]) == 0
