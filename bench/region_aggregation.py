@@ -32,28 +32,24 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def region_vectors(model, arrays, batch_size=16):
-    """Per scale, image and tapped layer: the max-pooled region vectors (R, C) (not normalised)
-    and their canonical region index. -> (regions, index) object arrays (S, N, L)."""
+    """Per scale, image and tapped layer: the head's L2-normalised region vectors (R, C) and
+    their canonical region index (`REMAPHead.region_vectors`). -> (regions, index) object
+    arrays (S, N, L)."""
     import torch
 
     from remap_core.descriptor.batching import shape_batches
-    from remap_core.descriptor.pooling import region_max_pool, resize_batch
-    from remap_core.descriptor.regions import canonical_region_index
+    from remap_core.descriptor.pooling import resize_batch
 
-    head, scales = model.head, model.config["scales"]
-    n_layers = head.n_layers
+    scales = model.config["scales"]
+    n_layers = model.head.n_layers
     regs = np.empty((len(scales), len(arrays), n_layers), object)
     idx = np.empty((len(scales), len(arrays), n_layers), object)
     with torch.inference_mode():
         for chunk in shape_batches(arrays, batch_size):
             x = torch.from_numpy(np.stack([arrays[i] for i in chunk])).permute(0, 3, 1, 2).float()
             for si, s in enumerate(scales):
-                for li, f in enumerate(model.features(resize_batch(x, s))):
-                    r = region_max_pool(f, head.levels, include_global=head.include_global)
-                    ci = canonical_region_index(int(f.shape[-2]), int(f.shape[-1]), head.levels,
-                                                head.include_global)
-                    if len(ci) != r.shape[1]:
-                        ci = (0,) * r.shape[1]
+                feats = model.features(resize_batch(x, s))
+                for li, (r, ci) in enumerate(model.head.region_vectors(feats)):
                     for k, i in enumerate(chunk):
                         regs[si, i, li] = r[k].numpy()
                         idx[si, i, li] = np.asarray(ci)
@@ -65,8 +61,9 @@ def _l2(x):
 
 
 def aggregate(regs, idx, weights):
-    """REMAP's aggregation of stored region vectors with KLW `weights` (L, R): L2 per region,
-    weighted sum, layers concatenated. -> (S, N, sum C)."""
+    """REMAP's aggregation of stored region vectors with KLW `weights` (L, R): L2 per region
+    (already so from the head; kept so that raw max-pooled vectors work too), weighted sum,
+    layers concatenated. -> (S, N, sum C)."""
     s_n, n, n_layers = regs.shape
     out = []
     for s in range(s_n):

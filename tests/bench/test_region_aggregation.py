@@ -38,7 +38,7 @@ def test_stored_regions_re_aggregate_to_the_model_s_own_descriptors():
         # a whole-map weight changes the whole-map region's term only
         w10 = weigh_whole_map(w, 10.0)
         diff = region_aggregation.aggregate(regs, idx, w10) - pooled
-        whole = np.stack([np.concatenate([r[0] / (np.linalg.norm(r[0]) + 1e-6) for r in regs[0, i]])
+        whole = np.stack([np.concatenate([r[0] for r in regs[0, i]])     # already L2-normalised
                           for i in range(len(arrays))])
         scale = np.concatenate([np.full(r.shape[1], w10[l, 0] - w[l, 0])
                                 for l, r in enumerate(regs[0, 0])])
