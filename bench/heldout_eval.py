@@ -183,6 +183,14 @@ def build_collection(photos, backgrounds, views, seed):
     return images, np.asarray(family), kind
 
 
+def half_mask(query_family, half):
+    """Which queries belong to `half` of the photos: "even" or "odd" family number, or "all"."""
+    query_family = np.asarray(query_family)
+    if half == "all":
+        return np.ones(len(query_family), bool)
+    return query_family % 2 == (0 if half == "even" else 1)
+
+
 def ground_truth(family, kind):
     queries = [i for i, k in enumerate(kind) if k is not None]
     gnd = [{"ok": np.flatnonzero((family == family[q]) & (np.arange(len(family)) != q)),
@@ -251,8 +259,7 @@ def main(argv=None):
     backgrounds = list(read_photos(args.backgrounds, 64, args.side).values())
     images, family, kind = build_collection(photos, backgrounds, args.views, args.seed)
     queries, _ = ground_truth(family, kind)
-    keep = (np.ones(len(queries), bool) if args.half == "all"
-            else family[queries] % 2 == (0 if args.half == "even" else 1))
+    keep = half_mask(family[queries], args.half)
     qkind = np.asarray([kind[q] for q in queries])[keep]
     groups = family[queries][keep]
     print(f"{len(photos)} photos, {len(backgrounds)} backgrounds, {len(images)} images, "

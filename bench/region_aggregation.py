@@ -74,8 +74,11 @@ def aggregate(regs, idx, weights):
 
 
 def describe(pooled, mean, projection):
-    """Whitening per scale, L2, sum over scales, L2 (as `forward_multiscale`)."""
-    return _l2(sum(_l2((p - mean) @ projection.T) for p in pooled))
+    """Whitening and L2 per scale (`whiten.apply_whitening`), sum over scales, L2 (as
+    `forward_multiscale`)."""
+    from remap_core.fitting.whiten import apply_whitening
+
+    return _l2(sum(apply_whitening(p, mean, projection) for p in pooled))
 
 
 def main(argv=None):
@@ -149,8 +152,8 @@ def main(argv=None):
                 "bench_map": round(100 * rb["mAP"], 2),
                 "bench": {k: round(100 * v, 2) for k, v in rb["per_nuisance"].items()},
                 "heldout_map": round(100 * float(aps.mean()), 2),
-                "heldout_even": round(100 * float(aps[q_family % 2 == 0].mean()), 2),
-                "heldout_odd": round(100 * float(aps[q_family % 2 == 1].mean()), 2),
+                **{f"heldout_{h}": round(100 * float(aps[H.half_mask(q_family, h)].mean()), 2)
+                   for h in ("even", "odd")},
                 "heldout": {n: round(100 * float(aps[q_kind == n].mean()), 2) for n in H.NUISANCES}}
         print(json.dumps(line), flush=True)
         lines.append(line)

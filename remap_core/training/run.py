@@ -354,7 +354,7 @@ def cache_frozen_trunk(model, ts, opts: TrainOptions, resume: bool = False,
 def initialise_model(model, ts, options: TrainRun, caches: dict) -> None:
     """The untrained starting point: KLW from matching / non-matching pairs of the training
     set and whitening from its descriptors (unless --no-klw-init / --whiten none)."""
-    from remap_core.training.train import initialise_klw, initialise_whitening
+    from remap_core.training.train import initialise_klw
 
     rng = np.random.default_rng([options.seed, 2024])
     if not options.no_klw_init and model.config["head"] == "remap":
@@ -363,9 +363,7 @@ def initialise_model(model, ts, options: TrainRun, caches: dict) -> None:
         print(f"KLW initialised from {options.klw_pairs} matching / non-matching pairs: weights "
               f"{w.min():.3f}..{w.max():.3f} (layers x regions {w.shape[0]}x{w.shape[1]})")
     if options.whiten != "none":
-        initialise_whitening(model, ts.images, ts.labels, options.whiten_dim, options.whiten,
-                             n_pairs=max(options.klw_pairs, 1000), rng=rng, caches=caches,
-                             shrinkage=options.whiten_shrinkage)
+        _fit_whitening(model, ts, options, caches, options.whiten, options.whiten_dim, rng)
         print(f"{options.whiten} whitening initialised: {model.head.out_dim} -> {model.dim}")
 
 
@@ -382,7 +380,6 @@ def finalise_model(model, ts, options: TrainRun, caches: dict) -> dict:
     grid regions outvoting the whole map under real clutter (bench/RESULTS.md).
     -> what was done, for the checkpoint and the log."""
     from remap_core.fitting.klw import weigh_whole_map
-    from remap_core.training.train import initialise_whitening
 
     if options.final_whiten not in FINAL_WHITENINGS:
         raise ValueError(f"--final-whiten {options.final_whiten!r}: choose one of "
@@ -395,13 +392,23 @@ def finalise_model(model, ts, options: TrainRun, caches: dict) -> dict:
         head.set_region_weights(w)
         done["whole_map_weight"] = options.whole_map_weight
     if options.final_whiten != "keep" and model.whiten is not None:
-        rng = np.random.default_rng([options.seed, 2025])
         model.eval()
-        initialise_whitening(model, ts.images, ts.labels, model.dim, options.final_whiten,
-                             n_pairs=max(options.klw_pairs, 1000), rng=rng, caches=caches,
-                             shrinkage=options.whiten_shrinkage)
+        _fit_whitening(model, ts, options, caches, options.final_whiten, model.dim,
+                       np.random.default_rng([options.seed, 2025]))
         done["final_whitening"] = options.final_whiten
     return done
+
+
+def _fit_whitening(model, ts, options: TrainRun, caches: dict, kind: str, dim: int,
+                   rng: np.random.Generator) -> None:
+    """The whitening a run fits on its training set (`train.initialise_whitening`), at the start
+    and again in the final step: `kind` ("pca" or "learned") to `dim`, from the model's pooled
+    descriptors at every test-time scale."""
+    from remap_core.training.train import initialise_whitening
+
+    initialise_whitening(model, ts.images, ts.labels, dim, kind,
+                         n_pairs=max(options.klw_pairs, 1000), rng=rng, caches=caches,
+                         shrinkage=options.whiten_shrinkage)
 
 
 def _print_summary(history: list[dict], final: str, fingerprint: str, wall_s: float) -> None:

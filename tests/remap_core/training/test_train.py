@@ -28,6 +28,20 @@ def _images(n_classes=5, per_class=3, seed=0):
     return images, np.array(labels)
 
 
+def _write_class_folders(root, images, labels):
+    """The labelled layout `remap train --data` reads: root/c<label>/<i>.png."""
+    for i, (im, lab) in enumerate(zip(images, labels)):
+        (root / f"c{lab}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(root / f"c{lab}" / f"{i}.png")
+
+
+def _write_photos(root, images):
+    """Unlabelled photos for `remap train --photos`: root/<i>.png at 128 x 96."""
+    root.mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im).resize((128, 96)).save(root / f"{i}.png")
+
+
 @pytest.fixture(scope="module")
 def data():
     return _images()
@@ -157,14 +171,10 @@ def test_remap_train_reports_an_unreadable_layout_and_a_missing_resume(tmp_path,
 
 
 def test_remap_train_end_to_end_on_a_folder_layout_gives_a_loadable_model(tmp_path):
-    from PIL import Image
-
     from remap_cli import main
 
     images, labels = _images(n_classes=4, per_class=3, seed=5)
-    for i, (im, lab) in enumerate(zip(images, labels)):
-        (tmp_path / "data" / f"c{lab}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(im).save(tmp_path / "data" / f"c{lab}" / f"{i}.png")
+    _write_class_folders(tmp_path / "data", images, labels)
     rc = main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
                "--taps", "stage7,head", "--max-side", "64", "--scales", "1", "--whiten-dim", "8",
                "--klw-pairs", "10", "--epochs", "1", "--tuples", "2", "--batch", "2",
@@ -178,14 +188,10 @@ def test_remap_train_end_to_end_on_a_folder_layout_gives_a_loadable_model(tmp_pa
 
 
 def test_remap_train_on_tiles_of_unlabelled_photos(tmp_path, capsys):
-    from PIL import Image
-
     from remap_cli import main
 
     images, _ = _images(n_classes=3, per_class=1, seed=8)
-    (tmp_path / "photos").mkdir()
-    for i, im in enumerate(images):
-        Image.fromarray(im).resize((128, 96)).save(tmp_path / "photos" / f"{i}.png")
+    _write_photos(tmp_path / "photos", images)
     rc = main(["train", "--photos", str(tmp_path / "photos"), "--tiles", "2",
                "--views-per-photo", "1", "--out", str(tmp_path / "run"), "--taps", "stage7,head",
                "--max-side", "64", "--scales", "1", "--whiten-dim", "8", "--klw-pairs", "10",
@@ -204,9 +210,7 @@ def test_a_trained_checkpoint_works_unchanged_in_embed_index_and_search(tmp_path
     from index_builder.search import open_index
 
     images, labels = _images(n_classes=3, per_class=2, seed=9)
-    for i, (im, lab) in enumerate(zip(images, labels)):
-        (tmp_path / "data" / f"c{lab}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(im).save(tmp_path / "data" / f"c{lab}" / f"{i}.png")
+    _write_class_folders(tmp_path / "data", images, labels)
     assert main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
                  "--taps", "stage7,head", "--max-side", "64", "--scales", "1",
                  "--whiten-dim", "4", "--klw-pairs", "5", "--epochs", "1", "--tuples", "2",
@@ -252,9 +256,7 @@ def test_the_final_model_weighs_the_whole_map_and_refits_its_whitening(tmp_path)
     from remap_cli import main
 
     images, labels = _images(n_classes=4, per_class=3, seed=6)
-    for i, (im, lab) in enumerate(zip(images, labels)):
-        (tmp_path / "data" / f"c{lab}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(im).save(tmp_path / "data" / f"c{lab}" / f"{i}.png")
+    _write_class_folders(tmp_path / "data", images, labels)
     args = ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
             "--taps", "stage7,head", "--max-side", "64", "--scales", "1", "--whiten-dim", "8",
             "--klw-pairs", "10", "--epochs", "1", "--tuples", "2", "--batch", "2",
@@ -295,9 +297,7 @@ def test_the_final_model_s_validation_record_loads_with_the_checkpoint(tmp_path,
     monkeypatch.setattr(run, "make_validator",
                         lambda *a, **k: (lambda m: {"map": np.float64(0.25)}))
     images, labels = _images(n_classes=3, per_class=2, seed=4)
-    for i, (im, lab) in enumerate(zip(images, labels)):
-        (tmp_path / "data" / f"c{lab}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(im).save(tmp_path / "data" / f"c{lab}" / f"{i}.png")
+    _write_class_folders(tmp_path / "data", images, labels)
     assert main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
                  "--taps", "stage7,head", "--max-side", "64", "--scales", "1",
                  "--whiten-dim", "4", "--klw-pairs", "5", "--epochs", "1", "--tuples", "2",
@@ -313,9 +313,7 @@ def test_resume_refuses_another_seed_whose_views_would_differ(tmp_path, capsys):
     from remap_cli import main
 
     images, _ = _images(n_classes=3, per_class=1, seed=8)
-    (tmp_path / "photos").mkdir()
-    for i, im in enumerate(images):
-        Image.fromarray(im).resize((128, 96)).save(tmp_path / "photos" / f"{i}.png")
+    _write_photos(tmp_path / "photos", images)
     args = ["train", "--photos", str(tmp_path / "photos"), "--tiles", "2",
             "--views-per-photo", "1", "--out", str(tmp_path / "run"), "--taps", "stage7,head",
             "--max-side", "64", "--scales", "1", "--whiten-dim", "8", "--klw-pairs", "10",
