@@ -46,8 +46,9 @@ sys.path.insert(0, sys.argv[5])
 from index_builder.build import build_index
 store, out, budget, layout, _, opq, refine = sys.argv[1:8]
 t = time.time()
+# dba=0: the index of the embeddings themselves, as autofaiss builds it (no augmentation)
 m = build_index(store, out, max_index_memory=budget, layout=layout, recall_queries=1000,
-                progress=False, opq=opq == "opq", refine=int(refine))
+                progress=False, opq=opq == "opq", refine=int(refine), dba=0)
 print(json.dumps({"seconds": time.time() - t, "factory": m["factory"]}))
 """
 

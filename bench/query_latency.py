@@ -69,8 +69,10 @@ def build(args, work: str) -> tuple[str, np.ndarray, np.ndarray]:
         write_run(store, "20260101T000000Z-bench0", synthetic_uris(args.n), X,
                   shards=args.shards)
         print(f"store written in {time.time() - t:.1f}s", file=sys.stderr)
+        # --dba 0: recall is measured against exact search over the embeddings themselves
         argv = ["index", "--embeddings", store, "--output", index, "--no-progress",
-                "--target-recall", str(args.target_recall), "--recall-queries", "1000"]
+                "--target-recall", str(args.target_recall), "--recall-queries", "1000",
+                "--dba", "0"]
         if args.factory:
             argv += ["--factory", args.factory]
         if args.refine:

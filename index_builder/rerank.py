@@ -71,12 +71,30 @@ def reranked_similarities(queries: np.ndarray, database: np.ndarray, qe: int = 0
     return sims
 
 
+def augment_with_neighbours(vectors: np.ndarray, neighbours: np.ndarray, similarities: np.ndarray,
+                            alpha: float = 3.0, batch: int = 65_536) -> np.ndarray:
+    """DBA given each vector's nearest other vectors: vectors (N, D), neighbours (N, k) row
+    indices (-1: none), similarities (N, k) -> (N, D) float32, each row the L2-normalised sum of
+    itself (weight 1) and its neighbours weighted by max(s, 0) ** alpha."""
+    x = l2_normalise(vectors)
+    if neighbours.shape[1] == 0:
+        return x
+    out = np.empty_like(x)
+    for start in range(0, len(x), batch):
+        nn = neighbours[start:start + batch]
+        s = np.where(nn < 0, np.nan, similarities[start:start + batch])
+        out[start:start + batch] = weighted_expansion(x[start:start + batch],
+                                                      x[np.maximum(nn, 0)], s, alpha)
+    return out
+
+
 def database_augmentation(vectors: np.ndarray, k: int = 2, alpha: float = 3.0,
                           batch: int = 4096) -> np.ndarray:
     """DBA by exact inner-product k-NN over `vectors` (N, D) -> (N, D) float32.
 
     Each vector is averaged with its k nearest *other* vectors (weights s^alpha; itself weight 1).
-    Exact search costs O(N^2 D) (what `remap index --dba K` pays once per build).
+    Exact search costs O(N^2 D); `remap index` finds the neighbours with index_builder.knn
+    (approximate above its EXACT_MAX vectors) and calls augment_with_neighbours.
     """
     x = l2_normalise(vectors)
     if k < 1 or len(x) < 2:

@@ -35,6 +35,8 @@ def indexed_photos(root, model_path: str, n: int, metadata: dict | None = None):
     summary = json.load(open(os.path.join(run, "run.json")))
     json.dump({**summary, "model_uri": model_path}, open(os.path.join(run, "run.json"), "w"))
     index = str(root / "index")
+    # --dba 0: the index holds the descriptors X themselves, which the tests rank by (the
+    # DBA default is tested in tests/index_builder and tests/test_end_to_end.py)
     assert remap(["index", "--embeddings", str(root / "store"), "--output", index,
-                  "--no-progress"]) == 0
+                  "--no-progress", "--dba", "0"]) == 0
     return index, paths, X

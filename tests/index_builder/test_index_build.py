@@ -38,7 +38,7 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ivf_folder(store, tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("ivf"))
-    build_index(store[0], folder, factory=IVF, recall_queries=300, workers=2, progress=False)
+    build_index(store[0], folder, factory=IVF, dba=0, recall_queries=300, workers=2, progress=False)
     return folder
 
 
@@ -86,12 +86,17 @@ def test_merged_and_sharded_ivfpq_return_the_neighbours_of_a_one_go_index(store,
 
 
 def test_flat_build_over_shards_equals_exact_numpy_search(store, tmp_path):
+    """With the defaults (database-side augmentation with 2 neighbours): exact search over
+    the numpy DBA of the embeddings."""
+    from index_builder.rerank import database_augmentation
+
     _, X, ids, uris = store
-    build_index(store[0], str(tmp_path), factory="Flat", recall_queries=100, workers=2,
-                progress=False)
+    m = build_index(store[0], str(tmp_path), factory="Flat", recall_queries=100, workers=2,
+                    progress=False)
+    assert m["rerank"]["dba"] == 2 and m["rerank"]["dba_knn"]["knn"] == "exact"
     idx = open_index(str(tmp_path))
     xq = clustered_vectors(50, DIM, clusters=200, seed=7)
-    scores = xq @ X.T
+    scores = xq @ database_augmentation(X, 2, 3.0).T
     order = np.argsort(-scores, axis=1)[:, :10]
     hits = idx.search_vectors(xq, k=10, qe=0)             # no query expansion: exact search
     for q in range(len(xq)):
@@ -99,9 +104,12 @@ def test_flat_build_over_shards_equals_exact_numpy_search(store, tmp_path):
         assert [h.id for h in hits[q]] == list(ids[order[q]])
         assert [h.uri for h in hits[q]] == [uris[i] for i in order[q]]
     assert idx.manifest["recall"]["recall@1"] == 1.0
-    # a new index expands queries by default (top 2, alpha 3), ranking as rerank defines it
-    assert idx.manifest["rerank"] == {"qe": 2, "qe_alpha": 3.0, "dba": 0}
-    reranked = reranked_similarities(xq, X, qe=2, alpha=3.0)
+    # a new index expands queries by default (top 2, alpha 3) over its augmented vectors,
+    # ranking as rerank defines it
+    rerank = dict(idx.manifest["rerank"])
+    assert rerank.pop("dba_knn")["knn"] == "exact"
+    assert rerank == {"qe": 2, "qe_alpha": 3.0, "dba": 2, "dba_alpha": 3.0, "dba_vectors": N}
+    reranked = reranked_similarities(xq, X, qe=2, dba=2, alpha=3.0)
     order = np.argsort(-reranked, axis=1)[:, :10]
     hits = idx.search_vectors(xq, k=10)
     for q in range(len(xq)):
@@ -159,7 +167,7 @@ def test_incremental_run_adds_new_replaces_reembedded_and_removes_tombstoned(tmp
     X1 = clustered_vectors(8000, DIM, clusters=50, seed=3)
     u1 = synthetic_uris(8000)
     write_run(store, "20260101T000000Z-aaaaaa", u1, X1, shards=4)
-    build_index(store, folder, factory="Flat", recall_queries=100, progress=False)
+    build_index(store, folder, factory="Flat", dba=0, recall_queries=100, progress=False)
     first_files = set(os.listdir(os.path.join(folder, "shards")))
 
     # run 2: 2000 new URIs, 500 re-embedded (new vectors), 300 deleted
@@ -224,7 +232,7 @@ def test_mixed_models_are_refused_with_what_to_do(tmp_path):
     store, folder = str(tmp_path / "store"), str(tmp_path / "index")
     write_run(store, "20260101T000000Z-aaaaaa", synthetic_uris(500),
               clustered_vectors(500, DIM, seed=1), shards=1)
-    build_index(store, folder, factory="Flat", recall_queries=50, progress=False)
+    build_index(store, folder, factory="Flat", dba=0, recall_queries=50, progress=False)
     write_run(store, "20260102T000000Z-bbbbbb", synthetic_uris(10, start=500),
               clustered_vectors(10, DIM, seed=2), shards=1, model="other-model")
     with pytest.raises(ValueError, match="remap index train"):
@@ -235,7 +243,8 @@ def test_index_cli_steps_and_one_shot(store, tmp_path, capsys):
     from remap_cli import main as remap
 
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    assert remap(["index", "--embeddings", store[0], "--output", a, "--factory", "IVF64,Flat",
+    assert remap(["index", "--dba", "0",
+                  "--embeddings", store[0], "--output", a, "--factory", "IVF64,Flat",
                   "--recall-queries", "100", "--no-progress"]) == 0
     one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert remap(["index", "train", "--embeddings", store[0], "--output", b,
@@ -274,7 +283,7 @@ def test_hnsw_shards_are_rebuilt_into_one_graph_or_searched_together(tmp_path, l
     X = clustered_vectors(5000, DIM, clusters=100, seed=11)
     uris = synthetic_uris(5000)
     write_run(store, "20260101T000000Z-aaaaaa", uris, X, shards=4)
-    m = build_index(store, folder, factory="HNSW16", recall_queries=200, layout=layout,
+    m = build_index(store, folder, factory="HNSW16", dba=0, recall_queries=200, layout=layout,
                     target_recall=0.99, progress=False)
     assert m["search_params"]["efSearch"] >= 16 and m["num_vectors"] == 5000
     idx = open_index(folder)
@@ -294,7 +303,8 @@ def test_remap_index_shows_each_step_summary_once_on_stderr(tmp_path):
     store, index = str(tmp_path / "store"), str(tmp_path / "index")
     write_run(store, "20260101T000000Z-aaaaaa", synthetic_uris(300),
               clustered_vectors(300, DIM, seed=3), shards=2)
-    done = subprocess.run([sys.executable, "-m", "remap_cli", "index", "--embeddings", store,
+    done = subprocess.run([sys.executable, "-m", "remap_cli", "index", "--dba", "0",
+                           "--embeddings", store,
                            "--output", index, "--no-progress", "--recall-queries", "50"],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -313,7 +323,7 @@ def test_a_killed_writers_temporary_files_are_removed_by_the_next_merge(store, t
     from remap_store.files import temporary_name
 
     folder = str(tmp_path / "index")
-    build_index(store[0], folder, factory="Flat", recall_queries=20, workers=1,
+    build_index(store[0], folder, factory="Flat", dba=0, recall_queries=20, workers=1,
                 progress=False)
     shard_dir = tmp_path / "index" / "shards"
     left = temporary_name(str(shard_dir / "run-x-00000-g0.faiss"))

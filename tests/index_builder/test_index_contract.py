@@ -104,7 +104,8 @@ def store(tmp_path_factory):
 def test_a_built_index_opens_with_faiss_and_pyarrow_as_the_readme_says(store, tmp_path, layout):
     root, X, uris = store
     folder = str(tmp_path / "index")
-    assert remap(["index", "--embeddings", root, "--output", folder, "--factory", "IVF8,Flat",
+    assert remap(["index", "--dba", "0",
+                  "--embeddings", root, "--output", folder, "--factory", "IVF8,Flat",
                   "--layout", layout, "--no-progress"]) == 0
     search, id_to_uri, parts, manifest = open_by_contract(folder)
     contract = readme_index_contract()

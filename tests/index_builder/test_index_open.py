@@ -36,7 +36,8 @@ def store(tmp_path_factory):
 
 
 def build(store, out, factory="Flat", layout="single"):
-    assert remap(["index", "--embeddings", store, "--output", str(out), "--factory", factory,
+    assert remap(["index", "--dba", "0",
+                  "--embeddings", store, "--output", str(out), "--factory", factory,
                   "--layout", layout, "--no-progress", "--recall-queries", "100"]) == 0
     return str(out)
 
@@ -52,7 +53,8 @@ def test_a_remote_index_is_downloaded_once_and_verified_as_it_enters_the_cache(
         store, tmp_path, fake_gcs):  # noqa: F811
     root, X, uris, _ = store
     dest = fake_gcs.bucket("indexes-cache") + "/idx"
-    assert remap(["index", "--embeddings", root, "--output", dest, "--factory", "IVF8,Flat",
+    assert remap(["index", "--dba", "0",
+                  "--embeddings", root, "--output", dest, "--factory", "IVF8,Flat",
                   "--no-progress", "--recall-queries", "100"]) == 0
     cache = str(tmp_path / "cache")
     manifest = json.loads(fake_gcs.fs.cat(f"indexes-cache/idx/{MANIFEST_NAME}"))

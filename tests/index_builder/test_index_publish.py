@@ -81,7 +81,8 @@ def test_remap_index_to_gcs_then_search_from_it(fake_gcs, tmp_path, capsys):  # 
     write_run(store, "20260101T000000Z-aaaaaa", uris, X, shards=3)
     dest = fake_gcs.bucket("indexes-publish") + "/2026-11-20"
 
-    assert remap(["index", "--embeddings", store, "--output", dest, "--layout", "shards",
+    assert remap(["index", "--dba", "0",
+                  "--embeddings", store, "--output", dest, "--layout", "shards",
                   "--recall-queries", "200", "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["index"] == dest and summary["vectors"] == 3000
@@ -91,7 +92,8 @@ def test_remap_index_to_gcs_then_search_from_it(fake_gcs, tmp_path, capsys):  # 
 
     # rebuilt over it with one layout file instead of three shards: nothing stale is left
     staging = tmp_path / "staging"
-    assert remap(["index", "--embeddings", store, "--output", dest, "--layout", "single",
+    assert remap(["index", "--dba", "0",
+                  "--embeddings", store, "--output", dest, "--layout", "single",
                   "--recall-queries", "200", "--no-progress", "--staging", str(staging)]) == 0
     fs = fake_gcs.fs
     fs.invalidate_cache()

@@ -34,7 +34,7 @@ def shards_index(tmp_path_factory):
     write_run(str(root / "store"), "20260101T000000Z-aaaaaa", uris, X, shards=SHARDS)
     folder = str(root / "index")
     build_index(str(root / "store"), folder, factory=f"IVF{NLIST},Flat", layout="shards",
-                recall_queries=200, workers=1, progress=False)
+                dba=0, recall_queries=200, workers=1, progress=False)
     return folder, X, stable_ids(uris)
 
 

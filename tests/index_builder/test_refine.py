@@ -92,7 +92,8 @@ def store(tmp_path_factory):
 
 
 def build(store_root, out, *extra):
-    assert remap(["index", "--embeddings", store_root, "--output", str(out), "--factory", PQ,
+    assert remap(["index", "--dba", "0",
+                  "--embeddings", store_root, "--output", str(out), "--factory", PQ,
                   "--no-progress", "--recall-queries", "200", "--qe", "0", *extra]) == 0
     return str(out)
 
@@ -172,6 +173,6 @@ def test_a_refined_index_is_published_and_opened_from_object_storage(
 
 
 def test_a_negative_refine_is_refused_in_one_line(store, tmp_path, capsys):
-    assert remap(["index", "--embeddings", store[0], "--output", str(tmp_path / "x"),
+    assert remap(["index", "--dba", "0", "--embeddings", store[0], "--output", str(tmp_path / "x"),
                   "--refine", "-1"]) == 2
     assert "--refine must be >= 0" in capsys.readouterr().err

@@ -137,12 +137,52 @@ def test_index_dba_stores_the_database_augmentation_of_the_embeddings(tmp_path, 
         assert [h.id for h in hits[r]] == list(ids[order[r]])
         np.testing.assert_allclose([h.score for h in hits[r]], sims[r, order[r]], rtol=1e-5)
 
-    # rebuilt into the same folder without --dba: the embeddings as they are, and it says so
+    assert rerank["dba_knn"]["knn"] == "exact"
+
+    # rebuilt into the same folder with --dba 0: the embeddings as they are, and it says so
     assert remap(["index", "--embeddings", store, "--output", out, "--factory", "Flat",
-                  "--no-progress", "--recall-queries", "50"]) == 0
+                  "--no-progress", "--recall-queries", "50", "--dba", "0"]) == 0
     idx = open_index(out)
     assert idx.manifest["rerank"]["dba"] == 0 and "dba_vectors" not in idx.manifest["rerank"]
     np.testing.assert_allclose(idx.index.reconstruct(int(ids[7])), X[7], rtol=1e-6)
     capsys.readouterr()
     assert remap(["index", "--embeddings", store, "--output", out, "--dba", "-1"]) == 2
     assert "--dba must be >= 0" in capsys.readouterr().err
+
+
+def test_index_applies_dba_by_default_and_skips_it_above_the_memory_limit(tmp_path, monkeypatch,
+                                                                          caplog):
+    """`remap index` without --dba augments with DEFAULT_DBA neighbours; a collection whose
+    vectors take more than DBA_DEFAULT_MAX_BYTES is indexed as embedded, with a warning that
+    names --dba; --dba K then augments it anyway."""
+    import logging
+
+    import index_builder.build as build
+    from index_builder.search import open_index
+    from index_builder.synthetic import clustered_vectors, synthetic_uris, write_run
+    from remap_store.schema import stable_ids
+
+    n, d = 200, 16
+    X = clustered_vectors(n, d, clusters=20, seed=7)
+    uris = synthetic_uris(n)
+    store = str(tmp_path / "store")
+    write_run(store, "20260101T000000Z-aaaaaa", uris, X, shards=2)
+    ids = stable_ids(uris)
+    want = database_augmentation(X, k=build.DEFAULT_DBA, alpha=3.0)
+
+    m = build.build_index(store, str(tmp_path / "a"), "Flat", recall_queries=20, progress=False)
+    assert m["rerank"]["dba"] == build.DEFAULT_DBA == 2 and m["rerank"]["dba_vectors"] == n
+    got = np.stack([open_index(str(tmp_path / "a")).index.reconstruct(int(i)) for i in ids])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+    monkeypatch.setattr(build, "DBA_DEFAULT_MAX_BYTES", 4 * n * d - 1)
+    with caplog.at_level(logging.WARNING, logger="index_builder.build"):
+        m = build.build_index(store, str(tmp_path / "b"), "Flat", recall_queries=20,
+                              progress=False)
+    assert m["rerank"]["dba"] == 0
+    assert "dba: skipped" in caplog.text and "--dba 2" in caplog.text
+    got = open_index(str(tmp_path / "b")).index.reconstruct(int(ids[3]))
+    np.testing.assert_allclose(got, X[3], rtol=1e-6)
+    m = build.build_index(store, str(tmp_path / "c"), "Flat", recall_queries=20, progress=False,
+                          dba=2)
+    assert m["rerank"]["dba"] == 2

@@ -44,8 +44,8 @@ def collection(tmp_path_factory):
     again = clustered_vectors(500, DIM, clusters=200, seed=2)
     write_run(store, "20260102T000000Z-bbbbbb", uris[:500], again, shards=1,
               tombstone_uris=uris[500:800])
-    local = str(root / "local")
-    build_index(store, local, factory=IVF, recall_queries=300, workers=1, progress=False)
+    local = str(root / "local")   # remap index-beam does no DBA: the local build without it
+    build_index(store, local, factory=IVF, dba=0, recall_queries=300, workers=1, progress=False)
     return root, store, local
 
 
@@ -165,7 +165,7 @@ def test_refine_and_query_expansion_options_match_the_local_build(collection, tm
     vectors (same checksum) and the same rerank default, and the re-ranked neighbours match."""
     root, store, _ = collection
     local = str(tmp_path / "local")
-    build_index(store, local, factory=IVF, recall_queries=300, workers=1, progress=False,
+    build_index(store, local, factory=IVF, dba=0, recall_queries=300, workers=1, progress=False,
                 refine=5, qe=0)
     index = str(tmp_path / "idx")
     assert remap(["index-beam", f"--embeddings={store}", f"--index={index}", f"--factory={IVF}",
