@@ -5,8 +5,10 @@ database-side augmentation needs them (`remap index --dba K`).
 
 Up to EXACT_MAX vectors the search is exact (FAISS brute force in blocks: O(N^2 D)). Above, it
 is approximate: an IVF-Flat index over the collection itself (a power of two near 4 sqrt(N) lists,
-trained on MIN_POINTS_PER_CENTROID vectors per list, NPROBE lists probed), about N^1.5 D work,
-and its recall@k against exact search is measured on RECALL_SAMPLE rows and reported in `info`.
+trained on MIN_POINTS_PER_CENTROID vectors per list), about N^1.5 D work: the number of lists
+probed is the first of NPROBES whose recall@k against exact search, measured on RECALL_SAMPLE
+rows, reaches TARGET_RECALL (or where doubling it stops paying), and that recall is reported in
+`info`.
 Numpy in, numpy out; FAISS does the search.
 """
 
@@ -23,7 +25,14 @@ from index_builder.train import MIN_POINTS_PER_CENTROID, ivf_part, nlist_for, tr
 log = logging.getLogger(__name__)
 
 EXACT_MAX = 50_000      # vectors; exact all-kNN costs N^2 D (50k x 256-D: ~10 s on 2 cores)
-NPROBE = 16             # IVF lists probed per vector in the approximate search
+NPROBES = (16, 32, 64, 128, 256)  # IVF lists probed, tried in turn on the recall sample...
+TARGET_RECALL = 0.95    # ...until recall@k against exact search reaches this,
+MIN_GAIN = 0.005        # or doubling nprobe gains less than this (then the smaller one is kept)
+# efSearch of the HNSW graph over the IVF centroids (from 1,000 lists on), when vectors are
+# assigned and when lists are chosen: FAISS's default 16 finds the nearest centroids poorly
+# under inner product and caps recall (1M synthetic 256-D vectors: recall@2 0.72 at any nprobe;
+# 200k: 0.94, against 0.9995 with 128; bench/RESULTS.md "DBA by default")
+QUANTIZER_EF = 128
 RECALL_SAMPLE = 1_000   # rows whose approximate neighbours are checked against exact search
 BLOCK = 8_192           # query rows per exact-search block
 
@@ -55,11 +64,14 @@ def exact_nearest_others(x: np.ndarray, k: int, queries: np.ndarray | None = Non
     return nn, sims
 
 
-def approximate_nearest_others(x: np.ndarray, k: int, seed: int = 0, nprobe: int = NPROBE
+def approximate_nearest_others(x: np.ndarray, k: int, seed: int = 0,
+                               target_recall: float = TARGET_RECALL
                                ) -> tuple[np.ndarray, np.ndarray, dict]:
     """k nearest other rows of every row of `x` (N, D) through an IVF-Flat index over x
     -> (N, k) int64, (N, k) float32 (-1 / NaN where fewer were found), info (factory, nprobe,
-    recall@k measured against exact search on a sample, seconds)."""
+    recall@k against exact search on a sample, seconds). nprobe is the first of NPROBES whose
+    recall@k on the sample reaches `target_recall`, or the one before the first doubling that
+    gains less than MIN_GAIN (the largest tried when neither happens)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = len(x)
     t0 = time.time()
@@ -69,19 +81,43 @@ def approximate_nearest_others(x: np.ndarray, k: int, seed: int = 0, nprobe: int
     train_rows = np.sort(rng.choice(n, size=min(n, MIN_POINTS_PER_CENTROID * nlist),
                                     replace=False))
     index = train_index(factory, x[train_rows])
+    if "HNSW" in factory:     # the graph over the centroids, searched wide enough at add time
+        faiss.ParameterSpace().set_index_parameter(index, "quantizer_efSearch", QUANTIZER_EF)
     index.add(x)
-    faiss.extract_index_ivf(index).nprobe = min(nprobe, nlist)
+    ivf = faiss.extract_index_ivf(index)
+    sample = np.sort(rng.choice(n, size=min(n, RECALL_SAMPLE), replace=False))
+    truth, _ = exact_nearest_others(x, k, queries=sample)
+
+    def search(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        s, found = index.search(x[rows], k + 1)
+        return _drop_self(found, s, rows, k)
+
+    def recall(found: np.ndarray) -> float:
+        return sum(len(np.intersect1d(a, b)) for a, b in zip(found, truth)) / (k * len(sample))
+
+    tried: dict[int, float] = {}
+    for nprobe in [p for p in NPROBES if p <= nlist] or [nlist]:
+        ivf.nprobe = nprobe
+        if "HNSW" in factory:
+            faiss.ParameterSpace().set_index_parameter(index, "quantizer_efSearch",
+                                                       max(QUANTIZER_EF, nprobe))
+        tried[nprobe] = round(recall(search(sample)[0]), 4)
+        if tried[nprobe] >= target_recall:
+            break
+        if len(tried) > 1 and tried[nprobe] - list(tried.values())[-2] < MIN_GAIN:
+            ivf.nprobe = list(tried)[-2]    # a plateau: more lists buy no more neighbours
+            if "HNSW" in factory:
+                faiss.ParameterSpace().set_index_parameter(index, "quantizer_efSearch",
+                                                           max(QUANTIZER_EF, ivf.nprobe))
+            break
     nn = np.empty((n, k), np.int64)
     sims = np.empty((n, k), np.float32)
     for start in range(0, n, BLOCK):
         r = np.arange(start, min(n, start + BLOCK))
-        s, found = index.search(x[r], k + 1)
-        nn[r], sims[r] = _drop_self(found, s, r, k)
-    sample = np.sort(rng.choice(n, size=min(n, RECALL_SAMPLE), replace=False))
-    truth, _ = exact_nearest_others(x, k, queries=sample)
-    hits = sum(len(np.intersect1d(a, b)) for a, b in zip(nn[sample], truth))
-    info = {"knn": "ivf", "factory": factory, "nprobe": int(min(nprobe, nlist)),
-            f"recall@{k}": round(hits / (k * len(sample)), 4), "recall_sample": len(sample),
+        nn[r], sims[r] = search(r)
+    info = {"knn": "ivf", "factory": factory, "nprobe": int(ivf.nprobe),
+            f"recall@{k}": round(recall(nn[sample]), 4), "recall_sample": len(sample),
+            "recall_by_nprobe": {str(p): r for p, r in tried.items()},
             "knn_seconds": round(time.time() - t0, 3)}
     return nn, sims, info
 
@@ -98,6 +134,10 @@ def nearest_others(x: np.ndarray, k: int, exact_max: int = EXACT_MAX, seed: int 
         nn, sims = exact_nearest_others(x, k)
         return nn, sims, {"knn": "exact", "knn_seconds": round(time.time() - t0, 3)}
     nn, sims, info = approximate_nearest_others(x, k, seed=seed)
+    if info[f"recall@{k}"] < TARGET_RECALL:
+        log.warning("dba: the approximate %d-NN reached recall@%d %.3f (below %.2f) at nprobe "
+                    "%d; the augmentation uses fewer true neighbours", k, k,
+                    info[f"recall@{k}"], TARGET_RECALL, info["nprobe"])
     log.info("dba: approximate %d-NN of %d vectors (%s, nprobe %d): recall@%d %.3f on %d rows "
              "against exact search", k, len(x), info["factory"], info["nprobe"], k,
              info[f"recall@{k}"], info["recall_sample"])
