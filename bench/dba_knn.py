@@ -44,7 +44,8 @@ def main(argv=None) -> list[dict]:
 
     import faiss
 
-    from index_builder.knn import approximate_nearest_others, exact_nearest_others
+    from index_builder.knn import (approximate_nearest_others, exact_nearest_others,
+                                   neighbour_recall)
     from index_builder.synthetic import clustered_vectors
 
     runs = [(int(s), True) for s in args.sizes.split(",") if s.strip()]
@@ -65,10 +66,9 @@ def main(argv=None) -> list[dict]:
             t = time.time()
             truth, _ = exact_nearest_others(x, args.k)
             t_exact = time.time() - t
-            hits = sum(len(np.intersect1d(a, b)) for a, b in zip(nn, truth))
             r.update(exact_seconds=round(t_exact, 2),
                      exact_over_approx=round(t_exact / t_approx, 2),
-                     recall_all_rows=round(hits / (args.k * n), 4))
+                     recall_all_rows=round(neighbour_recall(nn, truth), 4))
         r.update(load_avg_1m=[round(load0, 2), round(os.getloadavg()[0], 2)],
                  peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                                     2),

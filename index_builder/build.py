@@ -116,19 +116,22 @@ def _write_json(path: str, obj) -> None:
 
 
 def augment_collection(store: str, folder: str, k: int, alpha: float = DEFAULT_QE_ALPHA,
-                       seed: int = 0) -> dict:
+                       seed: int = 0, shards: list[LiveShard] | None = None) -> dict:
     """DBA before indexing: every live vector of `store` replaced by
     rerank.augment_with_neighbours over its `k` nearest other vectors (index_builder.knn:
     exact up to knn.EXACT_MAX vectors, IVF-Flat above, its recall measured), weights
     score ** alpha, written to the folder as a table (DBA_IDS, DBA_VECTORS, DBA_JSON) that train,
     add and merge read in place of the embedding shards' vectors. The N x D vectors are held in
-    memory (twice, and once more in the approximate search's index). -> the table's info"""
+    memory (twice, and once more in the approximate search's index). `shards`: the store's
+    live shards when the caller has planned them already. -> the table's info (the k-NN
+    search's own under "knn")"""
     from index_builder.knn import nearest_others
     from index_builder.rerank import augment_with_neighbours
 
     folder = _local(folder)
     t0 = time.time()
-    shards, _ = plan_live_shards(list_runs(store))
+    if shards is None:
+        shards, _ = plan_live_shards(list_runs(store))
     parts = list(_live_batches(shards))
     ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
     X = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, 1), np.float32)
@@ -141,7 +144,7 @@ def augment_collection(store: str, folder: str, k: int, alpha: float = DEFAULT_Q
     for name, arr in ((DBA_IDS, ids[order]), (DBA_VECTORS, Xa)):
         with atomic_path(os.path.join(folder, name)) as tmp, open(tmp, "wb") as f:
             np.save(f, arr)
-    info = {"k": int(k), "alpha": float(alpha), "vectors": int(len(ids)), **knn,
+    info = {"k": int(k), "alpha": float(alpha), "vectors": int(len(ids)), "knn": knn,
             "seconds": round(time.time() - t0, 3)}
     _write_json(os.path.join(folder, DBA_JSON), info)
     log.info(f"dba: {len(ids)} vectors augmented with their {k} nearest others "
@@ -307,17 +310,20 @@ def _coarse_training(index: faiss.Index) -> str | None:
 def train_step(store: str, folder: str, factory: str | None = None,
                max_index_memory: str | int = "4GB", train_sample: int | None = None,
                points_per_centroid: int = 50, seed: int = 0, opq: bool = False,
-               layout: str | None = None, code_bytes: int = DEFAULT_CODE_BYTES) -> dict:
+               layout: str | None = None, code_bytes: int = DEFAULT_CODE_BYTES,
+               plan: TrainingPlan | None = None) -> dict:
     """Choose (or take) the factory, sample the collection uniformly at random across all
     shards (streamed), train, write trained.faiss + train.json. Existing index shards of an
     earlier training are dropped from state.json: re-add them with add_step.
 
     Everything that can be refused (the folder, the budget, the factory, too few vectors to
-    train it, a `layout` it cannot take) is refused before anything is sampled or written."""
+    train it, a `layout` it cannot take) is refused before anything is sampled or written.
+    `plan`: plan_training's result for these arguments, when the caller has made it already."""
     folder = _local(folder, create=False)
     started = time.time()
-    plan = plan_training(store, factory, max_index_memory, train_sample, points_per_centroid,
-                         seed, opq, layout, code_bytes)
+    if plan is None:
+        plan = plan_training(store, factory, max_index_memory, train_sample,
+                             points_per_centroid, seed, opq, layout, code_bytes)
     if os.path.exists(os.path.join(folder, MANIFEST_NAME)):
         log.info(f"train: {folder} holds an index; training anew (it is replaced at the merge)")
     folder = _local(folder)
@@ -512,9 +518,7 @@ def merge_step(folder: str, layout: str = "single", target_recall: float = 0.95,
     if table is not None:     # the stored vectors are DBA'd (`remap index --dba K`)
         manifest["rerank"].update({"dba": table[0]["k"], "dba_alpha": table[0]["alpha"],
                                    "dba_vectors": table[0]["vectors"],
-                                   "dba_knn": {k: v for k, v in table[0].items()
-                                               if k.startswith(("knn", "recall", "factory",
-                                                                "nprobe"))}})
+                                   "dba_knn": table[0].get("knn")})
     if shared:
         manifest["quantizer_file"] = shared
     index = read_faiss_index(folder, manifest, folder)
@@ -669,16 +673,18 @@ def build_index(store: str, output: str, factory: str | None = None,
     if dba is not None and dba < 0:
         raise ValueError(f"dba must be >= 0 (0: no database-side augmentation), got {dba}")
     try:
-        if dba is None or dba:    # refusals (factory, budget, layout) before the DBA table
-            plan = plan_training(store, factory, max_index_memory, train_sample, seed=seed,
-                                 opq=opq, layout=layout, code_bytes=code_bytes)
-            dba = default_dba(plan.n, plan.dim) if dba is None else dba
+        # planned once, so that every refusal (factory, budget, layout) comes before the DBA
+        # table is written or removed
+        plan = plan_training(store, factory, max_index_memory, train_sample, seed=seed, opq=opq,
+                             layout=layout, code_bytes=code_bytes)
+        if dba is None:
+            dba = default_dba(plan.n, plan.dim)
         if dba:
-            augment_collection(store, folder, dba, seed=seed)
+            augment_collection(store, folder, dba, seed=seed, shards=plan.shards)
         elif os.path.isdir(folder):
             remove_augmentation(folder)
         train_step(store, folder, factory, max_index_memory, train_sample, seed=seed, opq=opq,
-                   layout=layout, code_bytes=code_bytes)
+                   layout=layout, code_bytes=code_bytes, plan=plan)
         add_step(store, folder, workers, add_memory, seed=seed, progress=progress)
         return merge_step(folder, layout, target_recall, recall_queries=recall_queries,
                           seed=seed, source_store=store, started=started, qe=qe, refine=refine)

@@ -49,6 +49,11 @@ def _drop_self(found: np.ndarray, sims: np.ndarray, rows: np.ndarray, k: int
     return nn.astype(np.int64), s
 
 
+def neighbour_recall(found: np.ndarray, truth: np.ndarray) -> float:
+    """Share of the true neighbours found: found, truth (Q, k) row indices -> recall@k."""
+    return sum(len(np.intersect1d(a, b)) for a, b in zip(found, truth)) / max(truth.size, 1)
+
+
 def exact_nearest_others(x: np.ndarray, k: int, queries: np.ndarray | None = None
                          ) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest other rows of `x` (N, D) by inner product, for the rows `queries`
@@ -81,10 +86,18 @@ def approximate_nearest_others(x: np.ndarray, k: int, seed: int = 0,
     train_rows = np.sort(rng.choice(n, size=min(n, MIN_POINTS_PER_CENTROID * nlist),
                                     replace=False))
     index = train_index(factory, x[train_rows])
-    if "HNSW" in factory:     # the graph over the centroids, searched wide enough at add time
-        faiss.ParameterSpace().set_index_parameter(index, "quantizer_efSearch", QUANTIZER_EF)
-    index.add(x)
     ivf = faiss.extract_index_ivf(index)
+
+    def probe(nprobe: int) -> None:
+        """Probe nprobe lists; the HNSW graph over the centroids (if any) is searched at least
+        QUANTIZER_EF wide, when vectors are assigned as when lists are chosen."""
+        ivf.nprobe = nprobe
+        if "HNSW" in factory:
+            faiss.ParameterSpace().set_index_parameter(index, "quantizer_efSearch",
+                                                       max(QUANTIZER_EF, nprobe))
+
+    probe(NPROBES[0])
+    index.add(x)
     sample = np.sort(rng.choice(n, size=min(n, RECALL_SAMPLE), replace=False))
     truth, _ = exact_nearest_others(x, k, queries=sample)
 
@@ -92,23 +105,14 @@ def approximate_nearest_others(x: np.ndarray, k: int, seed: int = 0,
         s, found = index.search(x[rows], k + 1)
         return _drop_self(found, s, rows, k)
 
-    def recall(found: np.ndarray) -> float:
-        return sum(len(np.intersect1d(a, b)) for a, b in zip(found, truth)) / (k * len(sample))
-
     tried: dict[int, float] = {}
     for nprobe in [p for p in NPROBES if p <= nlist] or [nlist]:
-        ivf.nprobe = nprobe
-        if "HNSW" in factory:
-            faiss.ParameterSpace().set_index_parameter(index, "quantizer_efSearch",
-                                                       max(QUANTIZER_EF, nprobe))
-        tried[nprobe] = round(recall(search(sample)[0]), 4)
+        probe(nprobe)
+        tried[nprobe] = round(neighbour_recall(search(sample)[0], truth), 4)
         if tried[nprobe] >= target_recall:
             break
         if len(tried) > 1 and tried[nprobe] - list(tried.values())[-2] < MIN_GAIN:
-            ivf.nprobe = list(tried)[-2]    # a plateau: more lists buy no more neighbours
-            if "HNSW" in factory:
-                faiss.ParameterSpace().set_index_parameter(index, "quantizer_efSearch",
-                                                           max(QUANTIZER_EF, ivf.nprobe))
+            probe(list(tried)[-2])    # a plateau: more lists buy no more neighbours
             break
     nn = np.empty((n, k), np.int64)
     sims = np.empty((n, k), np.float32)
@@ -116,7 +120,8 @@ def approximate_nearest_others(x: np.ndarray, k: int, seed: int = 0,
         r = np.arange(start, min(n, start + BLOCK))
         nn[r], sims[r] = search(r)
     info = {"knn": "ivf", "factory": factory, "nprobe": int(ivf.nprobe),
-            f"recall@{k}": round(recall(nn[sample]), 4), "recall_sample": len(sample),
+            f"recall@{k}": round(neighbour_recall(nn[sample], truth), 4),
+            "recall_sample": len(sample),
             "recall_by_nprobe": {str(p): r for p, r in tried.items()},
             "knn_seconds": round(time.time() - t0, 3)}
     return nn, sims, info

@@ -100,13 +100,12 @@ def database_augmentation(vectors: np.ndarray, k: int = 2, alpha: float = 3.0,
     if k < 1 or len(x) < 2:
         return x
     k = min(k, len(x) - 1)
-    out = np.empty_like(x)
+    nn = np.empty((len(x), k), np.int64)
+    nn_s = np.empty((len(x), k), np.float32)
     for start in range(0, len(x), batch):
-        block = x[start:start + batch]
-        sims = block @ x.T
-        rows = np.arange(len(block))
+        sims = x[start:start + batch] @ x.T
+        rows = np.arange(len(sims))
         sims[rows, start + rows] = -np.inf          # not itself
-        nn = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        nn_s = np.take_along_axis(sims, nn, axis=1)
-        out[start:start + batch] = weighted_expansion(block, x[nn], nn_s, alpha)
-    return out
+        nn[start:start + batch] = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        nn_s[start:start + batch] = np.take_along_axis(sims, nn[start:start + batch], axis=1)
+    return augment_with_neighbours(x, nn, nn_s, alpha)
