@@ -82,6 +82,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    f"regions (default {_D.whole_map_weight:g}: the grid regions outvote the "
                    "whole map under clutter; see MODEL.md); a negative K keeps the trained "
                    "weight")
+    m.add_argument("--whole-map-at-init", action="store_true",
+                   help="REMAP: also weigh the whole-map region --whole-map-weight x the grid's "
+                   "mean right after the KLW initialisation, so that training sees the final "
+                   "weighting (default: only the final model gets it)")
     f.add_argument("--final-whiten", choices=FINAL_WHITENINGS, default=_D.final_whiten,
                    help="refit the whitening on the trained model's descriptors of the training "
                    "images: pca (default), learned, or keep the whitening as trained")

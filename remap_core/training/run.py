@@ -71,6 +71,8 @@ class TrainRun:
     layer_norm: bool = False              # L2 per layer before concatenation, learned layer weights
     klw_pairs: int = 400
     no_klw_init: bool = False
+    whole_map_at_init: bool = False       # REMAP: apply whole_map_weight to the initial KLW
+                                          # weights too, so that training sees the final weighting
     # the final model (model.pt), after the last epoch; see `finalise_model`
     whole_map_weight: float | None = WHOLE_MAP_WEIGHT   # REMAP: whole map x the grid's mean
     final_whiten: str = "pca"             # refit the whitening: "pca", "learned" or "keep"
@@ -288,6 +290,11 @@ def run_training(options: TrainRun) -> dict:
             raise ValueError(f"{out} already holds a training run (last.pt); pass --resume to "
                              f"continue it or choose another --out")
         model = new_model(options, device)
+        if options.whole_map_at_init and (options.whole_map_weight is None
+                                          or model.config["head"] != "remap"
+                                          or not getattr(model.head, "include_global", False)):
+            raise ValueError("--whole-map-at-init needs a REMAP head with the whole-map region "
+                             "and a --whole-map-weight >= 0")
         opts = train_options(options)
         optimizer, start_epoch, history, scaler_state = None, 1, [], None
         record = _run_record(options, int(model.config["max_side"]))
@@ -362,6 +369,9 @@ def initialise_model(model, ts, options: TrainRun, caches: dict) -> None:
                            cache=caches.get(1.0))
         print(f"KLW initialised from {options.klw_pairs} matching / non-matching pairs: weights "
               f"{w.min():.3f}..{w.max():.3f} (layers x regions {w.shape[0]}x{w.shape[1]})")
+    if options.whole_map_at_init and _weigh_whole_map(model, options.whole_map_weight):
+        print(f"whole-map region weighed {options.whole_map_weight:g} x the grid's mean before "
+              f"training")
     if options.whiten != "none":
         _fit_whitening(model, ts, options, caches, options.whiten, options.whiten_dim, rng)
         print(f"{options.whiten} whitening initialised: {model.head.out_dim} -> {model.dim}")
@@ -379,17 +389,11 @@ def finalise_model(model, ts, options: TrainRun, caches: dict) -> dict:
     generalises better. And the KLW weights estimated and trained on generated views leave the
     grid regions outvoting the whole map under real clutter (bench/RESULTS.md).
     -> what was done, for the checkpoint and the log."""
-    from remap_core.fitting.klw import weigh_whole_map
-
     if options.final_whiten not in FINAL_WHITENINGS:
         raise ValueError(f"--final-whiten {options.final_whiten!r}: choose one of "
                          f"{', '.join(FINAL_WHITENINGS)}")
     done: dict = {}
-    head = model.head
-    if (options.whole_map_weight is not None and model.config["head"] == "remap"
-            and getattr(head, "include_global", False)):
-        w = weigh_whole_map(head.region_weights.detach().cpu().numpy(), options.whole_map_weight)
-        head.set_region_weights(w)
+    if _weigh_whole_map(model, options.whole_map_weight) is not None:
         done["whole_map_weight"] = options.whole_map_weight
     if options.final_whiten != "keep" and model.whiten is not None:
         model.eval()
@@ -397,6 +401,19 @@ def finalise_model(model, ts, options: TrainRun, caches: dict) -> dict:
                        np.random.default_rng([options.seed, 2025]))
         done["final_whitening"] = options.final_whiten
     return done
+
+
+def _weigh_whole_map(model, factor: float | None) -> float | None:
+    """REMAP heads with the whole-map region: its KLW weight set to `factor` x the grid's mean
+    (`klw.weigh_whole_map`), in place. -> factor, or None where it does not apply."""
+    from remap_core.fitting.klw import weigh_whole_map
+
+    head = model.head
+    if factor is None or model.config["head"] != "remap" or not getattr(head, "include_global",
+                                                                          False):
+        return None
+    head.set_region_weights(weigh_whole_map(head.region_weights.detach().cpu().numpy(), factor))
+    return factor
 
 
 def _fit_whitening(model, ts, options: TrainRun, caches: dict, kind: str, dim: int,

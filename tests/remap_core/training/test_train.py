@@ -288,6 +288,32 @@ def test_the_final_model_weighs_the_whole_map_and_refits_its_whitening(tmp_path)
     assert [r["epoch"] for r in log] == [1]                  # no epoch was trained again
 
 
+def test_whole_map_at_init_weighs_the_whole_map_before_training(tmp_path, capsys):
+    """--whole-map-at-init: init.pt (KLW from pairs, then the whole map x the grid's mean, then
+    the whitening fitted on that weighting) is what training starts from."""
+    from remap_cli import main
+
+    images, labels = _images(n_classes=4, per_class=3, seed=7)
+    _write_class_folders(tmp_path / "data", images, labels)
+    args = ["train", "--data", str(tmp_path / "data"), "--taps", "stage7,head", "--max-side",
+            "64", "--scales", "1", "--whiten-dim", "8", "--klw-pairs", "10", "--epochs", "1",
+            "--tuples", "2", "--batch", "2", "--negatives", "2", "--freeze", "15", "--no-val",
+            "--quiet", "--whole-map-weight", "5"]
+    assert main(args + ["--out", str(tmp_path / "a"), "--whole-map-at-init"]) == 0
+    assert "whole-map region weighed 5 x the grid's mean before training" in capsys.readouterr().out
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    w_at = load_model(str(tmp_path / "a" / "init.pt"), device="cpu").head.region_weights
+    w_kl = load_model(str(tmp_path / "b" / "init.pt"), device="cpu").head.region_weights
+    w_at, w_kl = w_at.detach().numpy(), w_kl.detach().numpy()
+    np.testing.assert_allclose(w_at[:, 1:], w_kl[:, 1:], rtol=1e-5)     # the same KL grid
+    np.testing.assert_allclose(w_at[:, 0], 5 * w_at[:, 1:].mean(axis=1), rtol=1e-4)
+    assert not np.allclose(w_at[:, 0], w_kl[:, 0], rtol=1e-3)
+    assert main(args + ["--out", str(tmp_path / "c"), "--whole-map-at-init", "--head", "gem",
+                        "--taps", "head"]) == 2
+    assert "--whole-map-at-init needs a REMAP head" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()                  # refused before anything was written
+
+
 def test_the_final_model_s_validation_record_loads_with_the_checkpoint(tmp_path, monkeypatch):
     """Validation returns numpy scalars; the final record stored in model.pt must still load
     (torch.load weights_only refuses numpy objects)."""
