@@ -25,6 +25,12 @@ uses them), drawn with the training view generator (`training_sets.compound_view
 nuisances chained, crops included) until there are `--train-vectors` of them (default 39 x 256:
 FAISS's minimum for a 256-centroid k-means without a warning, one per PQ sub-quantizer).
 
+`--rerank qe+dba` measures what `remap index` and `remap search` do by default: the database
+and the codebooks' training vectors are DBA'd (each vector averaged with its 2 nearest others,
+`rerank.database_augmentation`) before the codes are trained and added, and every query is
+expanded by alpha-QE over its top 2 results as the index decodes them (`merge.
+search_and_reconstruct`), then searched again. Float is then Flat with the same re-ranking.
+
 Prints a table and one JSON line ({"bench": "compression", ...}).
 """
 
@@ -73,6 +79,21 @@ def rank_with_index(index, queries: np.ndarray, n_database: int) -> np.ndarray:
     sign = -1.0 if index.metric_type == faiss.METRIC_INNER_PRODUCT else 1.0
     order = np.lexsort((ids, sign * scores), axis=1)
     return np.take_along_axis(ids, order, axis=1)
+
+
+def expand_queries(index, queries: np.ndarray, k: int, alpha: float) -> np.ndarray:
+    """alpha-QE as `remap search` does it: the top `k` results of a first search (IVF probing
+    every list), with the vectors the index decodes for them."""
+    import faiss
+
+    from index_builder.merge import search_and_reconstruct
+    from index_builder.rerank import alpha_query_expansion
+
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = ivf.nlist
+    scores, ids, vecs = search_and_reconstruct(index, np.ascontiguousarray(queries, np.float32), k)
+    return alpha_query_expansion(queries, vecs, np.where(ids == -1, np.nan, scores), k, alpha)
 
 
 def build_index(factory: str, train: np.ndarray, database: np.ndarray):
@@ -199,6 +220,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--nlist", type=int, default=32, help="IVF lists (all are probed)")
     ap.add_argument("--code-bytes", default=",".join(map(str, CODE_BYTES)),
                     help="bytes per image (PQ sub-quantizers), comma-separated")
+    ap.add_argument("--rerank", choices=("none", "qe+dba"), default="none",
+                    help="qe+dba: DBA'd database and training vectors, alpha-QE queries "
+                         "(the index and search defaults); none: the descriptors as embedded")
     ap.add_argument("--descriptor-cache", default=None,
                     help="keep the descriptors here, keyed by model and data (reruns skip "
                          "embedding)")
@@ -209,6 +233,7 @@ def main(argv=None) -> dict:
 
     from PIL import Image
 
+    from index_builder.build import DEFAULT_DBA, DEFAULT_QE, DEFAULT_QE_ALPHA
     from index_builder.train import MIN_POINTS_PER_CENTROID, PQ_CENTROIDS, quantization_error
     from remap_core.data.preprocess import resize_for_model
     from remap_core.descriptor.checkpoint import load_model
@@ -251,13 +276,20 @@ def main(argv=None) -> dict:
               f"{MIN_POINTS_PER_CENTROID} per list at most", file=sys.stderr)
 
     queries = db[bench.queries]
+    if args.rerank == "qe+dba":
+        from index_builder.rerank import database_augmentation
+
+        db = database_augmentation(db, DEFAULT_DBA, DEFAULT_QE_ALPHA)
+        train = database_augmentation(train, DEFAULT_DBA, DEFAULT_QE_ALPHA)
     rows: dict[str, dict] = {}
 
     def measure(name: str, kind: str, factory: str, code_bytes: int) -> None:
         t = time.time()
         index = build_index(factory, train, db)
         t_train = time.time() - t
-        ranks = rank_with_index(index, queries, len(db))
+        q = queries if args.rerank == "none" else expand_queries(index, queries, DEFAULT_QE,
+                                                                 DEFAULT_QE_ALPHA)
+        ranks = rank_with_index(index, q, len(db))
         r = score(None, bench, ranks=ranks)
         r.update(kind=kind, factory=factory, bytes=code_bytes,
                  reconstruction_error=quantization_error(index, db).get("reconstruction", 0.0),
@@ -267,7 +299,7 @@ def main(argv=None) -> dict:
 
     t2 = time.time()
     measure("float", "Flat", "Flat", 4 * dim)
-    numpy_map = score(db, bench)["mAP"]
+    numpy_map = score(db, bench)["mAP"] if args.rerank == "none" else None
     for m in sizes:
         for kind, factory in factories(dim, m, nlist).items():
             measure(f"{kind} {m} B", kind, factory, m)
@@ -288,6 +320,7 @@ def main(argv=None) -> dict:
     report = {
         "bench": "compression", "model": args.model or "default (load_model(None))",
         "fingerprint": model.fingerprint, "dim": dim, "nlist": nlist, "nprobe": nlist,
+        "rerank": args.rerank,
         "eval": bench.summary(), "eval_photos": bench.photos, "training": train_info,
         "code_bytes": sizes, "code_bytes_skipped_not_dividing_dim": skipped,
         "goal": f"mAP >= {GOAL_FRACTION:.0%} of float at {GOAL_BYTES} B", "goal_by_kind": goal,
