@@ -31,14 +31,41 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def region_vectors(model, arrays, batch_size=16):
-    """Per scale, image and tapped layer: the head's L2-normalised region vectors (R, C) and
-    their canonical region index (`REMAPHead.region_vectors`). -> (regions, index) object
-    arrays (S, N, L)."""
+def gem_region_pool(p: float):
+    """A stand-in for `pooling.region_max_pool` that pools every region (and the whole map) by
+    generalised mean with exponent p instead of max (p -> infinity is max)."""
     import torch
 
+    from remap_core.descriptor.regions import region_grid
+
+    def pool(x, levels=3, include_global=False):
+        grid = region_grid(int(x.shape[-2]), int(x.shape[-1]), levels)
+        xp = x.clamp(min=1e-6).pow(p)
+        pooled = [xp[..., y:y + h, c:c + w].mean(dim=(-2, -1)).pow(1 / p)
+                  for (y, c, h, w) in grid]
+        if include_global or not pooled:
+            pooled.insert(0, xp.mean(dim=(-2, -1)).pow(1 / p))
+        return torch.stack(pooled, dim=1)
+
+    return pool
+
+
+def region_vectors(model, arrays, batch_size=16, gem_p=None):
+    """Per scale, image and tapped layer: the head's L2-normalised region vectors (R, C) and
+    their canonical region index (`REMAPHead.region_vectors`); `gem_p`: regions pooled by
+    generalised mean instead of max. -> (regions, index) object arrays (S, N, L)."""
+    import torch
+
+    from remap_core.descriptor import pooling
     from remap_core.descriptor.batching import shape_batches
     from remap_core.descriptor.pooling import resize_batch
+
+    if gem_p is not None:
+        max_pool, pooling.region_max_pool = pooling.region_max_pool, gem_region_pool(gem_p)
+        try:
+            return region_vectors(model, arrays, batch_size)
+        finally:
+            pooling.region_max_pool = max_pool
 
     scales = model.config["scales"]
     n_layers = model.head.n_layers
@@ -93,6 +120,9 @@ def main(argv=None):
     ap.add_argument("--min-side", type=int, default=300)
     ap.add_argument("--weights", type=float, nargs="+", default=[1, 3, 10, 30, 100, 1000],
                     help="whole-map weights to try, x the grid regions' mean")
+    ap.add_argument("--gem-p", type=float, default=None,
+                    help="pool the regions by generalised mean with this exponent instead of max "
+                         "(a departure from REMAP, measured against it)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--output", help="also write the JSON lines here")
     args = ap.parse_args(argv)
@@ -128,7 +158,7 @@ def main(argv=None):
     stored = {}
     for name, arrays in sets.items():
         t = time.time()
-        stored[name] = region_vectors(model, arrays)
+        stored[name] = region_vectors(model, arrays, gem_p=args.gem_p)
         print(f"{name}: {len(arrays)} images in {time.time() - t:.0f}s", file=sys.stderr)
     queries = [i for i, k in enumerate(kind) if k is not None]
     q_kind, q_family = np.array([kind[i] for i in queries]), family[queries]
@@ -149,6 +179,7 @@ def main(argv=None):
         rb = score(describe(pooled["bench"], mean, proj), bench)
         aps = H.score(describe(pooled["heldout"], mean, proj), family, kind)
         line = {"variant": name, "whole_map_weight": factor, "whitening": whitening,
+                "region_pooling": "max" if args.gem_p is None else f"gem p={args.gem_p:g}",
                 "bench_map": round(100 * rb["mAP"], 2),
                 "bench": {k: round(100 * v, 2) for k, v in rb["per_nuisance"].items()},
                 "heldout_map": round(100 * float(aps.mean()), 2),

@@ -43,3 +43,25 @@ def test_stored_regions_re_aggregate_to_the_model_s_own_descriptors():
         scale = np.concatenate([np.full(r.shape[1], w10[l, 0] - w[l, 0])
                                 for l, r in enumerate(regs[0, 0])])
         np.testing.assert_allclose(diff[0], whole * scale, rtol=1e-4, atol=1e-5)
+
+
+def test_gem_regions_pool_each_region_by_its_generalised_mean_and_leave_max_in_place():
+    from remap_core.descriptor import pooling
+    from remap_core.descriptor.checkpoint import load_model
+    from remap_core.descriptor.regions import region_grid
+
+    model = load_model("remap-lite0-v1", device="cpu").float().eval()
+    arrays = [np.random.default_rng(1).integers(0, 255, (128, 160, 3), dtype=np.uint8)]
+    max_pool = pooling.region_max_pool
+    regs, idx = region_aggregation.region_vectors(model, arrays, gem_p=3.0)
+    assert pooling.region_max_pool is max_pool                   # restored
+    max_regs, max_idx = region_aggregation.region_vectors(model, arrays)
+    assert [list(i) for i in idx[0, 0]] == [list(i) for i in max_idx[0, 0]]
+    with torch.no_grad():
+        feats = model.features(torch.from_numpy(arrays[0]).permute(2, 0, 1)[None].float())
+    f = feats[-1][0].clamp(min=1e-6).double()
+    y, x, h, w = region_grid(int(f.shape[-2]), int(f.shape[-1]), model.head.levels)[0]
+    want = f[:, y:y + h, x:x + w].pow(3).mean(dim=(-2, -1)).pow(1 / 3).numpy()
+    got = regs[0, 0, -1][1]                                      # region 0 of the grid
+    np.testing.assert_allclose(got, want / np.linalg.norm(want), rtol=1e-3, atol=1e-5)
+    assert not np.allclose(got, max_regs[0, 0, -1][1], atol=1e-3)
