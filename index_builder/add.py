@@ -31,6 +31,7 @@ from remap_store.files import atomic_path
 from remap_store.schema import PARQUET_CODEC
 
 from index_builder.embeddings import iter_shard_batches
+from index_builder.train import widen_assignment
 
 
 @dataclass
@@ -135,6 +136,7 @@ def add_shard(trained: faiss.Index, job: AddJob, batch_rows: int = 65_536) -> Ad
     """Add one embedding shard to a copy of `trained` and write the index shard + its id table."""
     started = time.time()
     index = faiss.clone_index(trained)
+    widen_assignment(index)
     all_ids, all_uris, skipped = [], [], 0
     drop = np.asarray(job.drop, np.int64)
     with_drop = len(drop) > 0

@@ -80,6 +80,24 @@ def ivf_part(k: int) -> str:
     return f"IVF{k}" if k < 1000 else f"IVF{k}_HNSW32"
 
 
+# efSearch of the HNSW graph over the IVF centroids while vectors are added: a vector goes to
+# the list of the centroid this search finds. FAISS's default (16) put 3.8-4.3 % of 1M vectors in
+# another list than their nearest centroid's (4,096 and 16,384 lists), which capped recall@10 at
+# 0.974-0.976 at nprobe 16; 64 leaves 0.08-0.2 % (recall@10 0.997-0.998) for 3.1-3.4x the
+# assignment time, 128 nearly none for 5-6x (bench/RESULTS.md, "Assigning vectors to lists")
+ASSIGN_EF = 64
+
+
+def widen_assignment(index: faiss.Index, ef: int = ASSIGN_EF) -> None:
+    """Search the HNSW graph over an IVF index's centroids (if it has one) at least `ef` wide,
+    as vectors are assigned to their lists when they are added. Search time sets its own width
+    (`quantizer_efSearch`, tuned with nprobe)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    quantizer = None if ivf is None else faiss.downcast_index(ivf.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        quantizer.hnsw.efSearch = max(int(quantizer.hnsw.efSearch), int(ef))
+
+
 def coarse_bytes(k: int, dim: int) -> int:
     """Memory of k coarse centroids of dim float32, with the HNSW32 graph over them when
     ivf_part uses one."""

@@ -137,3 +137,43 @@ def test_the_ondisk_merge_holds_one_shard_in_memory_at_a_time(tmp_path):
     D, I = index.search(xq, 5)
     exact = np.argsort(-(xq @ X.T), axis=1)[:, :5]
     np.testing.assert_array_equal(I, exact)
+
+
+def test_added_vectors_go_to_the_list_of_their_nearest_centroid(tmp_path):
+    """From 1,000 lists on the centroids sit under an HNSW graph; add_shard searches it wide
+    (train.ASSIGN_EF), where FAISS's default efSearch 16 puts some vectors in another list,
+    which no search then finds unless it probes that list too."""
+    import glob
+
+    from index_builder.add import AddJob, add_shard
+    from index_builder.train import train_index
+
+    n, dim, nlist = 40_000, 256, 1024
+    X = clustered_vectors(n, dim, clusters=2000, seed=5)
+    uris = synthetic_uris(n)
+    run = write_run(str(tmp_path / "store"), "20260101T000000Z-bbbbbb", uris, X, shards=1)
+    trained = train_index(f"IVF{nlist}_HNSW32,Flat", X)
+    ivf = faiss.extract_index_ivf(trained)
+    assert faiss.downcast_index(ivf.quantizer).hnsw.efSearch == 16   # FAISS's default
+    centroids = faiss.downcast_index(ivf.quantizer).storage.reconstruct_n(0, nlist)
+    nearest = np.argmax(X @ centroids.T, axis=1)
+    ids = stable_ids(uris)
+
+    def lists_of(index):
+        got = {}
+        inv = faiss.extract_index_ivf(index).invlists
+        for lst in range(nlist):
+            for i in faiss.rev_swig_ptr(inv.get_ids(lst), inv.list_size(lst)):
+                got[int(i)] = lst
+        return np.array([got[int(i)] for i in ids])
+
+    shard = glob.glob(os.path.join(run, "*.parquet"))
+    shard = [s for s in shard if "tomb" not in os.path.basename(s)]
+    out = str(tmp_path / "s0.faiss")
+    result = add_shard(trained, AddJob(shard[0], out))
+    assert result.vectors == n
+    widened = lists_of(read_index_shard(out, trained))
+    default = faiss.clone_index(trained)
+    default.add_with_ids(X, ids)
+    assert (widened == nearest).mean() == 1.0
+    assert (widened == nearest).mean() >= (lists_of(default) == nearest).mean()
