@@ -83,7 +83,7 @@ def ivf_part(k: int) -> str:
 # efSearch of the HNSW graph over the IVF centroids while vectors are added: a vector goes to
 # the list of the centroid this search finds. FAISS's default (16) put 3.8-4.3 % of 1M vectors in
 # another list than their nearest centroid's (4,096 and 16,384 lists), which capped recall@10 at
-# 0.974-0.976 at nprobe 16; 64 leaves 0.08-0.2 % (recall@10 0.997-0.998) for 3.1-3.4x the
+# 0.974-0.976 at nprobe 16; 64 leaves 0.08-0.21 % (recall@10 0.997-0.998) for 3.1-3.4x the
 # assignment time, 128 nearly none for 5-6x (bench/RESULTS.md, "Assigning vectors to lists")
 ASSIGN_EF = 64
 
