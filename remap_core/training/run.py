@@ -369,7 +369,7 @@ def initialise_model(model, ts, options: TrainRun, caches: dict) -> None:
                            cache=caches.get(1.0))
         print(f"KLW initialised from {options.klw_pairs} matching / non-matching pairs: weights "
               f"{w.min():.3f}..{w.max():.3f} (layers x regions {w.shape[0]}x{w.shape[1]})")
-    if options.whole_map_at_init and _weigh_whole_map(model, options.whole_map_weight):
+    if options.whole_map_at_init and _weigh_whole_map(model, options.whole_map_weight) is not None:
         print(f"whole-map region weighed {options.whole_map_weight:g} x the grid's mean before "
               f"training")
     if options.whiten != "none":
