@@ -34,18 +34,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 def gem_region_pool(p: float):
     """A stand-in for `pooling.region_max_pool` that pools every region (and the whole map) by
     generalised mean with exponent p instead of max (p -> infinity is max)."""
-    import torch
-
-    from remap_core.descriptor.regions import region_grid
+    from remap_core.descriptor import pooling
 
     def pool(x, levels=3, include_global=False):
-        grid = region_grid(int(x.shape[-2]), int(x.shape[-1]), levels)
-        xp = x.clamp(min=1e-6).pow(p)
-        pooled = [xp[..., y:y + h, c:c + w].mean(dim=(-2, -1)).pow(1 / p)
-                  for (y, c, h, w) in grid]
-        if include_global or not pooled:
-            pooled.insert(0, xp.mean(dim=(-2, -1)).pow(1 / p))
-        return torch.stack(pooled, dim=1)
+        return pooling.region_pool(x, levels, include_global, lambda r: pooling.gem(r, p))
 
     return pool
 

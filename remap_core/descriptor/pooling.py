@@ -30,17 +30,25 @@ def gem(x: torch.Tensor, p: torch.Tensor | float = 3.0, eps: float = EPS) -> tor
     return x.clamp(min=eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
 
 
-def region_max_pool(x: torch.Tensor, levels: int = 3, include_global: bool = False) -> torch.Tensor:
-    """Max-pool every region of the R-MAC grid: (B, C, H, W) -> (B, R, C).
+def region_pool(x: torch.Tensor, levels: int = 3, include_global: bool = False,
+                pool=mac) -> torch.Tensor:
+    """Pool every region of the R-MAC grid with `pool` ((B, C, h, w) -> (B, C)):
+    (B, C, H, W) -> (B, R, C).
 
     With `include_global` the whole map is region 0 (as in R-MAC); otherwise only the grid.
     """
     h, w = x.shape[-2:]
     grid = region_grid(int(h), int(w), levels)
-    pooled = [x[..., y:y + rh, xx:xx + rw].amax(dim=(-2, -1)) for (y, xx, rh, rw) in grid]
+    pooled = [pool(x[..., y:y + rh, xx:xx + rw]) for (y, xx, rh, rw) in grid]
     if include_global or not pooled:
-        pooled.insert(0, mac(x))
+        pooled.insert(0, pool(x))
     return torch.stack(pooled, dim=1)
+
+
+def region_max_pool(x: torch.Tensor, levels: int = 3, include_global: bool = False) -> torch.Tensor:
+    """Max-pool every region of the R-MAC grid (REMAP's and R-MAC's regional pooling):
+    (B, C, H, W) -> (B, R, C)."""
+    return region_pool(x, levels, include_global, mac)
 
 
 def weighted_region_sum(regions: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
