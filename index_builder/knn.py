@@ -20,7 +20,8 @@ import time
 import faiss
 import numpy as np
 
-from index_builder.train import MIN_POINTS_PER_CENTROID, ivf_part, nlist_for, train_index
+from index_builder.train import (MIN_POINTS_PER_CENTROID, hnsw_quantizer, ivf_part, nlist_for,
+                                 train_index)
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +87,14 @@ def approximate_nearest_others(x: np.ndarray, k: int, seed: int = 0,
     train_rows = np.sort(rng.choice(n, size=min(n, MIN_POINTS_PER_CENTROID * nlist),
                                     replace=False))
     index = train_index(factory, x[train_rows])
-    ivf = faiss.extract_index_ivf(index)
+    ivf, graph = faiss.extract_index_ivf(index), hnsw_quantizer(index)
 
     def probe(nprobe: int) -> None:
         """Probe nprobe lists; the HNSW graph over the centroids (if any) is searched at least
         QUANTIZER_EF wide, when vectors are assigned as when lists are chosen."""
         ivf.nprobe = nprobe
-        if "HNSW" in factory:
-            faiss.ParameterSpace().set_index_parameter(index, "quantizer_efSearch",
-                                                       max(QUANTIZER_EF, nprobe))
+        if graph is not None:
+            graph.hnsw.efSearch = max(QUANTIZER_EF, nprobe)
 
     probe(NPROBES[0])
     index.add(x)

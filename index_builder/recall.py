@@ -18,6 +18,8 @@ import faiss
 import numpy as np
 from faiss import ResultHeap
 
+from index_builder.train import hnsw_quantizer
+
 KS = (1, 10, 100)
 MAX_NPROBE = 2048  # beyond this an IVF scans most of the collection: pick another index
 
@@ -91,12 +93,12 @@ def parameter_grid(index: faiss.Index) -> list[dict]:
     quantizer's efSearch at 2 x nprobe) or efSearch (HNSW); [{}] for exact indexes."""
     ivf = faiss.try_extract_index_ivf(_first_part(index))
     if ivf is not None:
-        hnsw_quantizer = isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW)
+        graph = hnsw_quantizer(ivf) is not None
         grid = []
         p = 1
         while p <= min(ivf.nlist, MAX_NPROBE):
             grid.append({"nprobe": p, **({"quantizer_efSearch": max(64, 2 * p)}
-                                         if hnsw_quantizer else {})})
+                                         if graph else {})})
             p *= 2
         return grid
     if _hnsw(_first_part(index)) is not None:

@@ -33,6 +33,7 @@ from index_builder.cache import cached_index
 from index_builder.id_map import IdMap
 from index_builder.manifest import MANIFEST_NAME, read_manifest, reader_files, verify_files
 from index_builder.refine import RefinedIndex, open_refine_vectors, unwrap
+from index_builder.train import hnsw_quantizer
 from index_builder.merge import (ShardedIndex, merge_in_memory, read_ondisk, set_search_params,
                                  sharded_index)
 from remap_store.files import join_url
@@ -422,8 +423,8 @@ def search_parameters(index, selector) -> tuple:
         params = faiss.SearchParametersIVF()
         params.nprobe = ivf.nprobe
         params.max_codes = ivf.max_codes
-        quantizer = faiss.downcast_index(ivf.quantizer)
-        if isinstance(quantizer, faiss.IndexHNSW):
+        quantizer = hnsw_quantizer(ivf)
+        if quantizer is not None:
             qp = faiss.SearchParametersHNSW()
             qp.efSearch = quantizer.hnsw.efSearch
             params.quantizer_params = qp

@@ -88,13 +88,20 @@ def ivf_part(k: int) -> str:
 ASSIGN_EF = 64
 
 
+def hnsw_quantizer(index: faiss.Index) -> faiss.IndexHNSW | None:
+    """The HNSW graph over an IVF index's centroids (`ivf_part`'s, from 1,000 lists on), or
+    None (not IVF, or a flat coarse quantizer)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    quantizer = None if ivf is None else faiss.downcast_index(ivf.quantizer)
+    return quantizer if isinstance(quantizer, faiss.IndexHNSW) else None
+
+
 def widen_assignment(index: faiss.Index, ef: int = ASSIGN_EF) -> None:
     """Search the HNSW graph over an IVF index's centroids (if it has one) at least `ef` wide,
     as vectors are assigned to their lists when they are added. Search time sets its own width
     (`quantizer_efSearch`, tuned with nprobe)."""
-    ivf = faiss.try_extract_index_ivf(index)
-    quantizer = None if ivf is None else faiss.downcast_index(ivf.quantizer)
-    if isinstance(quantizer, faiss.IndexHNSW):
+    quantizer = hnsw_quantizer(index)
+    if quantizer is not None:
         quantizer.hnsw.efSearch = max(int(quantizer.hnsw.efSearch), int(ef))
 
 
