@@ -62,6 +62,15 @@ TRAIN_VECTORS = 39 * 256
 
 # --------------------------------------------------------------------------- ranking by an index
 
+def probe_every_list(index) -> None:
+    """An IVF index (also behind OPQ) probes all its lists, so that only the codes rank."""
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = ivf.nlist
+
+
 def rank_with_index(index, queries: np.ndarray, n_database: int) -> np.ndarray:
     """Rank a whole database by an index's own scores: queries (Q, D) float32 -> (Q, N) the
     database ids (as added: 0..N-1), best first, ties broken by id (as
@@ -69,9 +78,7 @@ def rank_with_index(index, queries: np.ndarray, n_database: int) -> np.ndarray:
     so the ranking depends only on the codes."""
     import faiss
 
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
-        ivf.nprobe = ivf.nlist
+    probe_every_list(index)
     scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), n_database)
     if (ids < 0).any():
         raise RuntimeError(f"the index returned {int((ids >= 0).sum(1).min())} of {n_database} "
@@ -84,14 +91,10 @@ def rank_with_index(index, queries: np.ndarray, n_database: int) -> np.ndarray:
 def expand_queries(index, queries: np.ndarray, k: int, alpha: float) -> np.ndarray:
     """alpha-QE as `remap search` does it: the top `k` results of a first search (IVF probing
     every list), with the vectors the index decodes for them."""
-    import faiss
-
     from index_builder.merge import search_and_reconstruct
     from index_builder.rerank import alpha_query_expansion
 
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
-        ivf.nprobe = ivf.nlist
+    probe_every_list(index)
     scores, ids, vecs = search_and_reconstruct(index, np.ascontiguousarray(queries, np.float32), k)
     return alpha_query_expansion(queries, vecs, np.where(ids == -1, np.nan, scores), k, alpha)
 
