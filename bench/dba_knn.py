@@ -28,6 +28,9 @@ import time
 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_output import write_json_lines  # noqa: E402
 
 
 def main(argv=None) -> list[dict]:
@@ -77,8 +80,7 @@ def main(argv=None) -> list[dict]:
                                                                else argv))
         print(json.dumps(r), flush=True)
         if args.output:
-            with open(args.output, "a") as f:
-                f.write(json.dumps(r) + "\n")
+            write_json_lines(args.output, [r], mode="a")
         reports.append(r)
         del x, nn
     return reports

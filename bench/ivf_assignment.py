@@ -33,6 +33,9 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+from bench_output import write_json_lines  # noqa: E402
 
 
 def main(argv=None) -> list[dict]:
@@ -123,9 +126,7 @@ def main(argv=None) -> list[dict]:
                "seconds": round(time.time() - t_start, 1)}
     print(json.dumps(summary))
     if args.output:
-        with open(args.output, "w") as f:
-            for line in rows + [summary]:
-                f.write(json.dumps(line) + "\n")
+        write_json_lines(args.output, rows + [summary])
     return rows
 
 

@@ -30,6 +30,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_output import write_json_lines  # noqa: E402
+
 
 def gem_region_pool(p: float):
     """A stand-in for `pooling.region_max_pool` that pools every region (and the whole map) by
@@ -189,9 +191,7 @@ def main(argv=None):
                "seconds": round(time.time() - t0, 1)}
     print(json.dumps(summary))
     if args.output:
-        with open(args.output, "w") as f:
-            for line in lines + [summary]:
-                f.write(json.dumps(line) + "\n")
+        write_json_lines(args.output, lines + [summary])
     return 0
 
 
