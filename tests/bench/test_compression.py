@@ -1,16 +1,12 @@
 """bench/compression.py ranks a whole database by an index's own scores."""
 
-import importlib.util
-import pathlib
-
 import numpy as np
 
 from index_builder.train import inner_index
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "bench" / "compression.py"
-spec = importlib.util.spec_from_file_location("bench_compression", SCRIPT)
-compression = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compression)
+from script_modules import load_bench
+
+compression = load_bench("compression")
 
 
 def numpy_ranking(queries, database):

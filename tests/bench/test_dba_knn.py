@@ -1,18 +1,13 @@
 """bench/dba_knn.py on a small size: both searches run, the recall over all rows is that of the
 approximate neighbours against exact ones, and the report names its figures."""
 
-import importlib.util
 import json
-import os
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__)))), "bench", "dba_knn.py")
+from script_modules import load_bench
 
 
 def test_dba_knn_bench_reports_both_searches_and_their_recall(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("dba_knn", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("dba_knn")
     out = tmp_path / "r.jsonl"
     (r,) = mod.main(["--sizes", "4000", "--dim", "16", "--output", str(out)])
     assert r["n"] == 4000 and r["approx_factory"].startswith("IVF")

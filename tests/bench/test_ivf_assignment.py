@@ -1,18 +1,13 @@
 """bench/ivf_assignment.py on a small size: one trained index refilled per add-time efSearch; a
 wide enough search files every vector in its exact list, and the report names its figures."""
 
-import importlib.util
 import json
-import os
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__)))), "bench", "ivf_assignment.py")
+from script_modules import load_bench
 
 
 def test_ivf_assignment_bench_counts_each_vector_s_list_and_the_baseline_ratio(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("ivf_assignment", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("ivf_assignment")
     out = tmp_path / "r.jsonl"
     rows = mod.main(["--n", "12000", "--dim", "32", "--clusters", "300", "--nlist", "1024",
                      "--queries", "100", "--add-ef", "16,512", "--nprobe", "1,8",

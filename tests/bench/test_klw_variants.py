@@ -1,16 +1,12 @@
 """bench/klw_variants.py: the variants differ from the trained model in the KLW weights only."""
 
-import importlib.util
-import pathlib
-
 import numpy as np
 import pytest
 import torch
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "bench" / "klw_variants.py"
-spec = importlib.util.spec_from_file_location("bench_klw_variants", SCRIPT)
-klw_variants = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(klw_variants)
+from script_modules import load_bench
+
+klw_variants = load_bench("klw_variants")
 
 
 def test_variants_change_only_the_region_weights_as_named(tmp_path):

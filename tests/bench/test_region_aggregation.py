@@ -1,16 +1,12 @@
 """bench/region_aggregation.py: its numpy re-aggregation of stored region vectors is the REMAP
 head's, and its whitening step is the model's, so its variants score what the product embeds."""
 
-import importlib.util
-import pathlib
-
 import numpy as np
 import torch
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "bench" / "region_aggregation.py"
-spec = importlib.util.spec_from_file_location("bench_region_aggregation", SCRIPT)
-region_aggregation = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(region_aggregation)
+from script_modules import load_bench
+
+region_aggregation = load_bench("region_aggregation")
 
 
 def test_stored_regions_re_aggregate_to_the_model_s_own_descriptors():

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -27,12 +28,7 @@ VENV_BIN = str(Path(sys.executable).parent)
 
 def _load(path: Path):
     """A deploy/ script as a module, by path (deploy/ is not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"deploy_{path.parent.name}_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(path, f"deploy_{path.parent.name}_{path.stem}")
 
 
 P = _load(DEPLOY / "nightly" / "index_pointer.py")
