@@ -290,9 +290,8 @@ def run_training(options: TrainRun) -> dict:
             raise ValueError(f"{out} already holds a training run (last.pt); pass --resume to "
                              f"continue it or choose another --out")
         model = new_model(options, device)
-        if options.whole_map_at_init and (options.whole_map_weight is None
-                                          or model.config["head"] != "remap"
-                                          or not getattr(model.head, "include_global", False)):
+        if options.whole_map_at_init and not _can_weigh_whole_map(model,
+                                                                  options.whole_map_weight):
             raise ValueError("--whole-map-at-init needs a REMAP head with the whole-map region "
                              "and a --whole-map-weight >= 0")
         opts = train_options(options)
@@ -403,15 +402,20 @@ def finalise_model(model, ts, options: TrainRun, caches: dict) -> dict:
     return done
 
 
+def _can_weigh_whole_map(model, factor: float | None) -> bool:
+    """A whole-map weight applies: a factor is given and the head is REMAP with the whole map."""
+    return (factor is not None and model.config["head"] == "remap"
+            and getattr(model.head, "include_global", False))
+
+
 def _weigh_whole_map(model, factor: float | None) -> float | None:
     """REMAP heads with the whole-map region: its KLW weight set to `factor` x the grid's mean
     (`klw.weigh_whole_map`), in place. -> factor, or None where it does not apply."""
     from remap_core.fitting.klw import weigh_whole_map
 
-    head = model.head
-    if factor is None or model.config["head"] != "remap" or not getattr(head, "include_global",
-                                                                          False):
+    if not _can_weigh_whole_map(model, factor):
         return None
+    head = model.head
     head.set_region_weights(weigh_whole_map(head.region_weights.detach().cpu().numpy(), factor))
     return factor
 
