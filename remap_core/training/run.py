@@ -52,7 +52,7 @@ class TrainRun:
     benchmark_views: bool = False         # view families of the benchmark's training photos
     views_per_photo: int = 5
     tiles: int = 2                        # cut every photo into tiles x tiles classes
-    no_extra_photos: bool = False         # --benchmark-views without training-only wallpapers
+    no_extra_photos: bool = False         # --benchmark-views without training-only photos
     clutter_backgrounds: int = 16         # shared clutter backgrounds; 0: one per view
     photo_backgrounds: int = 16           # also paste clutter views onto crops of the photos
     view_seed: int | None = None          # None: training_view_seed(seed)
@@ -168,7 +168,7 @@ def load_training_set(options: TrainRun, max_side: int, multiple: int = 32):
     else:
         photos, n_extra = benchmark_training_photos(options, options.side * options.tiles)
         source = (f"view families of {len(photos)} training photos (benchmark train split + "
-                  f"{n_extra} training-only wallpapers)")
+                  f"{n_extra} training-only photos)")
     if options.tiles > 1:
         photos = photo_tiles(photos, options.tiles)
         source += f" cut into {options.tiles}x{options.tiles} tiles ({len(photos)} classes)"
@@ -458,8 +458,9 @@ def training_view_seed(seed: int) -> int:
 
 def benchmark_training_photos(options: TrainRun, side: int) -> tuple[dict, int]:
     """The benchmark's train-split photos plus, unless --no-extra-photos (or --no-debian), the
-    training-only wallpapers ({name: PIL image, long side at most `side`}): never an evaluation
-    photo. Returns (photos, how many of them are training-only wallpapers)."""
+    training-only photos (Debian wallpapers and PyPI wheels' sample photos; {name: PIL image, long
+    side at most `side`}): never an evaluation photo. Returns (photos, how many of them are
+    training-only photos)."""
     from remap_core.evaluation.benchmark import benchmark_photos, training_only_photos
 
     photos = benchmark_photos("train", options.cache, debian=not options.no_debian, max_side=side,

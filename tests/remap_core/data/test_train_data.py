@@ -115,8 +115,9 @@ def test_photo_tiles_cut_each_photo_into_non_overlapping_classes():
 
 
 def test_training_only_photos_come_from_packages_the_benchmark_never_uses(tmp_path):
-    from remap_core.evaluation.benchmark import (DEBIAN_PHOTOS, TRAINING_ONLY_PHOTOS, fetch_debian_photos,
-                                      training_only_photos)
+    from remap_core.evaluation.benchmark import (DEBIAN_PHOTOS, TRAINING_ONLY_PHOTOS,
+                                                 TRAINING_ONLY_PYPI_PHOTOS, fetch_debian_photos,
+                                                 training_only_photos)
 
     assert not set(TRAINING_ONLY_PHOTOS) & set(DEBIAN_PHOTOS)
     # an already fetched package (as fetch_debian_package leaves it): no apt call is made
@@ -131,9 +132,66 @@ def test_training_only_photos_come_from_packages_the_benchmark_never_uses(tmp_pa
     for other in set(TRAINING_ONLY_PHOTOS) - set(pkg):      # the other packages: present, empty
         os.makedirs(tmp_path / "debian" / other)
         (tmp_path / "debian" / other / ".complete").touch()
+    for wheel in TRAINING_ONLY_PYPI_PHOTOS:                  # and the wheels: no pip call either
+        os.makedirs(tmp_path / "pypi" / wheel)
+        (tmp_path / "pypi" / wheel / ".complete").touch()
     photos = training_only_photos(str(tmp_path), max_side=200)
     assert list(photos) == ["debian/plasma-workspace-wallpapers/Autumn"]
     assert max(photos["debian/plasma-workspace-wallpapers/Autumn"].size) == 200
+
+
+def _wheel(folder, project: str, version: str, files: dict[str, bytes]) -> str:
+    """A minimal wheel of `project` holding `files` ({path in the wheel: bytes})."""
+    import zipfile
+
+    path = os.path.join(folder, f"{project}-{version}-py3-none-any.whl")
+    info = f"{project}-{version}.dist-info"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+        z.writestr(f"{info}/METADATA",
+                   f"Metadata-Version: 2.1\nName: {project}\nVersion: {version}\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\n"
+                   "Root-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/RECORD", "")
+    return path
+
+
+def test_training_photos_from_pypi_wheels_are_fetched_once_by_pip(tmp_path):
+    import io
+
+    from remap_core.evaluation.benchmark import TRAINING_ONLY_PYPI_PHOTOS, fetch_pypi_photos
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+
+    def jpeg(seed):
+        buf = io.BytesIO()
+        _photo(seed, size=(320, 240)).save(buf, "JPEG")
+        return buf.getvalue()
+
+    _wheel(str(wheels), "tinyphotos", "1.0", {"tinyphotos/data/cat.jpg": jpeg(1),
+                                              "tinyphotos/data/sub/dog.jpg": jpeg(2),
+                                              "tinyphotos/data/logo.png": b"not wanted",
+                                              "tinyphotos/__init__.py": b""})
+    cache = tmp_path / "cache"
+    local = ("--no-index", "--find-links", str(wheels))
+    pkg = {"tinyphotos==1.0": ("tinyphotos/data/*.jpg", "tinyphotos/data/sub/*.jpg")}
+    found = fetch_pypi_photos(str(cache), pkg, pip_args=local)
+    assert list(found) == ["pypi/tinyphotos/tinyphotos/data/cat",
+                           "pypi/tinyphotos/tinyphotos/data/sub/dog"]
+    assert Image.open(found["pypi/tinyphotos/tinyphotos/data/cat"]).size == (320, 240)
+    assert not (cache / "pypi" / "tinyphotos==1.0" / "tinyphotos" / "data" / "logo.png").exists()
+    # fetched once: with the wheel gone, the cache still answers, without pip
+    for f in wheels.iterdir():
+        f.unlink()
+    assert fetch_pypi_photos(str(cache), pkg, pip_args=local) == found
+    # a wheel pip cannot find is skipped with a warning, not an error
+    assert fetch_pypi_photos(str(tmp_path / "other"), {"absentphotos==1.0": ("*.jpg",)},
+                             pip_args=local) == {}
+    assert not (tmp_path / "other" / "pypi" / "absentphotos==1.0" / ".complete").exists()
+    # pinned requirements only, so that a training run always sees the same photos
+    assert all("==" in req for req in TRAINING_ONLY_PYPI_PHOTOS)
 
 
 def test_clutter_views_can_share_backgrounds_across_classes():

@@ -241,7 +241,7 @@ def test_remap_train_on_benchmark_views_tiles_the_train_split_photos(tmp_path, c
                "--quiet"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert ("3 training photos (benchmark train split + 0 training-only wallpapers) cut into "
+    assert ("3 training photos (benchmark train split + 0 training-only photos) cut into "
             "2x2 tiles (12 classes)") in out
     trained = read_checkpoint(str(tmp_path / "run" / "model.pt"))["extra"]["trained"]
     assert "12 classes" in trained["source"]
