@@ -321,3 +321,18 @@ def test_a_one_vector_index_records_recall_as_not_measured(tmp_path, capsys):
     (row,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [r["id"] for r in row["results"]] == list(stable_ids(synthetic_uris(1)))
     assert row["results"][0]["score"] == pytest.approx(float(X[0] @ X[0]), abs=1e-5)
+
+
+def test_the_dba_help_spells_the_limits_the_builder_applies(capsys):
+    """`remap index --help` states the DBA limits as numbers (the console does not import FAISS
+    to build its parsers); they must be the ones index_builder applies."""
+    from index_builder.build import DBA_DEFAULT_MAX_BYTES
+    from index_builder.knn import EXACT_MAX
+    from remap_cli import main
+
+    with pytest.raises(SystemExit):
+        main(["index", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"at most {DBA_DEFAULT_MAX_BYTES / 2**30:g} GiB" in text
+    assert f"({DBA_DEFAULT_MAX_BYTES // (256 * 4) // 10**6}M at 256-D;" in text
+    assert f"exact up to {EXACT_MAX:,} vectors" in text
