@@ -141,15 +141,29 @@ def augment_collection(store: str, folder: str, k: int, alpha: float = DEFAULT_Q
     nn, sims, knn = nearest_others(X, k, seed=seed)
     Xa = augment_with_neighbours(X, nn, sims, alpha)
     del X
-    for name, arr in ((DBA_IDS, ids[order]), (DBA_VECTORS, Xa)):
-        with atomic_path(os.path.join(folder, name)) as tmp, open(tmp, "wb") as f:
-            np.save(f, arr)
     info = {"k": int(k), "alpha": float(alpha), "vectors": int(len(ids)), "knn": knn,
             "seconds": round(time.time() - t0, 3)}
-    _write_json(os.path.join(folder, DBA_JSON), info)
+    write_dba_table(folder, info, ids[order], Xa)
     log.info(f"dba: {len(ids)} vectors augmented with their {k} nearest others "
              f"({knn['knn']} k-NN) in {info['seconds']:.1f}s")
     return info
+
+
+def write_dba_table(folder: str, info: dict, ids: np.ndarray, vectors: np.ndarray) -> None:
+    """Write a DBA table (sorted ids, their augmented vectors, then DBA_JSON last, each file
+    atomically) into `folder`, where dba_table reads it."""
+    for name, arr in ((DBA_IDS, ids), (DBA_VECTORS, vectors)):
+        with atomic_path(os.path.join(folder, name)) as tmp, open(tmp, "wb") as f:
+            np.save(f, arr)
+    _write_json(os.path.join(folder, DBA_JSON), info)
+
+
+def dba_table_part(table, ids: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray]:
+    """The rows of a DBA table whose id is in `ids` (e.g. one shard's): a table of its own,
+    which `augmented` reads as it reads the whole one for those ids."""
+    info, tids, tvec = table
+    keep = np.isin(tids, ids)
+    return info, np.asarray(tids[keep]), np.asarray(tvec[keep])
 
 
 def default_dba(n: int, dim: int) -> int:

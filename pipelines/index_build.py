@@ -2,12 +2,22 @@
 workers, on any runner `remap embed` runs on (the in-process FnApiRunner by default, the
 PortableRunner with a worker pool, Dataflow).
 
+    Augment (one worker, with DBA: all-kNN over the collection, each shard's augmented vectors)
+            │ dba/ (side input of SampleShard and AddShard, which index those vectors)
     Shards ─┬─► SampleShard (per shard) ─► MergeSamples ─► Train (one worker)
             │                                                 │ trained.faiss (side input)
             └─► AddShard (per shard) ◄────────────────────────┘
                      │ shards/<run>-<shard>-g1.faiss + .ids.parquet
                      ▼
                  Collect ─► Merge (one worker: merge_step, recall, manifest; upload)
+
+Database-side augmentation (`--dba K`, on by default as in `remap index`: K = 2 up to 2 GiB of
+float32 vectors) is the local build's augment_collection run by one worker: the collection's
+N x D vectors are held in memory there (about three times), so that worker needs the memory the
+local build would. It writes the whole table (for the Merge worker: the manifest's record, the
+recall, --refine's vectors; like `remap index --output gs://...`, the index published does not
+hold the table) and one part per shard (that shard's rows, all a SampleShard or AddShard worker
+downloads).
 
 The launcher plans the build (index_builder.build.plan_training: runs, live shards, factory,
 sample size; every refusal happens there, before a job starts). Workers write into the index
@@ -43,6 +53,7 @@ from remap_store.files import join_url
 NAMESPACE = "remap.index"
 WORK = "_build"          # the job's work folder inside --index
 PLAN_JSON = "plan.json"  # the plan the work folder's files belong to
+DBA_WORK = "dba"         # the work folder's DBA table (DBA_JSON last) and its per-shard parts
 log = logging.getLogger(__name__)
 
 
@@ -63,6 +74,23 @@ def _download(url: str, local: str) -> str:
     return local
 
 
+def _dba_files() -> tuple[str, ...]:
+    from index_builder.build import DBA_IDS, DBA_JSON, DBA_VECTORS
+
+    return DBA_IDS, DBA_VECTORS, DBA_JSON      # DBA_JSON last: its presence says it is whole
+
+
+def _dba_part(position: int) -> str:
+    return f"{DBA_WORK}/{position:06d}"
+
+
+def _download_dba(url: str, local: str) -> str:
+    """Fetch a DBA table (the work folder's whole one or a shard's part) into `local`."""
+    for name in _dba_files():
+        _download(join_url(url, name), os.path.join(local, name))
+    return local
+
+
 # --------------------------------------------------------------------------- worker steps
 
 class SampleShardFn(StorageDoFn):
@@ -72,13 +100,56 @@ class SampleShardFn(StorageDoFn):
         super().__init__(fsspec_config)
         self.size, self.seed, self.dim = size, seed, dim
 
-    def process(self, item):
-        from index_builder.build import _live_batches
+    def process(self, item, dba: str | None = None):
+        from index_builder.build import _live_batches, dba_table
         from index_builder.train import sample_part
 
-        _, shard = item
-        yield sample_part(_live_batches([shard]), self.size, self.seed, self.dim)
+        position, shard = item
+        with tempfile.TemporaryDirectory(prefix="remap-sample-") as tmp:
+            table = (dba_table(_download_dba(join_url(dba, _dba_part(position)), tmp))
+                     if dba else None)
+            yield sample_part(_live_batches([shard], table=table), self.size, self.seed,
+                              self.dim)
         _count("shards_sampled")
+
+
+class AugmentFn(StorageDoFn):
+    """Database-side augmentation on one worker (index_builder.build.augment_collection over
+    the plan's live shards): the whole table and one part per shard into the work folder's
+    dba/, the table's DBA_JSON last (a rerun finding it skips the step). -> the work folder."""
+
+    def __init__(self, plan, store: str, k: int, work: str, fsspec_config):
+        super().__init__(fsspec_config)
+        self.plan, self.store, self.k, self.work = plan, store, k, work
+
+    def process(self, _):
+        from index_builder.build import augment_collection, dba_table, dba_table_part, \
+            write_dba_table
+        from index_builder.embeddings import read_shard_ids
+        from index_builder.publish import upload_file
+
+        dba = join_url(self.work, DBA_WORK)
+        if _exists(join_url(dba, _dba_files()[-1])):
+            _count("dba_already_done")
+            yield self.work
+            return
+        with tempfile.TemporaryDirectory(prefix="remap-dba-") as tmp:
+            augment_collection(self.store, tmp, self.k, seed=self.plan.seed,
+                               shards=self.plan.shards)
+            table = dba_table(tmp)
+            for position, shard in enumerate(self.plan.shards):
+                if shard.live_rows == 0:
+                    continue
+                part = os.path.join(tmp, _dba_part(position))
+                os.makedirs(part)
+                write_dba_table(part, *dba_table_part(table, read_shard_ids(shard.path)))
+                for name in _dba_files():
+                    upload_file(os.path.join(part, name),
+                                join_url(dba, _dba_part(position), name))
+            for name in _dba_files():
+                upload_file(os.path.join(tmp, name), join_url(dba, name))
+        _count("dba_vectors", table[0]["vectors"])
+        yield self.work
 
 
 class MergeSamplesFn(beam.CombineFn):
@@ -140,7 +211,7 @@ class AddShardFn(StorageDoFn):
     def teardown(self):
         shutil.rmtree(getattr(self, "_tmp", ""), ignore_errors=True)
 
-    def process(self, item, work: str):
+    def process(self, item, work: str, dba: str | None = None):
         import faiss
 
         from index_builder.add import AddJob, add_shard, ids_path
@@ -161,11 +232,17 @@ class AddShardFn(StorageDoFn):
             self._trained = faiss.read_index(
                 _download(join_url(work, TRAINED_FILE), os.path.join(self._tmp, TRAINED_FILE)))
         out = os.path.join(self._tmp, os.path.basename(name))
-        result = add_shard(self._trained, AddJob(shard.path, out, shard.drop))
+        part = None
+        if dba:     # this shard's rows of the DBA table replace its vectors
+            part = _download_dba(join_url(dba, _dba_part(position)),
+                                 os.path.join(self._tmp, _dba_part(position)))
+        result = add_shard(self._trained, AddJob(shard.path, out, shard.drop, part))
         upload_file(out, join_url(work, name))
         upload_file(result.ids_file, ids_url)      # last: its presence says the shard is done
         os.remove(out)
         os.remove(result.ids_file)
+        if part:
+            shutil.rmtree(part, ignore_errors=True)
         _count("shards_added")
         _count("vectors_added", result.vectors)
         yield {**entry, "vectors": result.vectors}
@@ -178,11 +255,11 @@ class MergeFn(StorageDoFn):
 
     def __init__(self, index: str, work: str, store: str, layout: str, target_recall: float,
                  recall_queries: int, seed: int, started: float, fsspec_config,
-                 qe: int | None = None, refine: int = 0):
+                 qe: int | None = None, refine: int = 0, dba: bool = False):
         super().__init__(fsspec_config)
         self.index, self.work, self.store, self.layout = index, work, store, layout
         self.target_recall, self.recall_queries, self.seed = target_recall, recall_queries, seed
-        self.started, self.qe, self.refine = started, qe, refine
+        self.started, self.qe, self.refine, self.dba = started, qe, refine, dba
 
     def process(self, entries):
         from index_builder.build import TRAIN_JSON, TRAINED_FILE, adopt_shards, merge_step
@@ -193,6 +270,8 @@ class MergeFn(StorageDoFn):
             for rel in [TRAINED_FILE, TRAIN_JSON] + [e[k] for e in entries
                                                      for k in ("index", "ids")]:
                 _download(join_url(self.work, rel), os.path.join(local, rel))
+            if self.dba:   # for merge_step: the manifest's record, the recall, --refine
+                _download_dba(join_url(self.work, DBA_WORK), local)
             with open(os.path.join(local, TRAIN_JSON)) as f:
                 runs = json.load(f)["source_runs"]
             adopt_shards(local, runs, [{k: e[k] for k in e if k != "position"}
@@ -211,27 +290,39 @@ class MergeFn(StorageDoFn):
 # --------------------------------------------------------------------------- the job
 
 def build_pipeline(pipeline: beam.Pipeline, plan, opts: IndexBuildOptions, work: str,
-                   trained: bool, fsconf: dict | None, started: float) -> None:
+                   trained: bool, fsconf: dict | None, started: float, dba: int = 0) -> None:
     """The build's steps on `pipeline`. `trained`: the work folder already holds this plan's
-    trained index (a rerun), so sampling and training are left out."""
+    trained index (a rerun), so sampling and training are left out. `dba` K > 0: augment the
+    collection first (AugmentFn); the shards' steps then read their part of the table."""
     shards = (pipeline
               | "Shards" >> beam.Create([(i, s) for i, s in enumerate(plan.shards)
                                          if s.live_rows > 0])
               | "Spread" >> beam.Reshuffle())
+    table = {}
+    if dba:
+        augmented = (pipeline
+                     | "AugmentOnce" >> beam.Create([None])
+                     | "Augment" >> beam.ParDo(AugmentFn(plan, opts.embeddings, dba, work,
+                                                         fsconf))
+                     | "DbaTable" >> beam.Map(lambda w: join_url(w, DBA_WORK)))
+        table = {"dba": beam.pvalue.AsSingleton(augmented)}
     if trained:
         ready = pipeline | "TrainedEarlier" >> beam.Create([work])
     else:
         size = plan.size + plan.held
         ready = (shards
-                 | "SampleShard" >> beam.ParDo(SampleShardFn(size, plan.seed, plan.dim, fsconf))
+                 | "SampleShard" >> beam.ParDo(SampleShardFn(size, plan.seed, plan.dim, fsconf),
+                                               **table)
                  | "MergeSamples" >> beam.CombineGlobally(MergeSamplesFn(size))
                  | "Train" >> beam.ParDo(TrainFn(plan, work, fsconf)))
     (shards
-     | "AddShard" >> beam.ParDo(AddShardFn(fsconf), work=beam.pvalue.AsSingleton(ready))
+     | "AddShard" >> beam.ParDo(AddShardFn(fsconf), work=beam.pvalue.AsSingleton(ready),
+                                **table)
      | "Collect" >> beam.combiners.ToList()
      | "Merge" >> beam.ParDo(MergeFn(opts.index.rstrip("/"), work, opts.embeddings,
                                      opts.layout, opts.target_recall, opts.recall_queries,
-                                     opts.seed, started, fsconf, opts.qe, opts.refine)))
+                                     opts.seed, started, fsconf, opts.qe, opts.refine,
+                                     dba=bool(dba))))
 
 
 def _check(opts: IndexBuildOptions) -> None:
@@ -246,6 +337,9 @@ def _check(opts: IndexBuildOptions) -> None:
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be at least 1 (got {value})")
     check_rerank_counts(refine=opts.refine, qe=opts.qe)
+    if opts.dba is not None and opts.dba < 0:
+        raise ValueError(f"--dba must be at least 0 (0: no database-side augmentation; got "
+                         f"{opts.dba})")
     if not 0 < opts.target_recall <= 1:
         raise ValueError(f"--target_recall must be in (0, 1] (got {opts.target_recall})")
 
@@ -276,7 +370,7 @@ def run(argv: list[str]) -> dict:
     """Build an index as a Beam job and wait for it -> the manifest (as `remap index` returns
     it). With --dry_run the job graph is built (for Dataflow translated) and nothing runs or is
     written -> {"dry_run": True, "transforms": [...]}."""
-    from index_builder.build import plan_training
+    from index_builder.build import default_dba, plan_training
     from index_builder.manifest import read_manifest
 
     started = time.time()
@@ -296,9 +390,14 @@ def run(argv: list[str]) -> dict:
     log.info("index-beam: %d vectors of dim %d in %d shards -> %s (%s); sample %d (+%d held "
              "out)", plan.n, plan.dim, len(plan.shards), plan.factory, opts.layout, plan.size,
              plan.held)
-    trained = False if dry_run else prepare_work_folder(work, plan.key())
+    dba = default_dba(plan.n, plan.dim) if opts.dba is None else opts.dba
+    if dba:
+        log.info("index-beam: database-side augmentation over the %d nearest others, on one "
+                 "worker", dba)
+    key = plan.key() + (f"-dba{dba}" if dba else "")
+    trained = False if dry_run else prepare_work_folder(work, key)
     pipeline = beam.Pipeline(options=options)
-    build_pipeline(pipeline, plan, opts, work, trained, fsconf, started)
+    build_pipeline(pipeline, plan, opts, work, trained, fsconf, started, dba)
     if dry_run:
         if options.view_as(StandardOptions).runner.split(".")[-1] == "DataflowRunner":
             pipeline.run()

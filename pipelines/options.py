@@ -121,6 +121,14 @@ class IndexBuildOptions(PipelineOptions):
                             help="alpha query expansion over the top N results that searches "
                                  "of this index apply by default, as `remap index --qe` (0: "
                                  "off; default 2)")
+        parser.add_argument("--dba", type=int, default=None,
+                            help="database-side augmentation before indexing, as `remap index "
+                                 "--dba K`: each stored vector becomes the score**3-weighted "
+                                 "sum of itself and its K nearest others. Default: 2 when the "
+                                 "collection's float32 vectors take at most 2 GiB, none above; "
+                                 "0: off. One worker holds the vectors (about three times) and "
+                                 "finds the neighbours; the others index their shards' "
+                                 "augmented vectors")
         parser.add_argument("--refine", type=int, default=0,
                             help="re-rank K x k candidates on stored float16 vectors, as "
                                  "`remap index --refine` (refine.f16.npy, written by the merge "

@@ -1,7 +1,8 @@
 """The index build as a Beam job (pipelines/index_build.py, `remap index-beam`): on the
 PortableRunner with an EXTERNAL worker pool against a GCS server on 127.0.0.1 it gives the same
-neighbours, ids and scores, as the local `remap index` on the same collection; a job killed in
-the middle and run again completes from what it left, with no duplicate vectors."""
+neighbours, ids and scores, as the local `remap index` on the same collection, database-side
+augmentation (on by default in both) included; a job killed in the middle and run again
+completes from what it left, with no duplicate vectors."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 from beam_services import job_service, service_env, worker_pool  # noqa: F401  (fixtures)
-from index_builder.build import build_index
+from index_builder.build import DBA_VECTORS, augmented, build_index, dba_table
 from index_builder.search import open_index
 from index_builder.synthetic import clustered_vectors, synthetic_uris, write_run
 from objectstore import fake_gcs  # noqa: F401  (pytest fixture: fake-gcs-server on loopback)
@@ -44,8 +45,9 @@ def collection(tmp_path_factory):
     again = clustered_vectors(500, DIM, clusters=200, seed=2)
     write_run(store, "20260102T000000Z-bbbbbb", uris[:500], again, shards=1,
               tombstone_uris=uris[500:800])
-    local = str(root / "local")   # remap index-beam does no DBA: the local build without it
-    build_index(store, local, factory=IVF, dba=0, recall_queries=300, workers=1, progress=False)
+    local = str(root / "local")   # with the default DBA (K = 2 at this size), as index-beam's
+    build_index(store, local, factory=IVF, recall_queries=300, workers=1, progress=False)
+    assert open_index(local).manifest["rerank"]["dba"] == 2
     return root, store, local
 
 
@@ -106,13 +108,20 @@ def test_portable_runner_with_external_worker_pool_on_gcs_matches_the_local_buil
     assert built.manifest["recall"]["recall@10"] == reference.manifest["recall"]["recall@10"]
     cb, cr = (faiss.extract_index_ivf(x.index).quantizer.reconstruct_n(0, 64)
               for x in (built, reference))
-    np.testing.assert_array_equal(cb, cr)
+    # equal up to float rounding: the workers' BLAS sums the augmented vectors in another order
+    np.testing.assert_allclose(cb, cr, rtol=0, atol=1e-6)
     _assert_same_neighbours(built, reference)
+    # the augmentation is the local one, recorded alike
+    timing = ("dba_knn",)     # the k-NN search's own record holds its time
+    assert ({k: v for k, v in built.manifest["rerank"].items() if k not in timing}
+            == {k: v for k, v in reference.manifest["rerank"].items() if k not in timing})
+    assert built.manifest["rerank"]["dba"] == 2
+    assert built.manifest["rerank"]["dba_knn"]["knn"] == "exact"
     # and the reference is right: its neighbours are those of one index holding every live
-    # vector, added in one call to the same trained index
+    # vector, augmented, added in one call to the same trained index
     one_go = faiss.read_index(os.path.join(local, "trained.faiss"))
     ids = reference.id_map.ids
-    X = _vectors_of(store, ids)
+    X = augmented(dba_table(local), ids, _vectors_of(store, ids))
     one_go.add_with_ids(X, ids)
     faiss.ParameterSpace().set_index_parameter(one_go, "nprobe",
                                                reference.manifest["search_params"]["nprobe"])
@@ -150,6 +159,8 @@ def test_a_killed_build_run_again_completes_with_no_duplicates(collection, tmp_p
     assert not os.path.exists(os.path.join(index, "manifest.json"))   # killed mid-build
     with open(trained) as f:
         first_training = json.load(f)["trained_at"]
+    with open(os.path.join(index, "_build", "dba", "dba.json")) as f:
+        first_knn = json.load(f)["knn"]      # the augmentation came before the training
 
     with caplog.at_level("INFO", logger="pipelines.index_build"):
         assert remap(argv) == 0
@@ -157,6 +168,7 @@ def test_a_killed_build_run_again_completes_with_no_duplicates(collection, tmp_p
     reference = open_index(local)
     built = _assert_complete(index, fsspec.filesystem("file"), reference.id_map.ids)
     assert built.manifest["train"]["trained_at"] == first_training   # not trained again
+    assert built.manifest["rerank"]["dba_knn"] == first_knn          # nor augmented (its time)
     _assert_same_neighbours(built, reference)
 
 
@@ -169,12 +181,14 @@ def test_refine_and_query_expansion_options_match_the_local_build(collection, tm
                 refine=5, qe=0)
     index = str(tmp_path / "idx")
     assert remap(["index-beam", f"--embeddings={store}", f"--index={index}", f"--factory={IVF}",
-                  "--recall_queries=300", "--refine=5", "--qe=0"]) == 0
+                  "--recall_queries=300", "--refine=5", "--qe=0", "--dba=0"]) == 0
     reference = open_index(local)
     built = _assert_complete(index, fsspec.filesystem("file"), reference.id_map.ids)
     for key in ("refine", "rerank"):
         assert built.manifest[key] == reference.manifest[key], key
     assert built.manifest["refine"]["k_factor"] == 5 and built.manifest["rerank"]["qe"] == 0
+    assert built.manifest["rerank"]["dba"] == 0 and not os.path.exists(
+        os.path.join(index, DBA_VECTORS))                       # --dba=0: no augmentation
     assert built.manifest["recall"]["recall@10"] > 0.95     # re-ranked on the stored vectors
     _assert_same_neighbours(built, reference, lookahead=0)
 
@@ -207,6 +221,9 @@ def test_refusals_come_before_the_job_and_write_nothing(collection, tmp_path, ca
     assert remap(["index-beam", f"--embeddings={store}", f"--index={index}",
                   "--refine=-1"]) == 2
     assert "--refine must be >= 0" in capsys.readouterr().err and not index.exists()
+    assert remap(["index-beam", f"--embeddings={store}", f"--index={index}",
+                  "--dba=-1"]) == 2
+    assert "--dba must be at least 0" in capsys.readouterr().err and not index.exists()
     assert remap(["index-beam", f"--embeddings={store}", f"--index={index}", "--dry_run=True",
                   f"--factory={IVF}"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -230,6 +247,7 @@ def test_the_job_graph_translates_for_dataflow_offline(collection, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["dry_run"] and out["factory"] == IVF
-    assert out["transforms"] == ["Shards", "Spread", "SampleShard", "MergeSamples", "Train",
-                                 "AddShard", "Collect", "Merge"]
+    assert out["transforms"] == ["Shards", "Spread", "AugmentOnce", "Augment", "DbaTable",
+                                 "SampleShard", "MergeSamples", "Train", "AddShard", "Collect",
+                                 "Merge"]
     assert os.listdir(tmp_path) == []
