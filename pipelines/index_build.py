@@ -123,8 +123,10 @@ class AugmentFn(StorageDoFn):
         self.plan, self.store, self.k, self.work = plan, store, k, work
 
     def process(self, _):
-        from index_builder.build import augment_collection, dba_table, dba_table_part, \
-            write_dba_table
+        import numpy as np
+
+        from index_builder.build import (augment_collection, dba_table, dba_table_part,
+                                         write_dba_table)
         from index_builder.embeddings import read_shard_ids
         from index_builder.publish import upload_file
 
@@ -142,7 +144,8 @@ class AugmentFn(StorageDoFn):
                     continue
                 part = os.path.join(tmp, _dba_part(position))
                 os.makedirs(part)
-                write_dba_table(part, *dba_table_part(table, read_shard_ids(shard.path)))
+                live = np.setdiff1d(read_shard_ids(shard.path), shard.drop)
+                write_dba_table(part, *dba_table_part(table, live))
                 for name in _dba_files():
                     upload_file(os.path.join(part, name),
                                 join_url(dba, _dba_part(position), name))
