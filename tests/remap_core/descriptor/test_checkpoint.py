@@ -87,7 +87,7 @@ def test_baseline_names_build_the_untrained_heads_and_gem_is_the_former_default(
     assert gem.fingerprint == model_fingerprint(build_model())   # the pre-REMAP default
     assert load_model("rmac", device="cpu").config["head"] == "rmac"
     assert model_hint(gem.fingerprint) == "gem"
-    assert model_hint(load_model(None, device="cpu").fingerprint) == "remap-lite0-v2"
+    assert model_hint(load_model(None, device="cpu").fingerprint) == "remap-lite0-v3"
     assert model_hint("efficientnet_lite0.gem.d1280.0000000000000000") == ""
 
 
@@ -119,13 +119,13 @@ def test_the_trained_gem_baseline_ships_beside_the_default_and_is_named_back():
     assert load_model(None, device="cpu").fingerprint != model.fingerprint   # not the default
 
 
-def test_the_former_default_still_ships_and_differs_from_the_default_only_by_the_final_step():
+def test_remap_lite0_v1_still_ships_and_differs_from_v2_only_by_the_final_step():
     """remap-lite0-v1 stays loadable (stores and indexes built with it name it back); v2 is the
     same trained network with the whole map weighed 100x the grid's mean and a refitted
     whitening."""
     from remap_core.descriptor.checkpoint import model_hint, read_checkpoint, shipped_model_path
 
-    v1, v2 = load_model("remap-lite0-v1", device="cpu"), load_model("remap", device="cpu")
+    v1, v2 = load_model("remap-lite0-v1", device="cpu"), load_model("remap-lite0-v2", device="cpu")
     assert model_hint(v1.fingerprint) == "remap-lite0-v1" != model_hint(v2.fingerprint)
     assert v1.fingerprint != v2.fingerprint and v1.config == v2.config
     for (name, a), b in zip(v1.backbone.state_dict().items(), v2.backbone.state_dict().values()):
@@ -136,3 +136,21 @@ def test_the_former_default_still_ships_and_differs_from_the_default_only_by_the
     assert not torch.allclose(v1.whiten.weight, v2.whiten.weight)
     final = read_checkpoint(shipped_model_path("remap-lite0-v2"))["extra"]["trained"]["final"]
     assert final["whole_map_weight"] == 100.0 and final["final_whitening"] == "pca"
+
+
+def test_the_default_is_v3_and_the_former_defaults_stay_loadable():
+    """remap-lite0-v3, the default, is v2's architecture and recipe (final step included)
+    trained on more photos; v2 and v1 still load and are named back, never mixed with it."""
+    from remap_core.descriptor.checkpoint import model_hint, read_checkpoint, shipped_model_path
+
+    v3 = load_model(None, device="cpu")
+    assert load_model("remap", device="cpu").fingerprint == v3.fingerprint
+    assert model_hint(v3.fingerprint) == "remap-lite0-v3"
+    for name in ("remap-lite0-v2", "remap-lite0-v1"):
+        old = load_model(name, device="cpu")
+        assert model_hint(old.fingerprint) == name and old.fingerprint != v3.fingerprint
+        assert old.config == v3.config
+    trained = read_checkpoint(shipped_model_path("remap-lite0-v3"))["extra"]["trained"]
+    assert trained["final"]["whole_map_weight"] == 100.0
+    assert trained["final"]["final_whitening"] == "pca"
+    assert "83 training photos" in trained["source"]     # v2: 62
