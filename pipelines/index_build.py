@@ -91,6 +91,14 @@ def _download_dba(url: str, local: str) -> str:
     return local
 
 
+def _upload_dba(local: str, url: str) -> None:
+    """Upload the DBA table in the folder `local` to `url`, DBA_JSON last."""
+    from index_builder.publish import upload_file
+
+    for name in _dba_files():
+        upload_file(os.path.join(local, name), join_url(url, name))
+
+
 # --------------------------------------------------------------------------- worker steps
 
 class SampleShardFn(StorageDoFn):
@@ -128,7 +136,6 @@ class AugmentFn(StorageDoFn):
         from index_builder.build import (augment_collection, dba_table, dba_table_part,
                                          write_dba_table)
         from index_builder.embeddings import read_shard_ids
-        from index_builder.publish import upload_file
 
         dba = join_url(self.work, DBA_WORK)
         if _exists(join_url(dba, _dba_files()[-1])):
@@ -146,11 +153,8 @@ class AugmentFn(StorageDoFn):
                 os.makedirs(part)
                 live = np.setdiff1d(read_shard_ids(shard.path), shard.drop)
                 write_dba_table(part, *dba_table_part(table, live))
-                for name in _dba_files():
-                    upload_file(os.path.join(part, name),
-                                join_url(dba, _dba_part(position), name))
-            for name in _dba_files():
-                upload_file(os.path.join(tmp, name), join_url(dba, name))
+                _upload_dba(part, join_url(dba, _dba_part(position)))
+            _upload_dba(tmp, dba)
         _count("dba_vectors", table[0]["vectors"])
         yield self.work
 
