@@ -5,13 +5,18 @@ region weights, to score with `bench/benchmark_models.py` (paired intervals) or
     python bench/klw_variants.py --model remap --init /work/runs/F1/init.pt --out /tmp/klw
     python bench/benchmark_models.py --model remap --model /tmp/klw/layer-mean.pt ...
 
-Variants (everything else, backbone and whitening included, is the trained model's):
-  layer-mean.pt   every region of a layer weighted by that layer's mean KLW weight: no region
-                  weighting, the layers' balance kept
-  uniform.pt      every weight the overall mean: no region weighting and no layer weighting
-  init-klw.pt     the KLW weights as initialised from the KL divergences (`--init`: the run's
+Variants (everything else, backbone and whitening included, is the trained model's). They
+change the grid regions' weights; the whole map (a head with it) keeps its multiple of its
+layer's grid mean, as the model has it (×100 after `remap train`'s final step, ~×1 before):
+  layer-mean.pt   every grid region of a layer weighted by that layer's mean grid weight: no
+                  region weighting, the layers' balance kept
+  uniform.pt      every grid weight the mean over all layers: no region weighting and no layer
+                  weighting
+  init-klw.pt     the grid weights as initialised from the KL divergences (`--init`: the run's
                   init.pt), before training moved them
-The whitening was trained with the model's own weights, so a variant also pays for that
+  no-grid.pt      the grid regions weighted 0 (a head with the whole map only): what the grid
+                  adds at all
+The whitening was fitted with the model's own weights, so a variant also pays for that
 mismatch: a variant that loses little says the weighting carries little.
 
 Prints the weights per layer and one JSON line.
@@ -29,6 +34,20 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def whole_map_multiple(w: np.ndarray) -> np.ndarray:
+    """KLW weights (layers, regions), the whole map first -> per layer, the whole map's weight
+    as a multiple of the mean of the layer's grid regions."""
+    return w[:, 0] / w[:, 1:].mean(axis=1)
+
+
+def variant_keeping_whole_map(trained: np.ndarray, variant: np.ndarray) -> np.ndarray:
+    """The variant's grid weights, with each layer's whole map at the trained model's multiple
+    of that layer's (new) grid mean."""
+    out = np.array(variant, dtype=np.float64)
+    out[:, 0] = whole_map_multiple(trained) * out[:, 1:].mean(axis=1)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="remap", help="a trained REMAP checkpoint or shipped name")
@@ -42,19 +61,31 @@ def main(argv=None):
     if base.config["head"] != "remap":
         sys.exit(f"{args.model} has a {base.config['head']!r} head; KLW variants need REMAP")
     w = base.head.region_weights.detach().numpy().astype(np.float64)
-    variants = {"layer-mean": np.repeat(w.mean(axis=1, keepdims=True), w.shape[1], axis=1),
-                "uniform": np.full_like(w, w.mean())}
+    whole = bool(getattr(base.head, "include_global", False)) and w.shape[1] > 1
+    grid = w[:, 1:] if whole else w                       # the weights a variant flattens
+    variants = {"layer-mean": np.repeat(grid.mean(axis=1, keepdims=True), w.shape[1], axis=1),
+                "uniform": np.full_like(w, grid.mean())}
     if args.init:
         variants["init-klw"] = load_model(args.init, device="cpu").head.region_weights \
             .detach().numpy().astype(np.float64)
+    if whole:
+        variants = {n: variant_keeping_whole_map(w, v) for n, v in variants.items()}
+        variants["no-grid"] = np.concatenate([w[:, :1], np.zeros_like(w[:, 1:])], axis=1)
     os.makedirs(args.out, exist_ok=True)
     taps = base.config["taps"]
     report = {"model": args.model, "fingerprint": base.fingerprint,
-              "weights": {t: {"min": round(float(w[i].min()), 3), "mean": round(float(w[i].mean()), 3),
-                              "max": round(float(w[i].max()), 3)} for i, t in enumerate(taps)},
+              "grid_weights": {t: {"min": round(float(grid[i].min()), 3),
+                                   "mean": round(float(grid[i].mean()), 3),
+                                   "max": round(float(grid[i].max()), 3)}
+                               for i, t in enumerate(taps)},
+              "whole_map_multiple": ([round(float(x), 2) for x in whole_map_multiple(w)]
+                                     if whole else None),
               "variants": {}}
-    for t, s in report["weights"].items():
-        print(f"trained KLW weights, layer {t}: min {s['min']}, mean {s['mean']}, max {s['max']}")
+    for t, s in report["grid_weights"].items():
+        print(f"trained KLW weights of the grid regions, layer {t}: min {s['min']}, "
+              f"mean {s['mean']}, max {s['max']}")
+    if whole:
+        print(f"whole map: x {report['whole_map_multiple']} the layer's grid mean (kept)")
     for name, weights in variants.items():
         model = load_model(args.model, device="cpu")
         model.head.set_region_weights(weights)
@@ -62,9 +93,12 @@ def main(argv=None):
         fp = save_checkpoint(model, path, half=True,
                              extra={"klw_variant": name, "from": args.model,
                                     "from_fingerprint": base.fingerprint})
+        g = weights[:, 1:] if whole else weights
         report["variants"][name] = {"path": path, "fingerprint": fp,
-                                    "layer_means": [round(float(x), 3) for x in weights.mean(1)]}
-        print(f"{name}: {path} ({fp}); layer means {report['variants'][name]['layer_means']}")
+                                    "grid_means": [round(float(x), 3) for x in g.mean(1)],
+                                    "whole_map": ([round(float(x), 3) for x in weights[:, 0]]
+                                                  if whole else None)}
+        print(f"{name}: {path} ({fp}); grid means {report['variants'][name]['grid_means']}")
     print(json.dumps({"bench": "klw_variants", **report}))
 
 

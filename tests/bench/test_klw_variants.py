@@ -15,14 +15,21 @@ def test_variants_change_only_the_region_weights_as_named(tmp_path):
     klw_variants.main(["--model", "remap", "--init", "remap", "--out", str(tmp_path)])
     base = load_model("remap", device="cpu")
     w = base.head.region_weights.detach().numpy()
+    assert base.head.include_global                           # the default: whole map x 100
+    grid, multiple = w[:, 1:], w[:, 0] / w[:, 1:].mean(1)
     got = {n: load_model(str(tmp_path / f"{n}.pt"), device="cpu")
-           for n in ("layer-mean", "uniform", "init-klw")}
+           for n in ("layer-mean", "uniform", "init-klw", "no-grid")}
+    weights = {n: m.head.region_weights.detach().numpy() for n, m in got.items()}
     tol = dict(rtol=2e-3)                                     # stored as float16
-    lm = got["layer-mean"].head.region_weights.detach().numpy()
-    np.testing.assert_allclose(lm, np.repeat(w.mean(1, keepdims=True), w.shape[1], 1), **tol)
-    np.testing.assert_allclose(got["uniform"].head.region_weights.detach().numpy(),
-                               np.full_like(w, w.mean()), **tol)
-    np.testing.assert_allclose(got["init-klw"].head.region_weights.detach().numpy(), w, **tol)
+    np.testing.assert_allclose(weights["layer-mean"][:, 1:],
+                               np.repeat(grid.mean(1, keepdims=True), grid.shape[1], 1), **tol)
+    np.testing.assert_allclose(weights["uniform"][:, 1:], np.full_like(grid, grid.mean()), **tol)
+    np.testing.assert_allclose(weights["init-klw"], w, **tol)
+    for name in ("layer-mean", "uniform", "init-klw"):        # the whole map keeps its multiple
+        v = weights[name]
+        np.testing.assert_allclose(v[:, 0] / v[:, 1:].mean(1), multiple, rtol=5e-3)
+    np.testing.assert_allclose(weights["no-grid"][:, 0], w[:, 0], **tol)
+    assert (weights["no-grid"][:, 1:] < 1e-3 * w[:, 1:].min()).all()
     base_state = base.state_dict()
     for name, model in got.items():
         assert model.config == base.config
