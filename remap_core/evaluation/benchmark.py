@@ -179,13 +179,10 @@ def fetch_debian_package(cache_dir: str, pkg: str, members: tuple[str, ...],
     Returns that folder, or None (with a warning) when apt is not available or the download
     fails, so callers degrade gracefully."""
     root = os.path.join(cache_dir, "debian", pkg)
-    if os.path.exists(os.path.join(root, ".complete")):
-        return root
-    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        log.warning("apt-get/dpkg-deb not found: skipping Debian package %s", pkg)
-        return None
 
     def fetch(tmp: str) -> None:
+        if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+            raise FileNotFoundError("apt-get/dpkg-deb not found")
         subprocess.run(["apt-get", "download", pkg], cwd=tmp, check=True,
                        capture_output=True, timeout=600)
         debs = glob.glob(os.path.join(tmp, f"{pkg}_*.deb"))
