@@ -9,6 +9,11 @@ invariances, or one view generator.
 
     python bench/heldout_eval.py --photos 'photos/**/*.jpg' --backgrounds 'bg/*.webp' \
         --model gem --model path/to/model.pt --model path/to/model.pt@512 --rerank qe --rerank dba
+    python bench/heldout_eval.py --standard ~/.cache/remap --views 1 --model remap --model gem \
+        --rerank qe --rerank qe+dba --cache desc/
+
+--standard CACHE: the collection bench/RESULTS.md reports (the benchmark's eval photos and
+Debian's tuxpaint photo stamps, gnome-backgrounds), fetched into CACHE once with apt-get.
 
 --model: a checkpoint path or a model name ("gem": the Lite0 GeM baseline at 512 px, the
 former default; "remap": the shipped default model); "@N" sets the network input's long side. Every view is a query; the rest of its
@@ -168,6 +173,36 @@ def read_photos(patterns, min_side, side):
     return photos
 
 
+# The standard collection (bench/RESULTS.md, "A second view generator"): the benchmark's eval-split
+# photos and Debian's tuxpaint photo stamps as families, gnome-backgrounds as backgrounds. Keys
+# and order are those of the files the earlier runs globbed (evalsplit/<name>.png, tp/<stamp>),
+# so the families and their seeded views are the same as theirs on the same packages.
+STAMPS = ("tuxpaint-stamps-default", ("./usr/share/tuxpaint/stamps",))
+BACKGROUNDS = ("gnome-backgrounds", ("./usr/share/backgrounds/gnome",))
+
+
+def standard_collection(cache_dir, min_side=300, side=768):
+    """-> (photos {key: RGB image}, backgrounds [RGB image]) of the standard collection, fetched
+    into `cache_dir` once (`apt-get download`, as `remap train` fetches its photos)."""
+    from remap_core.evaluation.benchmark import benchmark_photos, fetch_debian_package
+
+    roots = [fetch_debian_package(cache_dir, pkg, members) for pkg, members in (STAMPS, BACKGROUNDS)]
+    if None in roots:
+        raise SystemExit("--standard needs Debian's tuxpaint-stamps-default and gnome-backgrounds "
+                         "(apt-get download); pass --photos and --backgrounds instead")
+    stamps = os.path.join(roots[0], STAMPS[1][0])
+    gnome = os.path.join(roots[1], BACKGROUNDS[1][0])
+    photos = {}
+    for name, img in benchmark_photos("eval", cache_dir, max_side=1 << 30).items():
+        if min(img.size) >= min_side:
+            photos["evalsplit/" + name.replace("/", "_") + ".png"] = _fit(img, side)
+    for key, img in read_photos([os.path.join(stamps, "**", "*.png")], min_side, side).items():
+        photos["tp/" + os.path.relpath(key, stamps)] = img
+    backgrounds = list(read_photos([os.path.join(gnome, "*.webp"), os.path.join(gnome, "*.jpg")],
+                                   64, side).values())
+    return photos, backgrounds
+
+
 def build_collection(photos, backgrounds, views, seed):
     """-> images, family id per image (-1: distractor), nuisance per image (None: original)."""
     images, family, kind = [], [], []
@@ -232,9 +267,13 @@ def score(desc, family, kind, rerank=()):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--photos", action="append", required=True, help="glob of family photos")
-    ap.add_argument("--backgrounds", action="append", required=True,
+    ap.add_argument("--photos", action="append", help="glob of family photos")
+    ap.add_argument("--backgrounds", action="append",
                     help="glob of background photos (clutter, occluders, warp fill, distractors)")
+    ap.add_argument("--standard", metavar="CACHE",
+                    help="the collection of bench/RESULTS.md instead of --photos/--backgrounds: "
+                         "the benchmark's eval photos and tuxpaint photo stamps (min side 300), "
+                         "gnome-backgrounds; fetched into CACHE once")
     ap.add_argument("--min-side", type=int, default=256)
     ap.add_argument("--side", type=int, default=768, help="long side of the stored photos")
     ap.add_argument("--views", type=int, default=2, help="views per nuisance and photo")
@@ -248,6 +287,8 @@ def main(argv=None):
                          "(the database is unchanged): a choice made on one half is checked on "
                          "the other")
     args = ap.parse_args(argv)
+    if bool(args.standard) == bool(args.photos and args.backgrounds):
+        ap.error("give --standard CACHE, or both --photos and --backgrounds")
 
     import torch
 
@@ -255,8 +296,11 @@ def main(argv=None):
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.time()
-    photos = read_photos(args.photos, args.min_side, args.side)
-    backgrounds = list(read_photos(args.backgrounds, 64, args.side).values())
+    if args.standard:
+        photos, backgrounds = standard_collection(args.standard, 300, args.side)
+    else:
+        photos = read_photos(args.photos, args.min_side, args.side)
+        backgrounds = list(read_photos(args.backgrounds, 64, args.side).values())
     images, family, kind = build_collection(photos, backgrounds, args.views, args.seed)
     queries, _ = ground_truth(family, kind)
     keep = half_mask(family[queries], args.half)
