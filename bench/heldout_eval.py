@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import io
 import json
 import os
@@ -218,6 +219,16 @@ def build_collection(photos, backgrounds, views, seed):
     return images, np.asarray(family), kind
 
 
+def collection_digest(images):
+    """A short hash of the collection's pixels: descriptor caches are keyed by it, so another
+    collection of the same size never reads this one's descriptors."""
+    h = hashlib.sha1()
+    for im in images:
+        a = np.ascontiguousarray(np.asarray(im))
+        h.update(repr(a.shape).encode()), h.update(a.tobytes())
+    return h.hexdigest()[:12]
+
+
 def half_mask(query_family, half):
     """Which queries belong to `half` of the photos: "even" or "odd" family number, or "all"."""
     query_family = np.asarray(query_family)
@@ -302,6 +313,7 @@ def main(argv=None):
         photos = read_photos(args.photos, args.min_side, args.side)
         backgrounds = list(read_photos(args.backgrounds, 64, args.side).values())
     images, family, kind = build_collection(photos, backgrounds, args.views, args.seed)
+    digest = collection_digest(images) if args.cache else None
     queries, _ = ground_truth(family, kind)
     keep = half_mask(family[queries], args.half)
     qkind = np.asarray([kind[q] for q in queries])[keep]
@@ -313,7 +325,7 @@ def main(argv=None):
     for spec in args.model:
         t = time.time()
         model = load(spec)
-        key = f"{model.fingerprint}.{model.config['max_side']}.{args.seed}.{args.views}.{len(images)}"
+        key = f"{model.fingerprint}.{model.config['max_side']}.{digest}"
         cached = os.path.join(args.cache, key + ".npy") if args.cache else None
         if cached and os.path.exists(cached):
             desc = np.load(cached)

@@ -71,3 +71,11 @@ def test_a_collection_must_be_given_whole(tmp_path):
     with pytest.raises(SystemExit):
         heldout_eval.main(["--standard", str(tmp_path), "--photos", "x/*.png",
                            "--backgrounds", "y/*.jpg", "--model", "gem"])
+
+
+def test_the_descriptor_cache_key_follows_the_pixels_not_the_count():
+    rng = np.random.default_rng(0)
+    a = [Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)) for _ in range(3)]
+    b = a[:2] + [Image.fromarray(np.asarray(a[2])[::-1].copy())]     # same size, other pixels
+    assert heldout_eval.collection_digest(a) == heldout_eval.collection_digest(list(a))
+    assert heldout_eval.collection_digest(a) != heldout_eval.collection_digest(b)
