@@ -178,20 +178,22 @@ def read_photos(patterns, min_side, side):
 # photos and Debian's tuxpaint photo stamps as families, gnome-backgrounds as backgrounds. Keys
 # and order are those of the files the earlier runs globbed (evalsplit/<name>.png, tp/<stamp>),
 # so the families and their seeded views are the same as theirs on the same packages.
-STAMPS = ("tuxpaint-stamps-default", ("./usr/share/tuxpaint/stamps",))
 BACKGROUNDS = ("gnome-backgrounds", ("./usr/share/backgrounds/gnome",))
 
 
 def standard_collection(cache_dir, min_side=300, side=768):
     """-> (photos {key: RGB image}, backgrounds [RGB image]) of the standard collection, fetched
     into `cache_dir` once (`apt-get download`, as `remap train` fetches its photos)."""
-    from remap_core.evaluation.benchmark import benchmark_photos, fetch_debian_package
+    from remap_core.evaluation.benchmark import (CATEGORY_PACKAGE, CATEGORY_ROOT,
+                                                 benchmark_photos, fetch_debian_package)
 
-    roots = [fetch_debian_package(cache_dir, pkg, members) for pkg, members in (STAMPS, BACKGROUNDS)]
+    stamps_pkg = (CATEGORY_PACKAGE, (CATEGORY_ROOT,))          # the category benchmark's stamps
+    roots = [fetch_debian_package(cache_dir, pkg, members)
+             for pkg, members in (stamps_pkg, BACKGROUNDS)]
     if None in roots:
         raise SystemExit("--standard needs Debian's tuxpaint-stamps-default and gnome-backgrounds "
                          "(apt-get download); pass --photos and --backgrounds instead")
-    stamps = os.path.join(roots[0], STAMPS[1][0])
+    stamps = os.path.join(roots[0], CATEGORY_ROOT)
     gnome = os.path.join(roots[1], BACKGROUNDS[1][0])
     photos = {}
     for name, img in benchmark_photos("eval", cache_dir, max_side=1 << 30).items():
@@ -284,7 +286,7 @@ def main(argv=None):
     ap.add_argument("--standard", metavar="CACHE",
                     help="the collection of bench/RESULTS.md instead of --photos/--backgrounds: "
                          "the benchmark's eval photos and tuxpaint photo stamps (min side 300), "
-                         "gnome-backgrounds; fetched into CACHE once")
+                         "gnome-backgrounds; fetched into CACHE once (--min-side does not apply)")
     ap.add_argument("--min-side", type=int, default=256)
     ap.add_argument("--side", type=int, default=768, help="long side of the stored photos")
     ap.add_argument("--views", type=int, default=2, help="views per nuisance and photo")
@@ -298,7 +300,7 @@ def main(argv=None):
                          "(the database is unchanged): a choice made on one half is checked on "
                          "the other")
     args = ap.parse_args(argv)
-    if bool(args.standard) == bool(args.photos and args.backgrounds):
+    if (args.photos or args.backgrounds) if args.standard else not (args.photos and args.backgrounds):
         ap.error("give --standard CACHE, or both --photos and --backgrounds")
 
     import torch
