@@ -12,6 +12,7 @@ checked on the other.
     python bench/region_aggregation.py --cache ~/.cache/remap --model remap-lite0-v1 \
         --photos 'evalsplit/*.png' --photos 'tuxpaint/**/*.png' --min-side 300 \
         --backgrounds 'gnome/*.webp' --backgrounds 'gnome/*.jpg' --weights 1 10 100 1000
+    python bench/region_aggregation.py --cache ~/.cache/remap --standard --weights 1 10 100
 
 Prints one JSON line per variant and a summary line.
 """
@@ -108,9 +109,11 @@ def main(argv=None):
                     help="a trained REMAP checkpoint before the final step (default: the former "
                          "default, which is one)")
     ap.add_argument("--cache", default=None, help="benchmark cache folder")
-    ap.add_argument("--photos", action="append", required=True, help="held-out photos (glob)")
-    ap.add_argument("--backgrounds", action="append", required=True,
-                    help="held-out background photos (glob)")
+    ap.add_argument("--photos", action="append", help="held-out photos (glob)")
+    ap.add_argument("--backgrounds", action="append", help="held-out background photos (glob)")
+    ap.add_argument("--standard", action="store_true",
+                    help="instead of --photos/--backgrounds: heldout_eval.py --standard's "
+                         "collection, fetched into the --cache folder")
     ap.add_argument("--min-side", type=int, default=300)
     ap.add_argument("--weights", type=float, nargs="+", default=[1, 3, 10, 30, 100, 1000],
                     help="whole-map weights to try, x the grid regions' mean")
@@ -120,6 +123,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--output", help="also write the JSON lines here")
     args = ap.parse_args(argv)
+    if (args.photos or args.backgrounds) if args.standard else not (args.photos and args.backgrounds):
+        ap.error("give --standard, or both --photos and --backgrounds")
 
     import torch
     from PIL import Image
@@ -141,8 +146,11 @@ def main(argv=None):
         raise SystemExit(f"{args.model} has a {model.config['head']!r} head; this needs REMAP")
     side, multiple = int(model.config["max_side"]), int(model.config["multiple"])
     bench = build_benchmark("eval", cache, seed=0)
-    photos = H.read_photos(args.photos, args.min_side, 768)
-    bgs = list(H.read_photos(args.backgrounds, 64, 768).values())
+    if args.standard:
+        photos, bgs = H.standard_collection(cache, 300, 768)
+    else:
+        photos = H.read_photos(args.photos, args.min_side, 768)
+        bgs = list(H.read_photos(args.backgrounds, 64, 768).values())
     h_images, family, kind = H.build_collection(photos, bgs, 1, 0)
     train_set, _ = load_training_set(TrainRun(out="", benchmark_views=True, cache=cache,
                                               quiet=True), 320, multiple)

@@ -61,3 +61,11 @@ def test_gem_regions_pool_each_region_by_its_generalised_mean_and_leave_max_in_p
     got = regs[0, 0, -1][1]                                      # region 0 of the grid
     np.testing.assert_allclose(got, want / np.linalg.norm(want), rtol=1e-3, atol=1e-5)
     assert not np.allclose(got, max_regs[0, 0, -1][1], atol=1e-3)
+
+
+def test_the_held_out_collection_must_be_given_whole():
+    import pytest
+
+    for argv in (["--photos", "x/*.png"], ["--standard", "--backgrounds", "y/*.jpg"], []):
+        with pytest.raises(SystemExit):
+            region_aggregation.main(argv)
