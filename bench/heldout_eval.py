@@ -178,7 +178,7 @@ def read_photos(patterns, min_side, side):
 # photos and Debian's tuxpaint photo stamps as families, gnome-backgrounds as backgrounds. Keys
 # and order are those of the files the earlier runs globbed (evalsplit/<name>.png, tp/<stamp>),
 # so the families and their seeded views are the same as theirs on the same packages.
-BACKGROUNDS = ("gnome-backgrounds", ("./usr/share/backgrounds/gnome",))
+BACKGROUND_PACKAGE, BACKGROUND_ROOT = "gnome-backgrounds", "./usr/share/backgrounds/gnome"
 
 
 def standard_collection(cache_dir, min_side=300, side=768):
@@ -187,14 +187,14 @@ def standard_collection(cache_dir, min_side=300, side=768):
     from remap_core.evaluation.benchmark import (CATEGORY_PACKAGE, CATEGORY_ROOT,
                                                  benchmark_photos, fetch_debian_package)
 
-    stamps_pkg = (CATEGORY_PACKAGE, (CATEGORY_ROOT,))          # the category benchmark's stamps
-    roots = [fetch_debian_package(cache_dir, pkg, members)
-             for pkg, members in (stamps_pkg, BACKGROUNDS)]
+    roots = [fetch_debian_package(cache_dir, pkg, (root,))       # stamps: the category benchmark's
+             for pkg, root in ((CATEGORY_PACKAGE, CATEGORY_ROOT),
+                               (BACKGROUND_PACKAGE, BACKGROUND_ROOT))]
     if None in roots:
         raise SystemExit("--standard needs Debian's tuxpaint-stamps-default and gnome-backgrounds "
                          "(apt-get download); pass --photos and --backgrounds instead")
     stamps = os.path.join(roots[0], CATEGORY_ROOT)
-    gnome = os.path.join(roots[1], BACKGROUNDS[1][0])
+    gnome = os.path.join(roots[1], BACKGROUND_ROOT)
     photos = {}
     for name, img in benchmark_photos("eval", cache_dir, max_side=1 << 30).items():
         if min(img.size) >= min_side:
@@ -204,6 +204,22 @@ def standard_collection(cache_dir, min_side=300, side=768):
     backgrounds = list(read_photos([os.path.join(gnome, "*.webp"), os.path.join(gnome, "*.jpg")],
                                    64, side).values())
     return photos, backgrounds
+
+
+def collection_given(standard, photo_globs, background_globs) -> bool:
+    """Whether a script's arguments name one whole collection: the standard one and no globs, or
+    both globs."""
+    return not (photo_globs or background_globs) if standard else bool(photo_globs and
+                                                                          background_globs)
+
+
+def read_collection(standard_cache, photo_globs, background_globs, min_side, side):
+    """-> (photos, backgrounds): the standard collection fetched into `standard_cache`, or else
+    the photos and backgrounds the globs find."""
+    if standard_cache:
+        return standard_collection(standard_cache, side=side)
+    return (read_photos(photo_globs, min_side, side),
+            list(read_photos(background_globs, 64, side).values()))
 
 
 def build_collection(photos, backgrounds, views, seed):
@@ -300,7 +316,7 @@ def main(argv=None):
                          "(the database is unchanged): a choice made on one half is checked on "
                          "the other")
     args = ap.parse_args(argv)
-    if (args.photos or args.backgrounds) if args.standard else not (args.photos and args.backgrounds):
+    if not collection_given(args.standard, args.photos, args.backgrounds):
         ap.error("give --standard CACHE, or both --photos and --backgrounds")
 
     import torch
@@ -309,11 +325,8 @@ def main(argv=None):
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.time()
-    if args.standard:
-        photos, backgrounds = standard_collection(args.standard, 300, args.side)
-    else:
-        photos = read_photos(args.photos, args.min_side, args.side)
-        backgrounds = list(read_photos(args.backgrounds, 64, args.side).values())
+    photos, backgrounds = read_collection(args.standard, args.photos, args.backgrounds,
+                                          args.min_side, args.side)
     images, family, kind = build_collection(photos, backgrounds, args.views, args.seed)
     digest = collection_digest(images) if args.cache else None
     queries, _ = ground_truth(family, kind)

@@ -123,13 +123,14 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--output", help="also write the JSON lines here")
     args = ap.parse_args(argv)
-    if (args.photos or args.backgrounds) if args.standard else not (args.photos and args.backgrounds):
+    import heldout_eval as H
+
+    if not H.collection_given(args.standard, args.photos, args.backgrounds):
         ap.error("give --standard, or both --photos and --backgrounds")
 
     import torch
     from PIL import Image
 
-    import heldout_eval as H
     from remap_core.data.preprocess import resize_for_model
     from remap_core.descriptor.checkpoint import load_model
     from remap_core.evaluation.benchmark import build_benchmark, default_cache_dir
@@ -146,11 +147,8 @@ def main(argv=None):
         raise SystemExit(f"{args.model} has a {model.config['head']!r} head; this needs REMAP")
     side, multiple = int(model.config["max_side"]), int(model.config["multiple"])
     bench = build_benchmark("eval", cache, seed=0)
-    if args.standard:
-        photos, bgs = H.standard_collection(cache, 300, 768)
-    else:
-        photos = H.read_photos(args.photos, args.min_side, 768)
-        bgs = list(H.read_photos(args.backgrounds, 64, 768).values())
+    photos, bgs = H.read_collection(cache if args.standard else None, args.photos,
+                                    args.backgrounds, args.min_side, 768)
     h_images, family, kind = H.build_collection(photos, bgs, 1, 0)
     train_set, _ = load_training_set(TrainRun(out="", benchmark_views=True, cache=cache,
                                               quiet=True), 320, multiple)
