@@ -118,35 +118,48 @@ def _write_json(path: str, obj) -> None:
 def augment_collection(store: str, folder: str, k: int, alpha: float = DEFAULT_QE_ALPHA,
                        seed: int = 0, shards: list[LiveShard] | None = None) -> dict:
     """DBA before indexing: every live vector of `store` replaced by
-    rerank.augment_with_neighbours over its `k` nearest other vectors (index_builder.knn:
-    exact up to knn.EXACT_MAX vectors, IVF-Flat above, its recall measured), weights
-    score ** alpha, written to the folder as a table (DBA_IDS, DBA_VECTORS, DBA_JSON) that train,
-    add and merge read in place of the embedding shards' vectors. The N x D vectors are held in
-    memory (twice, and once more in the approximate search's index). `shards`: the store's
-    live shards when the caller has planned them already. -> the table's info (the k-NN
-    search's own under "knn")"""
+    rerank.augment_with_neighbours over its `k` nearest other vectors (augment_live), written
+    to the folder as a table (DBA_IDS, DBA_VECTORS, DBA_JSON) that train, add and merge read in
+    place of the embedding shards' vectors. `shards`: the store's live shards when the caller
+    has planned them already. -> the table's info (the k-NN search's own under "knn")"""
+    folder = _local(folder)
+    if shards is None:
+        shards, _ = plan_live_shards(list_runs(store))
+    info, ids, Xa, _ = augment_live(shards, k, alpha, seed)
+    write_dba_table(folder, info, ids, Xa)
+    return info
+
+
+def augment_live(shards: list[LiveShard], k: int, alpha: float = DEFAULT_QE_ALPHA,
+                 seed: int = 0) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    """The live vectors of `shards`, each replaced by rerank.augment_with_neighbours over its `k`
+    nearest other vectors (index_builder.knn: exact up to knn.EXACT_MAX vectors, IVF-Flat
+    above, its recall measured), weights score ** alpha. The N x D vectors are held in memory
+    (twice, and once more in the approximate search's index). -> (the table's info, ids (N,)
+    ascending, their augmented vectors (N, D), the position in `shards` of each row's shard
+    (N,) int32: a shard's part of the table is where it equals the shard's position)."""
     from index_builder.knn import nearest_others
     from index_builder.rerank import augment_with_neighbours
 
-    folder = _local(folder)
     t0 = time.time()
-    if shards is None:
-        shards, _ = plan_live_shards(list_runs(store))
-    parts = list(_live_batches(shards))
-    ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
-    X = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, 1), np.float32)
-    del parts
+    ids, X, where = [np.zeros(0, np.int64)], [], [np.zeros(0, np.int32)]
+    for position, shard in enumerate(shards):
+        for bid, bx in _live_batches([shard]):
+            ids.append(bid)
+            X.append(bx)
+            where.append(np.full(len(bid), position, np.int32))
+    ids, where = np.concatenate(ids), np.concatenate(where)
+    X = np.concatenate(X) if X else np.zeros((0, 1), np.float32)
     order = np.argsort(ids, kind="stable")
-    X = X[order]
+    ids, X, where = ids[order], X[order], where[order]
     nn, sims, knn = nearest_others(X, k, seed=seed)
     Xa = augment_with_neighbours(X, nn, sims, alpha)
     del X
     info = {"k": int(k), "alpha": float(alpha), "vectors": int(len(ids)), "knn": knn,
             "seconds": round(time.time() - t0, 3)}
-    write_dba_table(folder, info, ids[order], Xa)
     log.info(f"dba: {len(ids)} vectors augmented with their {k} nearest others "
              f"({knn['knn']} k-NN) in {info['seconds']:.1f}s")
-    return info
+    return info, ids, Xa, where
 
 
 def write_dba_table(folder: str, info: dict, ids: np.ndarray, vectors: np.ndarray) -> None:
@@ -156,14 +169,6 @@ def write_dba_table(folder: str, info: dict, ids: np.ndarray, vectors: np.ndarra
         with atomic_path(os.path.join(folder, name)) as tmp, open(tmp, "wb") as f:
             np.save(f, arr)
     _write_json(os.path.join(folder, DBA_JSON), info)
-
-
-def dba_table_part(table, ids: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray]:
-    """The rows of a DBA table whose id is in `ids` (e.g. one shard's): a table of its own,
-    which `augmented` reads as it reads the whole one for those ids."""
-    info, tids, tvec = table
-    keep = np.isin(tids, ids)
-    return info, np.asarray(tids[keep]), np.asarray(tvec[keep])
 
 
 def default_dba(n: int, dim: int) -> int:

@@ -2,10 +2,9 @@
 workers, on any runner `remap embed` runs on (the in-process FnApiRunner by default, the
 PortableRunner with a worker pool, Dataflow).
 
-    Augment (one worker, with DBA: all-kNN over the collection, each shard's augmented vectors)
-            │ dba/ (side input of SampleShard and AddShard, which index those vectors)
-    Shards ─┬─► SampleShard (per shard) ─► MergeSamples ─► Train (one worker)
-            │                                                 │ trained.faiss (side input)
+    Shards ─┬─► SampleShard (per shard) ─► MergeSamples ─┐    (without DBA)
+            │   Augment (one worker, with DBA) ──────────┴─► Train (one worker)
+            │      │ dba/: the table, one part per shard      │ trained.faiss (side input)
             └─► AddShard (per shard) ◄────────────────────────┘
                      │ shards/<run>-<shard>-g1.faiss + .ids.parquet
                      ▼
@@ -16,8 +15,8 @@ float32 vectors) is the local build's augment_collection run by one worker: the 
 N x D vectors are held in memory there (about three times), so that worker needs the memory the
 local build would. It writes the whole table (for the Merge worker: the manifest's record, the
 recall, --refine's vectors; like `remap index --output gs://...`, the index published does not
-hold the table) and one part per shard (that shard's rows, all a SampleShard or AddShard worker
-downloads).
+hold the table) and one part per shard (that shard's rows, all an AddShard worker downloads),
+and draws the training sample from the augmented vectors it holds, in place of SampleShard.
 
 The launcher plans the build (index_builder.build.plan_training: runs, live shards, factory,
 sample size; every refusal happens there, before a job starts). Workers write into the index
@@ -102,61 +101,71 @@ def _upload_dba(local: str, url: str) -> None:
 # --------------------------------------------------------------------------- worker steps
 
 class SampleShardFn(StorageDoFn):
-    """(position, LiveShard) -> the shard's bottom-k SamplePart (index_builder.train)."""
+    """(position, LiveShard) -> the shard's bottom-k SamplePart (index_builder.train) of its own
+    vectors (without DBA; with it, AugmentFn samples the augmented collection)."""
 
     def __init__(self, size: int, seed: int, dim: int, fsspec_config):
         super().__init__(fsspec_config)
         self.size, self.seed, self.dim = size, seed, dim
 
-    def process(self, item, dba: str | None = None):
-        from index_builder.build import _live_batches, dba_table
+    def process(self, item):
+        from index_builder.build import _live_batches
         from index_builder.train import sample_part
 
-        position, shard = item
-        with tempfile.TemporaryDirectory(prefix="remap-sample-") as tmp:
-            table = (dba_table(_download_dba(join_url(dba, _dba_part(position)), tmp))
-                     if dba else None)
-            yield sample_part(_live_batches([shard], table=table), self.size, self.seed,
-                              self.dim)
+        _, shard = item
+        yield sample_part(_live_batches([shard]), self.size, self.seed, self.dim)
         _count("shards_sampled")
 
 
 class AugmentFn(StorageDoFn):
-    """Database-side augmentation on one worker (index_builder.build.augment_collection over
-    the plan's live shards): the whole table and one part per shard into the work folder's
-    dba/, the table's DBA_JSON last (a rerun finding it skips the step). -> the work folder."""
+    """Database-side augmentation on one worker (index_builder.build.augment_live over the
+    plan's live shards): the whole table and one part per shard into the work folder's dba/,
+    the table's DBA_JSON last (a rerun finding it skips the step). -> the work folder; with
+    `sample_size`, also the collection's training sample of the augmented vectors (the
+    SAMPLE output, the bottom-k sample SampleShard + MergeSamples draw without DBA), so that no
+    worker downloads a shard's part of the table to sample it."""
 
-    def __init__(self, plan, store: str, k: int, work: str, fsspec_config):
+    SAMPLE = "sample"
+
+    def __init__(self, plan, k: int, work: str, fsspec_config, sample_size: int | None = None):
         super().__init__(fsspec_config)
-        self.plan, self.store, self.k, self.work = plan, store, k, work
+        self.plan, self.k, self.work, self.sample_size = plan, k, work, sample_size
 
     def process(self, _):
         import numpy as np
 
-        from index_builder.build import (augment_collection, dba_table, dba_table_part,
-                                         write_dba_table)
-        from index_builder.embeddings import read_shard_ids
+        from index_builder.build import augment_live, dba_table, write_dba_table
 
         dba = join_url(self.work, DBA_WORK)
-        if _exists(join_url(dba, _dba_files()[-1])):
-            _count("dba_already_done")
-            yield self.work
-            return
         with tempfile.TemporaryDirectory(prefix="remap-dba-") as tmp:
-            augment_collection(self.store, tmp, self.k, seed=self.plan.seed,
-                               shards=self.plan.shards)
-            table = dba_table(tmp)
-            for position, shard in enumerate(self.plan.shards):
-                if shard.live_rows == 0:
-                    continue
-                part = os.path.join(tmp, _dba_part(position))
+            if _exists(join_url(dba, _dba_files()[-1])):
+                _count("dba_already_done")
+                if self.sample_size:       # a rerun that has not trained yet: sample the table
+                    _, ids, Xa = dba_table(_download_dba(dba, tmp))
+                    yield beam.pvalue.TaggedOutput(self.SAMPLE, self._sample(ids, Xa))
+                yield self.work
+                return
+            info, ids, Xa, where = augment_live(self.plan.shards, self.k, seed=self.plan.seed)
+            for position in np.unique(where):     # the table is sorted by id: a mask per shard
+                part = os.path.join(tmp, _dba_part(int(position)))
                 os.makedirs(part)
-                live = np.setdiff1d(read_shard_ids(shard.path), shard.drop)
-                write_dba_table(part, *dba_table_part(table, live))
-                _upload_dba(part, join_url(dba, _dba_part(position)))
+                mine = where == position
+                write_dba_table(part, info, ids[mine], Xa[mine])
+                _upload_dba(part, join_url(dba, _dba_part(int(position))))
+                shutil.rmtree(part)
+            write_dba_table(tmp, info, ids, Xa)
             _upload_dba(tmp, dba)
-        _count("dba_vectors", table[0]["vectors"])
+        _count("dba_vectors", info["vectors"])
+        if self.sample_size:
+            yield beam.pvalue.TaggedOutput(self.SAMPLE, self._sample(ids, Xa))
         yield self.work
+
+    def _sample(self, ids, X, batch_rows: int = 65_536):
+        from index_builder.train import sample_part
+
+        return sample_part(((ids[i:i + batch_rows], X[i:i + batch_rows])
+                            for i in range(0, len(ids), batch_rows)),
+                           self.sample_size, self.plan.seed, self.plan.dim)
 
 
 class MergeSamplesFn(beam.CombineFn):
@@ -300,28 +309,29 @@ def build_pipeline(pipeline: beam.Pipeline, plan, opts: IndexBuildOptions, work:
                    trained: bool, fsconf: dict | None, started: float, dba: int = 0) -> None:
     """The build's steps on `pipeline`. `trained`: the work folder already holds this plan's
     trained index (a rerun), so sampling and training are left out. `dba` K > 0: augment the
-    collection first (AugmentFn); the shards' steps then read their part of the table."""
+    collection first (AugmentFn, which also draws the training sample); AddShard then reads each
+    shard's part of the table."""
     shards = (pipeline
               | "Shards" >> beam.Create([(i, s) for i, s in enumerate(plan.shards)
                                          if s.live_rows > 0])
               | "Spread" >> beam.Reshuffle())
-    table = {}
+    table, size = {}, plan.size + plan.held
     if dba:
         augmented = (pipeline
                      | "AugmentOnce" >> beam.Create([None])
-                     | "Augment" >> beam.ParDo(AugmentFn(plan, opts.embeddings, dba, work,
-                                                         fsconf))
-                     | "DbaTable" >> beam.Map(lambda w: join_url(w, DBA_WORK)))
-        table = {"dba": beam.pvalue.AsSingleton(augmented)}
+                     | "Augment" >> beam.ParDo(AugmentFn(plan, dba, work, fsconf,
+                                                         None if trained else size)
+                                               ).with_outputs(AugmentFn.SAMPLE, main="work"))
+        table = {"dba": beam.pvalue.AsSingleton(
+            augmented.work | "DbaTable" >> beam.Map(lambda w: join_url(w, DBA_WORK)))}
     if trained:
         ready = pipeline | "TrainedEarlier" >> beam.Create([work])
     else:
-        size = plan.size + plan.held
-        ready = (shards
-                 | "SampleShard" >> beam.ParDo(SampleShardFn(size, plan.seed, plan.dim, fsconf),
-                                               **table)
-                 | "MergeSamples" >> beam.CombineGlobally(MergeSamplesFn(size))
-                 | "Train" >> beam.ParDo(TrainFn(plan, work, fsconf)))
+        sample = (augmented[AugmentFn.SAMPLE] if dba else
+                  (shards
+                   | "SampleShard" >> beam.ParDo(SampleShardFn(size, plan.seed, plan.dim, fsconf))
+                   | "MergeSamples" >> beam.CombineGlobally(MergeSamplesFn(size))))
+        ready = sample | "Train" >> beam.ParDo(TrainFn(plan, work, fsconf))
     (shards
      | "AddShard" >> beam.ParDo(AddShardFn(fsconf), work=beam.pvalue.AsSingleton(ready),
                                 **table)

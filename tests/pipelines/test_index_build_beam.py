@@ -172,6 +172,50 @@ def test_a_killed_build_run_again_completes_with_no_duplicates(collection, tmp_p
     _assert_same_neighbours(built, reference)
 
 
+def test_the_augment_worker_writes_each_shards_part_and_the_local_builds_sample(collection,
+                                                                              tmp_path):
+    """AugmentFn on its own: one part per live shard holding exactly that shard's live rows of
+    the table; the training sample it emits is the one the local build draws from its DBA
+    table; and a rerun that finds the table (killed before training) emits the same sample
+    from it without augmenting again."""
+    from index_builder.build import _live_batches, plan_training
+    from index_builder.embeddings import read_shard_ids
+    from index_builder.train import reservoir_sample
+    from pipelines.index_build import AugmentFn
+
+    root, store, local = collection
+    plan = plan_training(store, IVF)
+    size = plan.size + plan.held
+    work = str(tmp_path / "_build")
+    fn = AugmentFn(plan, 2, work, None, sample_size=size)
+    fn.setup()
+    first = list(fn.process(None))
+    assert [type(o).__name__ for o in first] == ["TaggedOutput", "str"] and first[1] == work
+    whole = dba_table(os.path.join(work, "dba"))
+    reference = dba_table(local)
+    np.testing.assert_array_equal(whole[1], reference[1])
+    np.testing.assert_allclose(whole[2], reference[2], rtol=0, atol=1e-6)
+    parts = sorted(os.listdir(os.path.join(work, "dba", "dba")))     # _dba_part's names
+    live = [p for p, s in enumerate(plan.shards) if s.live_rows > 0]
+    assert [p for p in parts if p.isdigit()] == [f"{p:06d}" for p in live]
+    for position in live:
+        shard = plan.shards[position]
+        part = dba_table(os.path.join(work, "dba", "dba", f"{position:06d}"))
+        mine = np.setdiff1d(read_shard_ids(shard.path), shard.drop)
+        np.testing.assert_array_equal(part[1], mine)             # sorted, that shard's rows
+        np.testing.assert_array_equal(part[2], whole[2][np.isin(whole[1], mine)])
+    sample = first[0].value
+    assert first[0].tag == AugmentFn.SAMPLE and len(sample.ids) == size
+    ids, X = reservoir_sample(_live_batches(plan.shards, table=reference), size, plan.seed)
+    np.testing.assert_array_equal(sample.ids, ids)
+    np.testing.assert_allclose(sample.X, X, rtol=0, atol=1e-6)
+
+    again = list(fn.process(None))          # the table is there: read, not augmented again
+    np.testing.assert_array_equal(again[0].value.ids, sample.ids)
+    np.testing.assert_array_equal(again[0].value.X, sample.X)
+    assert list(AugmentFn(plan, 2, work, None).process(None)) == [work]   # trained: no sample
+
+
 def test_refine_and_query_expansion_options_match_the_local_build(collection, tmp_path):
     """`--refine` and `--qe` as `remap index`'s: the merge worker writes the same float16
     vectors (same checksum) and the same rerank default, and the re-ranked neighbours match."""
@@ -247,7 +291,7 @@ def test_the_job_graph_translates_for_dataflow_offline(collection, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["dry_run"] and out["factory"] == IVF
+    # with DBA (the default here) the Augment worker draws the sample: no SampleShard
     assert out["transforms"] == ["Shards", "Spread", "AugmentOnce", "Augment", "DbaTable",
-                                 "SampleShard", "MergeSamples", "Train", "AddShard", "Collect",
-                                 "Merge"]
+                                 "Train", "AddShard", "Collect", "Merge"]
     assert os.listdir(tmp_path) == []
