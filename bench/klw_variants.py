@@ -43,9 +43,9 @@ def whole_map_multiple(w: np.ndarray) -> np.ndarray:
 def variant_keeping_whole_map(trained: np.ndarray, variant: np.ndarray) -> np.ndarray:
     """The variant's grid weights, with each layer's whole map at the trained model's multiple
     of that layer's (new) grid mean."""
-    out = np.array(variant, dtype=np.float64)
-    out[:, 0] = whole_map_multiple(trained) * out[:, 1:].mean(axis=1)
-    return out
+    from remap_core.fitting.klw import weigh_whole_map
+
+    return weigh_whole_map(variant, whole_map_multiple(trained))
 
 
 def main(argv=None):

@@ -170,19 +170,23 @@ def fit_region_weights(head, batches, match: np.ndarray, nonmatch: np.ndarray,
                              method=method)
 
 
-def weigh_whole_map(weights: np.ndarray, factor: float) -> np.ndarray:
+def weigh_whole_map(weights: np.ndarray, factor: float | np.ndarray) -> np.ndarray:
     """KLW weights (L_layers, R_canonical) with the whole-map region (canonical index 0, present
     when the head includes it) weighed `factor` times the mean weight of the layer's other
     regions: a prior for clutter and occlusion. The whole map's max-pooled vector holds the
     strongest activations wherever the object lies; each grid region, L2-normalised, votes
     equally however little of the object it holds, so a background that fills most of the image
     outvotes the object. factor 0 drops the whole map; the grid weights are left as they are.
-    -> a new (L, R) array."""
+    `factor` is one number for every layer or one per layer (L,). -> a new (L, R) array."""
     w = np.array(weights, dtype=np.float64)
     if w.ndim != 2 or w.shape[1] < 2:
         raise ValueError(f"KLW weights must be (layers, regions) with the whole map and at least "
                          f"one grid region, got shape {w.shape}")
-    if not np.isfinite(factor) or factor < 0:
+    f = np.asarray(factor, dtype=np.float64)
+    if f.shape not in ((), (len(w),)):
+        raise ValueError(f"the whole-map weight factor must be one number or one per layer "
+                         f"({len(w)}), got shape {f.shape}")
+    if not np.isfinite(f).all() or (f < 0).any():
         raise ValueError(f"the whole-map weight factor must be finite and >= 0, got {factor}")
-    w[:, 0] = factor * w[:, 1:].mean(axis=1)
+    w[:, 0] = f * w[:, 1:].mean(axis=1)
     return w

@@ -101,3 +101,9 @@ def test_weigh_whole_map_sets_the_whole_map_from_the_grid_mean_only():
             weigh_whole_map(w, bad)
     with pytest.raises(ValueError, match="at least one grid region"):
         weigh_whole_map(np.ones((2, 1)), 3.0)
+    # one factor per layer (bench/klw_variants.py keeps each layer's trained multiple)
+    np.testing.assert_allclose(weigh_whole_map(w, np.array([10.0, 0.5]))[:, 0], [20.0, 2.0])
+    with pytest.raises(ValueError, match="one per layer"):
+        weigh_whole_map(w, np.ones(3))
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        weigh_whole_map(w, np.array([1.0, -1.0]))
