@@ -133,6 +133,10 @@ def main(argv=None) -> int:
                     help="also time queries on the remap index in each layout (single, shards, "
                          "ondisk)")
     args = ap.parse_args(argv)
+    try:    # before the vectors are made: a 10M run spends minutes on them
+        import psutil  # noqa: F401
+    except ImportError:
+        sys.exit("bench/index_build.py measures peak memory with psutil: pip install -e '.[bench]'")
 
     import faiss
 
