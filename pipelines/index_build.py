@@ -140,7 +140,7 @@ class AugmentFn(StorageDoFn):
         with tempfile.TemporaryDirectory(prefix="remap-dba-") as tmp:
             if _exists(join_url(dba, _dba_files()[-1])):
                 _count("dba_already_done")
-                if self.sample_size:       # a rerun that has not trained yet: sample the table
+                if self.sample_size is not None:   # a rerun not trained yet: sample the table
                     _, ids, Xa = dba_table(_download_dba(dba, tmp))
                     yield beam.pvalue.TaggedOutput(self.SAMPLE, self._sample(ids, Xa))
                 yield self.work
@@ -156,7 +156,7 @@ class AugmentFn(StorageDoFn):
             write_dba_table(tmp, info, ids, Xa)
             _upload_dba(tmp, dba)
         _count("dba_vectors", info["vectors"])
-        if self.sample_size:
+        if self.sample_size is not None:     # 0 (a Flat index) too: Train waits for it
             yield beam.pvalue.TaggedOutput(self.SAMPLE, self._sample(ids, Xa))
         yield self.work
 

@@ -214,6 +214,9 @@ def test_the_augment_worker_writes_each_shards_part_and_the_local_builds_sample(
     np.testing.assert_array_equal(again[0].value.ids, sample.ids)
     np.testing.assert_array_equal(again[0].value.X, sample.X)
     assert list(AugmentFn(plan, 2, work, None).process(None)) == [work]   # trained: no sample
+    # a Flat index trains on no sample, but Train still waits for one
+    flat = list(AugmentFn(plan, 2, work, None, sample_size=0).process(None))
+    assert flat[0].tag == AugmentFn.SAMPLE and len(flat[0].value.ids) == 0 and flat[1] == work
 
 
 def test_refine_and_query_expansion_options_match_the_local_build(collection, tmp_path):
