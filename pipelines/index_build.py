@@ -11,12 +11,13 @@ PortableRunner with a worker pool, Dataflow).
                  Collect ─► Merge (one worker: merge_step, recall, manifest; upload)
 
 Database-side augmentation (`--dba K`, on by default as in `remap index`: K = 2 up to 2 GiB of
-float32 vectors) is the local build's augment_collection run by one worker: the collection's
-N x D vectors are held in memory there (about three times), so that worker needs the memory the
-local build would. It writes the whole table (for the Merge worker: the manifest's record, the
-recall, --refine's vectors; like `remap index --output gs://...`, the index published does not
-hold the table) and one part per shard (that shard's rows, all an AddShard worker downloads),
-and draws the training sample from the augmented vectors it holds, in place of SampleShard.
+float32 vectors) is the local build's augmentation (index_builder.build.augment_live, which
+augment_collection runs) on one worker: the collection's N x D vectors are held in memory there
+(about three times), so that worker needs the memory the local build would. It writes the whole
+table (for the Merge worker: the manifest's record, the recall, --refine's vectors; like `remap
+index --output gs://...`, the index published does not hold the table) and one part per shard (that
+shard's rows, all an AddShard worker downloads), and draws the training sample from the augmented
+vectors it holds, in place of SampleShard.
 
 The launcher plans the build (index_builder.build.plan_training: runs, live shards, factory,
 sample size; every refusal happens there, before a job starts). Workers write into the index
