@@ -282,6 +282,20 @@ def embed(model, images, batch_size=16):
     return model.embed_arrays(arrays, batch_size)
 
 
+def cached_embed(model, images, cache_dir=None, digest=None):
+    """`embed`, read from (or saved to) `cache_dir` when given: one file per model fingerprint,
+    input side and collection digest (`collection_digest(images)`)."""
+    if not cache_dir:
+        return embed(model, images)
+    path = os.path.join(cache_dir, f"{model.fingerprint}.{model.config['max_side']}.{digest}.npy")
+    if os.path.exists(path):
+        return np.load(path)
+    desc = embed(model, images)
+    os.makedirs(cache_dir, exist_ok=True)
+    np.save(path, desc)
+    return desc
+
+
 def score(desc, family, kind, rerank=()):
     from index_builder.rerank import reranked_similarities
     from remap_core.evaluation.metrics import compute_map
@@ -340,15 +354,7 @@ def main(argv=None):
     for spec in args.model:
         t = time.time()
         model = load(spec)
-        key = f"{model.fingerprint}.{model.config['max_side']}.{digest}"
-        cached = os.path.join(args.cache, key + ".npy") if args.cache else None
-        if cached and os.path.exists(cached):
-            desc = np.load(cached)
-        else:
-            desc = embed(model, images)
-            if cached:
-                os.makedirs(args.cache, exist_ok=True)
-                np.save(cached, desc)
+        desc = cached_embed(model, images, args.cache, digest)
         variants = [()] + [tuple(r.split("+")) for r in args.rerank]
         for v in variants:
             name = spec + ("" if not v else " +" + "+".join(v))
