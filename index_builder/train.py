@@ -253,19 +253,26 @@ def sample_part(batches: Iterable[tuple[np.ndarray, np.ndarray]], size: int, see
     """Bottom-k sample of a stream of (ids (B,), X (B, D)) batches: the `size` rows with the
     smallest sample_keys. Memory is O(size + batch). Samples of disjoint parts of a collection
     (its shards, read by different workers) combine with merge_sample_parts into exactly the
-    sample of the whole collection."""
-    keys = np.zeros(0)
-    ids = np.zeros(0, np.int64)
-    X = None if dim is None else np.zeros((0, dim), np.float32)
+    sample of the whole collection.
+
+    Batches wait in a list and are cut down to the `size` smallest with the rows kept so far
+    once more than `size` rows wait: each cut costs O(size) and comes after at least `size` new
+    rows, so the work is O(rows), not O(rows / batch x size) as when every batch is appended to
+    the kept rows."""
+    kept = None if dim is None else SamplePart(np.zeros(0), np.zeros(0, np.int64),
+                                               np.zeros((0, dim), np.float32))
+    waiting: list[SamplePart] = []
+    n_waiting = 0
     for bid, bx in batches:
         bid = np.asarray(bid, np.int64)
-        keys, ids = np.concatenate([keys, sample_keys(bid, seed)]), np.concatenate([ids, bid])
-        X = bx.astype(np.float32) if X is None else np.concatenate([X, bx.astype(np.float32)])
-        if len(keys) > 2 * size:       # trim now and then: amortised O(rows)
-            keys, ids, X = _smallest(keys, ids, X, size)
-    if X is None:
+        waiting.append(SamplePart(sample_keys(bid, seed), bid, np.asarray(bx, np.float32)))
+        n_waiting += len(bid)
+        if n_waiting > size:
+            kept = merge_sample_parts([kept, *waiting], size)
+            waiting, n_waiting = [], 0
+    if kept is None and not waiting:
         raise ValueError("nothing to sample: the stream was empty")
-    return _smallest(keys, ids, X, size)
+    return merge_sample_parts([kept, *waiting], size)
 
 
 def merge_sample_parts(parts: Iterable[SamplePart], size: int) -> SamplePart:

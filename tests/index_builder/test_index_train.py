@@ -69,6 +69,23 @@ def test_reservoir_sample_is_uniform_and_independent_of_batching():
     assert counts[0] < 1.2 * expected  # not the first rows
 
 
+def test_sample_part_is_the_bottom_k_of_the_whole_stream_however_it_is_cut():
+    from index_builder.train import sample_keys, sample_part
+
+    keys = sample_keys(np.arange(10_000, dtype=np.int64), 7)
+    for size in (0, 1, 300, 5_000, 10_000, 20_000):
+        want = np.sort(np.argsort(keys, kind="stable")[:size])
+        for batch in (1_000, 4_096, 10_000):
+            part = sample_part(_stream(10_000, batch), size, seed=7)
+            assert (np.diff(part.keys) >= 0).all()               # smallest key first
+            np.testing.assert_array_equal(np.sort(part.ids), want)
+            assert (part.X[:, 0] == part.ids).all() and part.X.dtype == np.float32
+    empty = sample_part(iter(()), 5, dim=4)
+    assert empty.X.shape == (0, 4)
+    with pytest.raises(ValueError, match="empty"):
+        sample_part(iter(()), 5)
+
+
 def test_quantisation_error_matches_numpy_reference():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(5000, 16)).astype(np.float32)
