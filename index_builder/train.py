@@ -248,6 +248,29 @@ def _smallest(keys: np.ndarray, ids: np.ndarray, X: np.ndarray, size: int) -> Sa
     return SamplePart(keys[order], ids[order], np.ascontiguousarray(X[order]))
 
 
+_COMPACT_ROWS = 8_192      # rows moved per step when the kept rows are packed to the front
+
+
+def _cut(keys: np.ndarray, ids: np.ndarray, X: np.ndarray, n: int, size: int) -> int:
+    """Keep, in place at the front of the buffers, the `size` rows of the first n with the
+    smallest (key, id) (in buffer order) -> the rows now held. X is packed a chunk at a time:
+    the kept rows ascend, so each chunk's source rows lie at or after its destination and after
+    every earlier chunk's, and only a chunk's worth of memory is ever allocated."""
+    if n <= size:
+        return n
+    keep = np.argpartition(keys[:n], size)[:size] if size else np.zeros(0, np.int64)
+    # rows tied with the size-th key are rare; the id breaks ties so every way of cutting the
+    # stream keeps the same rows
+    if size and keys[keep].max() == np.delete(keys[:n], keep).min():
+        keep = np.lexsort((ids[:n], keys[:n]))[:size]
+    keep = np.sort(keep)
+    keys[:size], ids[:size] = keys[keep], ids[keep]
+    for i in range(0, size, _COMPACT_ROWS):
+        j = min(i + _COMPACT_ROWS, size)
+        X[i:j] = X[keep[i:j]]
+    return size
+
+
 def sample_part(batches: Iterable[tuple[np.ndarray, np.ndarray]], size: int, seed: int = 0,
                 dim: int | None = None) -> SamplePart:
     """Bottom-k sample of a stream of (ids (B,), X (B, D)) batches: the `size` rows with the
@@ -255,24 +278,35 @@ def sample_part(batches: Iterable[tuple[np.ndarray, np.ndarray]], size: int, see
     (its shards, read by different workers) combine with merge_sample_parts into exactly the
     sample of the whole collection.
 
-    Batches wait in a list and are cut down to the `size` smallest with the rows kept so far
-    once more than `size` rows wait: each cut costs O(size) and comes after at least `size` new
-    rows, so the work is O(rows), not O(rows / batch x size) as when every batch is appended to
-    the kept rows."""
-    kept = None if dim is None else SamplePart(np.zeros(0), np.zeros(0, np.int64),
-                                               np.zeros((0, dim), np.float32))
-    waiting: list[SamplePart] = []
-    n_waiting = 0
+    The rows go into one buffer of 2 x size + batch rows, allocated once; when it is full it is
+    cut to the `size` smallest in place (O(size), after at least size + batch new rows: O(rows)
+    in all). Allocating a large array costs a page fault per page, so a sample kept by
+    concatenating arrays spends most of its time there."""
+    keys = ids = X = None
+    n = 0
     for bid, bx in batches:
         bid = np.asarray(bid, np.int64)
-        waiting.append(SamplePart(sample_keys(bid, seed), bid, np.asarray(bx, np.float32)))
-        n_waiting += len(bid)
-        if n_waiting > size:
-            kept = merge_sample_parts([kept, *waiting], size)
-            waiting, n_waiting = [], 0
-    if kept is None and not waiting:
-        raise ValueError("nothing to sample: the stream was empty")
-    return merge_sample_parts([kept, *waiting], size)
+        b = len(bid)
+        if X is None:
+            cap = 2 * size + b
+            keys, ids = np.empty(cap), np.empty(cap, np.int64)
+            X = np.empty((cap, np.shape(bx)[1]), np.float32)
+        if n + b > len(X):
+            n = _cut(keys, ids, X, n, size)
+        if n + b > len(X):                       # a batch larger than the first one
+            cap = n + b + size
+            keys, ids = np.concatenate([keys[:n], np.empty(cap - n)]), \
+                np.concatenate([ids[:n], np.empty(cap - n, np.int64)])
+            X = np.concatenate([X[:n], np.empty((cap - n, X.shape[1]), np.float32)])
+        keys[n:n + b], ids[n:n + b], X[n:n + b] = sample_keys(bid, seed), bid, bx
+        n += b
+    if X is None:
+        if dim is None:
+            raise ValueError("nothing to sample: the stream was empty")
+        return SamplePart(np.zeros(0), np.zeros(0, np.int64), np.zeros((0, dim), np.float32))
+    n = _cut(keys, ids, X, n, size)
+    order = np.lexsort((ids[:n], keys[:n]))
+    return SamplePart(keys[order], ids[order], X[order])
 
 
 def merge_sample_parts(parts: Iterable[SamplePart], size: int) -> SamplePart:
