@@ -121,11 +121,14 @@ def occlusion(img, rng, backgrounds):
     return img
 
 
-def clutter(img, rng, backgrounds):
+CLUTTER_SCALE = (0.25, 0.5)     # the pasted photo's side, as a fraction of the view's
+
+
+def clutter(img, rng, backgrounds, clutter_scale=CLUTTER_SCALE):
     img = _rgb(img)
     w, h = img.size
     out = _bg_crop(backgrounds, (w, h), rng)
-    s = rng.uniform(0.25, 0.5)
+    s = rng.uniform(*clutter_scale)
     sw, sh = max(8, int(w * s)), max(8, int(h * s))
     out.paste(img.resize((sw, sh), Image.Resampling.LANCZOS),
               (rng.randint(0, w - sw + 1), rng.randint(0, h - sh + 1)))
@@ -136,10 +139,11 @@ SINGLE = {"illumination": illumination, "scale": scale, "perspective": perspecti
           "occlusion": occlusion, "clutter": clutter}
 
 
-def combined(img, rng, backgrounds):
+def combined(img, rng, backgrounds, clutter_scale=CLUTTER_SCALE):
     names = list(SINGLE)
     for i in rng.permutation(len(names))[:rng.randint(2, 4)]:
-        img = SINGLE[names[i]](img, rng, backgrounds)
+        img = (clutter(img, rng, backgrounds, clutter_scale) if names[i] == "clutter" else
+               SINGLE[names[i]](img, rng, backgrounds))
     return img
 
 
@@ -222,15 +226,19 @@ def read_collection(standard_cache, photo_globs, background_globs, min_side, sid
             list(read_photos(background_globs, 64, side).values()))
 
 
-def build_collection(photos, backgrounds, views, seed):
-    """-> images, family id per image (-1: distractor), nuisance per image (None: original)."""
+def build_collection(photos, backgrounds, views, seed, clutter_scale=CLUTTER_SCALE):
+    """-> images, family id per image (-1: distractor), nuisance per image (None: original).
+    `clutter_scale`: the range of the pasted photo's side in clutter views (also inside
+    combined views), as a fraction of the view's side."""
     images, family, kind = [], [], []
     for fi, (name, img) in enumerate(sorted(photos.items())):
         images.append(img), family.append(fi), kind.append(None)
         for ni, nuisance in enumerate(NUISANCES):
             for k in range(views):
                 rng = np.random.RandomState((seed * 1_000_003 + fi * 101 + ni * 7 + k) % 2**31)
-                images.append(GENERATORS[nuisance](img, rng, backgrounds))
+                opts = {"clutter_scale": clutter_scale} if nuisance in ("clutter",
+                                                                         "combined") else {}
+                images.append(GENERATORS[nuisance](img, rng, backgrounds, **opts))
                 family.append(fi), kind.append(nuisance)
     for bg in backgrounds:
         images.append(bg), family.append(-1), kind.append(None)
@@ -321,6 +329,10 @@ def main(argv=None):
     ap.add_argument("--side", type=int, default=768, help="long side of the stored photos")
     ap.add_argument("--views", type=int, default=2, help="views per nuisance and photo")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--clutter-scale", type=float, nargs=2, default=CLUTTER_SCALE,
+                    metavar=("LO", "HI"),
+                    help="side of the photo pasted into a clutter view, as a fraction of the "
+                         "view's (default 0.25 0.5; smaller: harder)")
     ap.add_argument("--model", action="append", required=True)
     ap.add_argument("--rerank", action="append", default=[], choices=["qe", "dba", "qe+dba"])
     ap.add_argument("--output")
@@ -341,7 +353,8 @@ def main(argv=None):
     t0 = time.time()
     photos, backgrounds = read_collection(args.standard, args.photos, args.backgrounds,
                                           args.min_side, args.side)
-    images, family, kind = build_collection(photos, backgrounds, args.views, args.seed)
+    images, family, kind = build_collection(photos, backgrounds, args.views, args.seed,
+                                            tuple(args.clutter_scale))
     digest = collection_digest(images) if args.cache else None
     queries, _ = ground_truth(family, kind)
     keep = half_mask(family[queries], args.half)
@@ -381,7 +394,7 @@ def main(argv=None):
               f"   {d * 100:+.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}]")
     line = {"bench": "heldout_eval", "photos": len(photos), "backgrounds": len(backgrounds),
             "images": len(images), "queries": int(keep.sum()), "half": args.half,
-            "views": args.views,
+            "views": args.views, "clutter_scale": list(args.clutter_scale),
             "seed": args.seed, "reference": ref, "results": report,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
             "load_avg_1m": round(os.getloadavg()[0], 2), "seconds": round(time.time() - t0, 1)}

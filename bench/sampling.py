@@ -3,9 +3,8 @@
 against the way it was drawn before session 14, in the same process.
 
 Before, every batch was appended to the rows kept so far, so each batch copied up to 2 x the
-sample (O(rows / batch x sample) work: at 10M x 256 with 819,200 training points, ~150 copies of
-up to 1.7 GB). Now batches wait in a list and are cut together once more than a sample's worth
-waits (O(rows)). Both must keep the same rows.
+sample into a new array (at 10M x 256 with 819,200 training points, ~150 arrays of up to 1.7 GB).
+Now the rows go into one buffer allocated once and cut in place. Both must keep the same rows.
 
     python bench/sampling.py --n 3000000 --dim 256 --size 819200
     python bench/sampling.py --n 200000 --dim 64 --size 20000      # a quick check
