@@ -79,3 +79,21 @@ def test_the_descriptor_cache_key_follows_the_pixels_not_the_count():
     b = a[:2] + [Image.fromarray(np.asarray(a[2])[::-1].copy())]     # same size, other pixels
     assert heldout_eval.collection_digest(a) == heldout_eval.collection_digest(list(a))
     assert heldout_eval.collection_digest(a) != heldout_eval.collection_digest(b)
+
+
+def test_clutter_scale_changes_only_the_views_with_clutter_in_them():
+    rng = np.random.default_rng(1)
+    photos = {f"p{i}.png": Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8))
+              for i in range(3)}
+    bgs = [Image.fromarray(rng.integers(0, 255, (200, 300, 3), dtype=np.uint8)) for _ in range(2)]
+    a, fa, ka = heldout_eval.build_collection(photos, bgs, 1, 0)
+    d, _, _ = heldout_eval.build_collection(photos, bgs, 1, 0, heldout_eval.CLUTTER_SCALE)
+    b, fb, kb = heldout_eval.build_collection(photos, bgs, 1, 0, (0.1, 0.12))
+    assert ka == kb and np.array_equal(fa, fb)
+    assert heldout_eval.collection_digest(a) == heldout_eval.collection_digest(d)
+    for x, y, k in zip(a, b, ka):
+        same = np.array_equal(np.asarray(x), np.asarray(y))
+        if k == "clutter":
+            assert not same
+        elif k != "combined":
+            assert same
