@@ -235,14 +235,22 @@ class SamplePart(NamedTuple):
     X: np.ndarray
 
 
+def _bottom(keys: np.ndarray, ids: np.ndarray, size: int) -> np.ndarray:
+    """Positions of the `size` rows with the smallest (key, id), in no particular order."""
+    if not size:
+        return np.zeros(0, np.int64)
+    keep = np.argpartition(keys, size)[:size]
+    # rows tied with the size-th key are rare; the id breaks ties so every way of cutting the
+    # stream keeps the same rows
+    if keys[keep].max() == np.delete(keys, keep).min():
+        keep = np.lexsort((ids, keys))[:size]
+    return keep
+
+
 def _smallest(keys: np.ndarray, ids: np.ndarray, X: np.ndarray, size: int) -> SamplePart:
     """The `size` rows with the smallest (key, id), in that order."""
     if len(keys) > size:
-        keep = np.argpartition(keys, size)[:size] if size else np.zeros(0, int)
-        # rows tied with the size-th key are rare; the id breaks ties so every way of cutting
-        # the stream keeps the same rows
-        if size and (keys[keep].max() == np.delete(keys, keep).min()):
-            keep = np.lexsort((ids, keys))[:size]
+        keep = _bottom(keys, ids, size)
         keys, ids, X = keys[keep], ids[keep], X[keep]
     order = np.lexsort((ids, keys))
     return SamplePart(keys[order], ids[order], np.ascontiguousarray(X[order]))
@@ -255,15 +263,10 @@ def _cut(keys: np.ndarray, ids: np.ndarray, X: np.ndarray, n: int, size: int) ->
     """Keep, in place at the front of the buffers, the `size` rows of the first n with the
     smallest (key, id) (in buffer order) -> the rows now held. X is packed a chunk at a time:
     the kept rows ascend, so each chunk's source rows lie at or after its destination and after
-    every earlier chunk's, and only a chunk's worth of memory is ever allocated."""
+    every earlier chunk's, and only a chunk's worth of memory is allocated."""
     if n <= size:
         return n
-    keep = np.argpartition(keys[:n], size)[:size] if size else np.zeros(0, np.int64)
-    # rows tied with the size-th key are rare; the id breaks ties so every way of cutting the
-    # stream keeps the same rows
-    if size and keys[keep].max() == np.delete(keys[:n], keep).min():
-        keep = np.lexsort((ids[:n], keys[:n]))[:size]
-    keep = np.sort(keep)
+    keep = np.sort(_bottom(keys[:n], ids[:n], size))
     keys[:size], ids[:size] = keys[keep], ids[keep]
     for i in range(0, size, _COMPACT_ROWS):
         j = min(i + _COMPACT_ROWS, size)
@@ -271,33 +274,38 @@ def _cut(keys: np.ndarray, ids: np.ndarray, X: np.ndarray, n: int, size: int) ->
     return size
 
 
+def _grown(a: np.ndarray, n: int, rows: int) -> np.ndarray:
+    """A new buffer of `rows` rows holding the first n of `a`."""
+    out = np.empty((rows,) + a.shape[1:], a.dtype)
+    out[:n] = a[:n]
+    return out
+
+
 def sample_part(batches: Iterable[tuple[np.ndarray, np.ndarray]], size: int, seed: int = 0,
                 dim: int | None = None) -> SamplePart:
     """Bottom-k sample of a stream of (ids (B,), X (B, D)) batches: the `size` rows with the
-    smallest sample_keys. Memory is O(size + batch). Samples of disjoint parts of a collection
-    (its shards, read by different workers) combine with merge_sample_parts into exactly the
-    sample of the whole collection.
+    smallest sample_keys. Memory is O(min(rows, size + batch)). Samples of disjoint parts of a
+    collection (its shards, read by different workers) combine with merge_sample_parts into
+    exactly the sample of the whole collection.
 
-    The rows go into one buffer of 2 x size + batch rows, allocated once; when it is full it is
-    cut to the `size` smallest in place (O(size), after at least size + batch new rows: O(rows)
-    in all). Allocating a large array costs a page fault per page, so a sample kept by
-    concatenating arrays spends most of its time there."""
+    The rows go into one buffer, doubled as rows come up to 2 x size + batch; when that is full,
+    it is cut to the `size` smallest in place (O(size), after at least size + batch new rows:
+    O(rows) in all). Allocating a large array costs a page fault per page, so a sample kept by
+    concatenating every batch onto the kept rows spent most of its time there."""
     keys = ids = X = None
     n = 0
     for bid, bx in batches:
         bid = np.asarray(bid, np.int64)
-        b = len(bid)
+        b, full = len(bid), 2 * size + len(bid)
         if X is None:
-            cap = 2 * size + b
-            keys, ids = np.empty(cap), np.empty(cap, np.int64)
-            X = np.empty((cap, np.shape(bx)[1]), np.float32)
+            keys, ids = np.empty(b), np.empty(b, np.int64)
+            X = np.empty((b, np.shape(bx)[1]), np.float32)
         if n + b > len(X):
-            n = _cut(keys, ids, X, n, size)
-        if n + b > len(X):                       # a batch larger than the first one
-            cap = n + b + size
-            keys, ids = np.concatenate([keys[:n], np.empty(cap - n)]), \
-                np.concatenate([ids[:n], np.empty(cap - n, np.int64)])
-            X = np.concatenate([X[:n], np.empty((cap - n, X.shape[1]), np.float32)])
+            if len(X) < full:
+                rows = max(n + b, min(2 * len(X), full))
+                keys, ids, X = (_grown(a, n, rows) for a in (keys, ids, X))
+            else:
+                n = _cut(keys, ids, X, n, size)          # then n + b <= size + b fits
         keys[n:n + b], ids[n:n + b], X[n:n + b] = sample_keys(bid, seed), bid, bx
         n += b
     if X is None:

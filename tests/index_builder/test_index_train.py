@@ -80,6 +80,18 @@ def test_sample_part_is_the_bottom_k_of_the_whole_stream_however_it_is_cut():
             assert (np.diff(part.keys) >= 0).all()               # smallest key first
             np.testing.assert_array_equal(np.sort(part.ids), want)
             assert (part.X[:, 0] == part.ids).all() and part.X.dtype == np.float32
+    # batches of changing sizes (the buffer grows, then is cut), a small shard (no cut at all)
+    sizes = [10, 5_000, 100, 3_000, 1_890]
+    cuts = np.cumsum([0] + sizes)
+    ids, X = np.arange(10_000, dtype=np.int64), np.repeat(np.arange(10_000.0)[:, None], 4, 1)
+    uneven = [(ids[a:b], X[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+    for size in (0, 300, 4_000):
+        part = sample_part(iter(uneven), size, seed=7)
+        np.testing.assert_array_equal(np.sort(part.ids),
+                                      np.sort(np.argsort(keys, kind="stable")[:size]))
+        assert (part.X[:, 0] == part.ids).all()
+    small = sample_part(_stream(50, 20), 300, seed=7)
+    assert len(small.ids) == 50 and len(small.X) == 50
     empty = sample_part(iter(()), 5, dim=4)
     assert empty.X.shape == (0, 4)
     with pytest.raises(ValueError, match="empty"):
