@@ -60,22 +60,24 @@ def write_images(images, names, folder, fmt):
     return paths
 
 
-def remap(*args):
+# the `remap` command, run by this interpreter (whichever environment runs the script)
+REMAP = [sys.executable, "-c", "import sys, remap_cli; sys.exit(remap_cli.main())"]
+
+
+def run_remap(*args):
     """Run one `remap` subcommand with this interpreter; -> seconds."""
     t = time.time()
-    subprocess.run([sys.executable, "-c", "import sys, remap_cli; sys.exit(remap_cli.main())",
-                    *args], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([*REMAP, *args], check=True, stdout=subprocess.DEVNULL)
     return time.time() - t
 
 
-def search_ranks(index, queries, n_images, index_of, extra=()):
+def search_ranks(index, queries, n_images, index_of):
     """`remap search --format json` over the query files -> (ranks (Q, <= n_images), seconds):
     the collection positions of each query's results, best first."""
     t = time.time()
-    out = subprocess.run([sys.executable, "-c",
-                          "import sys, remap_cli; sys.exit(remap_cli.main())", "search",
-                          "--index", index, "--k", str(n_images), "--format", "json", *extra,
-                          *queries], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run([*REMAP, "search", "--index", index, "--k", str(n_images),
+                          "--format", "json", *queries],
+                         check=True, capture_output=True, text=True).stdout
     lines = [json.loads(line) for line in out.splitlines() if line.strip()]
     if len(lines) != len(queries):
         raise SystemExit(f"remap search answered {len(lines)} of {len(queries)} queries")
@@ -136,9 +138,9 @@ def main(argv=None):
         store, index = (os.path.join(args.work, tag, d) for d in ("emb", "index"))
         seconds = {}
         if not os.path.exists(os.path.join(index, "manifest.json")):
-            seconds["embed"] = round(remap("embed", "--input", folder, "--output", store,
+            seconds["embed"] = round(run_remap("embed", "--input", folder, "--output", store,
                                            "--model", spec), 1)
-            seconds["index"] = round(remap("index", "--embeddings", store, "--output", index,
+            seconds["index"] = round(run_remap("index", "--embeddings", store, "--output", index,
                                            "--no-progress"), 1)
         with open(os.path.join(index, "manifest.json")) as f:
             manifest = json.load(f)
