@@ -82,7 +82,8 @@ def main(argv=None):
             res[name] = (time.time() - t, part)
         same = np.array_equal(res["before"][1].ids, res["now"][1].ids) and \
             np.array_equal(res["before"][1].X, res["now"][1].X)
-        line = {"repeat": r, "before_s": round(res["before"][0], 2), "now_s": round(res["now"][0], 2),
+        line = {"repeat": r, "before_s": round(res["before"][0], 2),
+                "now_s": round(res["now"][0], 2),
                 "ratio": round(res["before"][0] / res["now"][0], 2),
                 "ratio_less_generation": round((res["before"][0] - gen_s) /
                                                max(res["now"][0] - gen_s, 1e-3), 2),

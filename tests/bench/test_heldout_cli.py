@@ -39,7 +39,7 @@ def test_the_cli_path_gives_the_in_process_figures(tmp_path):
     assert line["images"] == 3 * 7 + 2 and line["queries"] == 3 * 6
     gem = line["results"]["gem"]
     assert gem["factory"] == "Flat" and gem["rerank"]["qe"] == 2 and gem["rerank"]["dba"] == 2
-    for k in ("overall", "illumination", "scale", "perspective", "occlusion", "clutter", "combined"):
+    for k in ("overall", *heldout_cli.H.NUISANCES):
         assert gem["CLI"][k] == gem["in process, qe+dba"][k]
     assert gem["CLI"]["cli_minus_in_process_qe_dba"] == [0.0, 0.0, 0.0]
     assert 0 < gem["CLI"]["overall"] <= 100
