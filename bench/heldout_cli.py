@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import heldout_eval as H  # noqa: E402
+from bench_output import run_facts, write_json  # noqa: E402
 
 
 def image_names(family, kind):
@@ -170,12 +170,10 @@ def main(argv=None):
               "".join(f"{per[n]:9.1f}" for n in H.NUISANCES))
     line = {"bench": "heldout_cli", "photos": len(photos), "images": len(images),
             "queries": len(queries), "format": args.format, "results": report,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-            "load_avg_1m": round(os.getloadavg()[0], 2), "seconds": round(time.time() - t0, 1)}
+            **run_facts(t0)}
     print(json.dumps(line))
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(line, f, indent=1)
+        write_json(args.output, line)
     return 0
 
 

@@ -29,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from bench_output import write_json_lines  # noqa: E402
+from bench_output import run_facts, write_json_lines  # noqa: E402
 
 
 def sample_part_before(batches, size, seed=0):
@@ -95,9 +95,7 @@ def main(argv=None):
     summary = {"bench": "sampling", "n": args.n, "dim": args.dim, "size": args.size,
                "batch_rows": args.batch_rows, "generate_s": round(gen_s, 2),
                "ratio_median": float(np.median([x["ratio"] for x in lines])),
-               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-               "python": platform.python_version(),
-               "load_avg_1m": round(os.getloadavg()[0], 2), "seconds": round(time.time() - t0, 1)}
+               "python": platform.python_version(), **run_facts(t0)}
     print(json.dumps(summary))
     if args.output:
         write_json_lines(args.output, lines + [summary])
