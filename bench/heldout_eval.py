@@ -31,7 +31,6 @@ import hashlib
 import io
 import json
 import os
-import platform
 import sys
 import time
 
@@ -39,6 +38,9 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_output import run_facts, write_json  # noqa: E402
 
 NUISANCES = ("illumination", "scale", "perspective", "occlusion", "clutter", "combined")
 
@@ -396,12 +398,10 @@ def main(argv=None):
             "images": len(images), "queries": int(keep.sum()), "half": args.half,
             "views": args.views, "clutter_scale": list(args.clutter_scale),
             "seed": args.seed, "reference": ref, "results": report,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-            "load_avg_1m": round(os.getloadavg()[0], 2), "seconds": round(time.time() - t0, 1)}
+            **run_facts(t0)}
     print(json.dumps(line))
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(line, f, indent=1)
+        write_json(args.output, line)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_output import run_facts, write_json  # noqa: E402
 
 
 def main(argv=None):
@@ -108,12 +110,10 @@ def main(argv=None):
                             "vs_first": r["vs_first"], "gap_vs_first": r["gap_vs_first"],
                             "fingerprint": r["fingerprint"]}
                         for s, r in results.items()},
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-            "load_avg_1m": round(os.getloadavg()[0], 2), "seconds": round(time.time() - t0, 1)}
+            **run_facts(t0)}
     print(json.dumps(line))
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(line, f, indent=1)
+        write_json(args.output, line)
 
 
 if __name__ == "__main__":
