@@ -313,8 +313,7 @@ def sample_part(batches: Iterable[tuple[np.ndarray, np.ndarray]], size: int, see
             raise ValueError("nothing to sample: the stream was empty")
         return SamplePart(np.zeros(0), np.zeros(0, np.int64), np.zeros((0, dim), np.float32))
     n = _cut(keys, ids, X, n, size)
-    order = np.lexsort((ids[:n], keys[:n]))
-    return SamplePart(keys[order], ids[order], X[order])
+    return _smallest(keys[:n], ids[:n], X[:n], size)
 
 
 def merge_sample_parts(parts: Iterable[SamplePart], size: int) -> SamplePart:
