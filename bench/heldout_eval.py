@@ -26,6 +26,7 @@ JSON line.
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import hashlib
 import io
@@ -141,15 +142,18 @@ SINGLE = {"illumination": illumination, "scale": scale, "perspective": perspecti
           "occlusion": occlusion, "clutter": clutter}
 
 
-def combined(img, rng, backgrounds, clutter_scale=CLUTTER_SCALE):
-    names = list(SINGLE)
+def combined(img, rng, backgrounds, single=SINGLE):
+    names = list(single)
     for i in rng.permutation(len(names))[:rng.randint(2, 4)]:
-        img = (clutter(img, rng, backgrounds, clutter_scale) if names[i] == "clutter" else
-               SINGLE[names[i]](img, rng, backgrounds))
+        img = single[names[i]](img, rng, backgrounds)
     return img
 
 
-GENERATORS = dict(SINGLE, combined=combined)
+def generators(clutter_scale=CLUTTER_SCALE):
+    """The view generator of each nuisance (SINGLE and combined), clutter views (also inside
+    combined views) pasting the photo at `clutter_scale` of the view's side."""
+    single = dict(SINGLE, clutter=functools.partial(clutter, clutter_scale=clutter_scale))
+    return dict(single, combined=functools.partial(combined, single=single))
 
 
 # --------------------------------------------------------------------------- the collection
@@ -232,15 +236,14 @@ def build_collection(photos, backgrounds, views, seed, clutter_scale=CLUTTER_SCA
     """-> images, family id per image (-1: distractor), nuisance per image (None: original).
     `clutter_scale`: the range of the pasted photo's side in clutter views (also inside
     combined views), as a fraction of the view's side."""
+    views_of = generators(clutter_scale)
     images, family, kind = [], [], []
     for fi, (name, img) in enumerate(sorted(photos.items())):
         images.append(img), family.append(fi), kind.append(None)
         for ni, nuisance in enumerate(NUISANCES):
             for k in range(views):
                 rng = np.random.RandomState((seed * 1_000_003 + fi * 101 + ni * 7 + k) % 2**31)
-                opts = {"clutter_scale": clutter_scale} if nuisance in ("clutter",
-                                                                         "combined") else {}
-                images.append(GENERATORS[nuisance](img, rng, backgrounds, **opts))
+                images.append(views_of[nuisance](img, rng, backgrounds))
                 family.append(fi), kind.append(nuisance)
     for bg in backgrounds:
         images.append(bg), family.append(-1), kind.append(None)
