@@ -104,7 +104,9 @@ def main(argv=None):
                     help="how the images are written (png: the same pixels as heldout_eval)")
     ap.add_argument("--model", action="append", required=True,
                     help="a model name or checkpoint, as `remap embed --model` takes it")
-    ap.add_argument("--work", required=True, help="folder for the images, stores and indexes")
+    ap.add_argument("--work", required=True,
+                    help="folder for the images, stores and indexes (one subfolder per "
+                         "collection, reused when run again)")
     ap.add_argument("--cache", help="folder for the in-process descriptors (heldout_eval.py's "
                                      "--cache: the same files)")
     ap.add_argument("--output")
@@ -121,10 +123,12 @@ def main(argv=None):
     photos, backgrounds = H.read_collection(args.standard, args.photos, args.backgrounds,
                                             args.min_side, 768)
     images, family, kind = H.build_collection(photos, backgrounds, args.views, args.seed)
-    digest = H.collection_digest(images) if args.cache else None
+    # files, stores and indexes are reused on a rerun, so they are filed by the collection
+    digest = H.collection_digest(images)
+    work = os.path.join(args.work, digest)
     names = image_names(family, kind)
     index_of = {n: i for i, n in enumerate(names)}
-    folder = os.path.join(args.work, f"images-{args.format}")
+    folder = os.path.join(work, f"images-{args.format}")
     paths = write_images(images, names, folder, args.format)
     queries, gnd = H.ground_truth(family, kind)
     qkind = np.asarray([kind[q] for q in queries])
@@ -135,7 +139,7 @@ def main(argv=None):
     report, rows = {}, {}
     for spec in args.model:
         tag = "".join(c if c.isalnum() or c in "-." else "_" for c in spec)[-60:]
-        store, index = (os.path.join(args.work, tag, d) for d in ("emb", "index"))
+        store, index = (os.path.join(work, f"{tag}-{args.format}", d) for d in ("emb", "index"))
         seconds = {}
         if not os.path.exists(os.path.join(index, "manifest.json")):
             seconds["embed"] = round(run_remap("embed", "--input", folder, "--output", store,

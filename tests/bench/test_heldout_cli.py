@@ -43,3 +43,6 @@ def test_the_cli_path_gives_the_in_process_figures(tmp_path):
         assert gem["CLI"][k] == gem["in process, qe+dba"][k]
     assert gem["CLI"]["cli_minus_in_process_qe_dba"] == [0.0, 0.0, 0.0]
     assert 0 < gem["CLI"]["overall"] <= 100
+    # filed by the collection: another collection in the same --work never reads these files
+    (folder,) = (tmp_path / "w").iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == ["gem-png", "images-png"]
