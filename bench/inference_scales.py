@@ -48,18 +48,21 @@ def parse_variant(text: str) -> tuple[str, list[float], list[float]]:
 def per_scale(model, arrays, scales, store=None, digest=None) -> dict[float, np.ndarray]:
     """{scale: (N, D) single-scale descriptors}, read from (or saved to) `store` when given, one
     file per model fingerprint, input side, collection `digest` and scale."""
-    out = {}
-    for s in sorted(set(scales), reverse=True):
-        path = (os.path.join(store, f"{model.fingerprint}.{model.config['max_side']}.{digest}"
-                                    f".s{s:.4f}.npy") if store else None)
-        if path and os.path.exists(path):
-            out[s] = np.load(path)
-            continue
-        model.config["scales"] = [s]
-        out[s] = model.embed_arrays(arrays)
-        if path:
-            os.makedirs(store, exist_ok=True)
-            np.save(path, out[s])
+    out, own = {}, list(model.config["scales"])
+    try:
+        for s in sorted(set(scales), reverse=True):
+            path = (os.path.join(store, f"{model.fingerprint}.{model.config['max_side']}"
+                                        f".{digest}.s{s:.4f}.npy") if store else None)
+            if path and os.path.exists(path):
+                out[s] = np.load(path)
+                continue
+            model.config["scales"] = [s]
+            out[s] = model.embed_arrays(arrays)
+            if path:
+                os.makedirs(store, exist_ok=True)
+                np.save(path, out[s])
+    finally:
+        model.config["scales"] = own
     return out
 
 

@@ -28,6 +28,7 @@ def test_composed_scales_are_the_models_multiscale_descriptor(tmp_path, monkeypa
     scales = list(model.config["scales"])
     desc = scales_bench.per_scale(model, arrays, scales + [2 ** 0.5], str(tmp_path), "abc")
     assert len(list(tmp_path.iterdir())) == 4
+    assert model.config["scales"] == scales            # left as they were
     np.testing.assert_allclose(scales_bench.compose(desc, scales), own, atol=1e-5)
     # a second call reads the stored files instead of embedding again
     monkeypatch.setattr(model, "embed_arrays", lambda *a, **k: pytest.fail("embedded again"))
