@@ -27,3 +27,11 @@ def write_json_lines(path: str, lines: list[dict], mode: str = "w") -> None:
     with open(path, mode) as f:
         for line in lines:
             f.write(json.dumps(line) + "\n")
+
+
+def finish(summary: dict, lines: list[dict], output: str | None) -> None:
+    """A script's end: the summary line printed, and every line with the summary written to
+    `output` when one is given."""
+    print(json.dumps(summary))
+    if output:
+        write_json_lines(output, lines + [summary])

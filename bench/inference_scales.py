@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from bench_output import run_facts, write_json_lines  # noqa: E402
+from bench_output import finish, run_facts  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, list[float], list[float]]:
@@ -172,9 +172,7 @@ def main(argv=None):
     summary = {"bench": "inference_scales", "models": args.model,
                "variants": [v[0] for v in args.variant],
                "collections": {k: len(v[0]) for k, v in sets.items()}, **run_facts(t0)}
-    print(json.dumps(summary))
-    if args.output:
-        write_json_lines(args.output, lines + [summary])
+    finish(summary, lines, args.output)
     return 0
 
 

@@ -35,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from bench_output import write_json_lines  # noqa: E402
+from bench_output import finish  # noqa: E402
 
 
 def main(argv=None) -> list[dict]:
@@ -124,9 +124,7 @@ def main(argv=None) -> list[dict]:
                "threads": faiss.omp_get_max_threads(),
                "load_avg_1m": round(os.getloadavg()[0], 2),
                "seconds": round(time.time() - t_start, 1)}
-    print(json.dumps(summary))
-    if args.output:
-        write_json_lines(args.output, rows + [summary])
+    finish(summary, rows, args.output)
     return rows
 
 

@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_output import write_json_lines  # noqa: E402
+from bench_output import finish  # noqa: E402
 
 
 def gem_region_pool(p: float):
@@ -195,9 +195,7 @@ def main(argv=None):
                           f"{args.threads}",
                "load_avg_1m": round(os.getloadavg()[0], 2),
                "seconds": round(time.time() - t0, 1)}
-    print(json.dumps(summary))
-    if args.output:
-        write_json_lines(args.output, lines + [summary])
+    finish(summary, lines, args.output)
     return 0
 
 

@@ -29,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from bench_output import run_facts, write_json_lines  # noqa: E402
+from bench_output import finish, run_facts  # noqa: E402
 
 
 def sample_part_before(batches, size, seed=0):
@@ -96,9 +96,7 @@ def main(argv=None):
                "batch_rows": args.batch_rows, "generate_s": round(gen_s, 2),
                "ratio_median": float(np.median([x["ratio"] for x in lines])),
                "python": platform.python_version(), **run_facts(t0)}
-    print(json.dumps(summary))
-    if args.output:
-        write_json_lines(args.output, lines + [summary])
+    finish(summary, lines, args.output)
     return 0
 
 
