@@ -26,6 +26,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from scoring import paired_report, ranked_aps  # noqa: E402
 
 
 def main(argv=None):
@@ -43,11 +46,9 @@ def main(argv=None):
 
     from PIL import Image
 
-    from index_builder.rerank import reranked_similarities
     from remap_core.data.preprocess import DRAFT_MARGIN, image_for_model, resize_for_model
     from remap_core.descriptor.checkpoint import load_model
     from remap_core.evaluation.benchmark import build_benchmark, default_cache_dir
-    from remap_core.evaluation.metrics import compute_map, paired_bootstrap
 
     t0 = time.time()
     bench = build_benchmark("eval", cache_dir=args.cache or default_cache_dir(), seed=args.seed)
@@ -57,7 +58,6 @@ def main(argv=None):
     groups = bench.family[q]
     jpegs = None
     if args.jpeg:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from decode_resize import photo_jpeg
 
         rng = np.random.default_rng(args.seed)
@@ -79,24 +79,19 @@ def main(argv=None):
         desc = model.embed_arrays(ims)
         label = spec if variant is None else f"{spec} [{variant} decode]"
         for rr in [()] + [tuple(r.split("+")) for r in args.rerank]:
-            sims = reranked_similarities(desc[q], desc, qe=2 if "qe" in rr else 0,
-                                         dba=2 if "dba" in rr else 0)
-            _, aps, _, _ = compute_map(np.argsort(-sims, axis=1, kind="stable"), gnd)
+            aps = ranked_aps(desc[q], desc, gnd, rr)
             rows[label + (" +" + "+".join(rr) if rr else "")] = (aps, model.fingerprint)
     ref = next(iter(rows))
     names = sorted(set(nuis.tolist()))
     print(f"{'model':40s}{'mAP':>7s}" + "".join(f"{n[:8]:>9s}" for n in names) + "   vs first [95% CI]")
     report = {}
     for name, (aps, fp) in rows.items():
-        d = paired_bootstrap(aps, rows[ref][0], groups)
-        per = {n: round(float(np.nanmean(aps[nuis == n])) * 100, 1) for n in names}
-        per_d = {n: [round(x * 100, 1) for x in paired_bootstrap(
-            aps[nuis == n], rows[ref][0][nuis == n], groups[nuis == n])] for n in names}
-        report[name] = {"map": round(float(np.nanmean(aps)) * 100, 1), **per,
-                        "vs_first": [round(x * 100, 1) for x in d],
-                        "vs_first_per_nuisance": per_d, "fingerprint": fp}
-        print(f"{name[-40:]:40s}{report[name]['map']:7.1f}" + "".join(f"{per[n]:9.1f}" for n in names)
-              + f"   {d[0] * 100:+.1f} [{d[1] * 100:+.1f}, {d[2] * 100:+.1f}]")
+        r = paired_report(aps, rows[ref][0], nuis, groups, names)
+        per, d = r["per_nuisance"], r["minus_ref"]
+        report[name] = {"map": r["map"], **per, "vs_first": d,
+                        "vs_first_per_nuisance": r["minus_ref_per_nuisance"], "fingerprint": fp}
+        print(f"{name[-40:]:40s}{r['map']:7.1f}" + "".join(f"{per[n]:9.1f}" for n in names)
+              + f"   {d[0]:+.1f} [{d[1]:+.1f}, {d[2]:+.1f}]")
     print(f"\nper nuisance against {ref} (paired over photos, 95% CI):")
     for name, r in report.items():
         if name != ref:

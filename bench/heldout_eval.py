@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_output import run_facts, write_json  # noqa: E402
+from scoring import paired_report, ranked_aps  # noqa: E402
 
 NUISANCES = ("illumination", "scale", "perspective", "occlusion", "clutter", "combined")
 
@@ -310,15 +311,9 @@ def cached_embed(model, images, cache_dir=None, digest=None):
 
 
 def score(desc, family, kind, rerank=()):
-    from index_builder.rerank import reranked_similarities
-    from remap_core.evaluation.metrics import compute_map
-
+    """Average precision of every query of the collection, searching all of it."""
     queries, gnd = ground_truth(family, kind)
-    sims = reranked_similarities(desc[queries], desc, qe=2 if "qe" in rerank else 0,
-                                 dba=2 if "dba" in rerank else 0)
-    ranks = np.argsort(-sims, axis=1, kind="stable")
-    _, aps, _, _ = compute_map(ranks, gnd)
-    return aps
+    return ranked_aps(desc[queries], desc, gnd, rerank)
 
 
 def main(argv=None):
@@ -352,8 +347,6 @@ def main(argv=None):
 
     import torch
 
-    from remap_core.evaluation.metrics import paired_bootstrap
-
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.time()
     photos, backgrounds = read_collection(args.standard, args.photos, args.backgrounds,
@@ -386,17 +379,13 @@ def main(argv=None):
     print(header)
     report = {}
     for name, r in rows.items():
-        aps = r["aps"]
-        per = {n: float(np.nanmean(aps[qkind == n]) * 100) for n in NUISANCES}
-        overall = float(np.nanmean(aps) * 100)
-        d, lo, hi = paired_bootstrap(aps, rows[ref]["aps"], groups)
-        per_ci = {n: [round(x * 100, 1) for x in paired_bootstrap(
-            aps[qkind == n], rows[ref]["aps"][qkind == n], groups[qkind == n])] for n in NUISANCES}
-        report[name] = {"overall": round(overall, 1), **{n: round(v, 1) for n, v in per.items()},
-                        "vs_ref": [round(d * 100, 1), round(lo * 100, 1), round(hi * 100, 1)],
-                        "vs_ref_per_nuisance": per_ci, "fingerprint": r["fingerprint"]}
-        print(f"{name[-44:]:44s}{overall:9.1f}" + "".join(f"{per[n]:9.1f}" for n in NUISANCES) +
-              f"   {d * 100:+.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}]")
+        p = paired_report(r["aps"], rows[ref]["aps"], qkind, groups, NUISANCES)
+        per, (d, lo, hi) = p["per_nuisance"], p["minus_ref"]
+        report[name] = {"overall": p["map"], **per, "vs_ref": p["minus_ref"],
+                        "vs_ref_per_nuisance": p["minus_ref_per_nuisance"],
+                        "fingerprint": r["fingerprint"]}
+        print(f"{name[-44:]:44s}{p['map']:9.1f}" + "".join(f"{per[n]:9.1f}" for n in NUISANCES) +
+              f"   {d:+.1f} [{lo:+.1f}, {hi:+.1f}]")
     line = {"bench": "heldout_eval", "photos": len(photos), "backgrounds": len(backgrounds),
             "images": len(images), "queries": int(keep.sum()), "half": args.half,
             "views": args.views, "clutter_scale": list(args.clutter_scale),

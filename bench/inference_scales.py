@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 from bench_output import finish, run_facts  # noqa: E402
+from scoring import paired_report, ranked_aps  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, list[float], list[float]]:
@@ -70,35 +71,6 @@ def compose(descriptors: dict[float, np.ndarray], scales) -> np.ndarray:
     """The multi-scale descriptor over `scales` from single-scale ones: L2(sum)."""
     x = sum(descriptors[float(s)] for s in scales)
     return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-
-
-def aps_of(queries, database, query_rows, gnd, rerank=()):
-    """Average precision per query, ranking `database` for `queries[query_rows]`."""
-    from index_builder.rerank import reranked_similarities
-    from remap_core.evaluation.metrics import compute_map
-
-    sims = reranked_similarities(queries[query_rows], database, qe=2 if "qe" in rerank else 0,
-                                 dba=2 if "dba" in rerank else 0)
-    _, aps, _, _ = compute_map(np.argsort(-sims, axis=1, kind="stable"), gnd)
-    return aps
-
-
-def summarise(aps, ref, nuisance, groups) -> dict:
-    """mAP, per nuisance, and the paired difference to `ref` (95 % interval over `groups`)."""
-    from remap_core.evaluation.metrics import paired_bootstrap
-
-    def pct(x):
-        return [round(100 * float(v), 1) for v in x]
-
-    names = sorted(set(nuisance.tolist()))
-    return {"map": round(100 * float(np.nanmean(aps)), 1),
-            "per_nuisance": {n: round(100 * float(np.nanmean(aps[nuisance == n])), 1)
-                             for n in names},
-            "minus_ref": pct(paired_bootstrap(aps, ref, groups)),
-            "minus_ref_per_nuisance": {n: pct(paired_bootstrap(aps[nuisance == n],
-                                                               ref[nuisance == n],
-                                                               groups[nuisance == n]))
-                                       for n in names}}
 
 
 def collections(cache):
@@ -155,16 +127,17 @@ def main(argv=None):
             desc = per_scale(model, arrays, scales, args.store, digest)
             for rr in reranks:
                 for name, q_scales, db_scales in args.variant:
-                    aps[spec, set_name, rr, name] = aps_of(compose(desc, q_scales),
-                                                           compose(desc, db_scales), rows, gnd, rr)
+                    aps[spec, set_name, rr, name] = ranked_aps(compose(desc, q_scales)[rows],
+                                                               compose(desc, db_scales), gnd, rr)
                     mine = aps[spec, set_name, rr, name]
-                    first = summarise(mine, aps[args.model[0], set_name, rr, name], nuisance,
-                                      groups)
+                    first = paired_report(mine, aps[args.model[0], set_name, rr, name],
+                                          nuisance, groups)
                     line = {"model": spec, "fingerprint": model.fingerprint,
                             "collection": set_name, "rerank": "+".join(rr) or "none",
                             "variant": name, "query_scales": q_scales, "db_scales": db_scales,
-                            **summarise(mine, aps[spec, set_name, rr, args.variant[0][0]],
-                                        nuisance, groups),
+                            **paired_report(mine,
+                                            aps[spec, set_name, rr, args.variant[0][0]],
+                                            nuisance, groups),
                             "minus_first_model": first["minus_ref"],
                             "minus_first_model_per_nuisance": first["minus_ref_per_nuisance"]}
                     print(json.dumps(line), flush=True)
