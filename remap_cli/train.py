@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--photo-backgrounds", type=int, default=_D.photo_backgrounds, metavar="N",
                      help="also paste clutter views onto N crops of the training photos (real "
                      "scenes behind the pasted photo; default 16)")
+    src.add_argument("--fresh-views", action="store_true",
+                     help="--photos or --benchmark-views: draw new views of every photo (and new "
+                     "shared backgrounds) each epoch, so training never sees a view twice; the "
+                     "KLW and whitening are fitted on the first epoch's views")
     src.add_argument("--view-seed", type=int, default=None,
                      help="seed of the generated views (default: derived from --seed, and "
                      "different from every benchmark seed)")

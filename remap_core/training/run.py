@@ -57,6 +57,7 @@ class TrainRun:
     clutter_backgrounds: int = 16         # shared clutter backgrounds; 0: one per view
     photo_backgrounds: int = 16           # also paste clutter views onto crops of the photos
     view_seed: int | None = None          # None: training_view_seed(seed)
+    fresh_views: bool = False             # view families: new views every epoch (epoch_views)
     resume: bool = False                  # continue from out/last.pt
     # model
     init_model: str | None = None         # start from this checkpoint
@@ -144,19 +145,53 @@ def _photo_files(spec: str) -> list[str]:
 
 def load_training_set(options: TrainRun, max_side: int, multiple: int = 32):
     """The TrainingSet the arguments ask for, with a one-line description of it."""
-    from remap_core.data.training_sets import (clutter_pool, compound_view, load_labelled,
-                                               photo_backgrounds, photo_tiles, read_image,
-                                               read_labelled_layout, view_families)
+    from remap_core.data.training_sets import load_labelled, read_labelled_layout
 
     chosen = [bool(options.data), bool(options.photos), bool(options.benchmark_views)]
     if sum(chosen) != 1:
         raise ValueError("give exactly one of --data (labelled layout), --photos (unlabelled "
                          "photos for view families) or --benchmark-views")
-    progress = not options.quiet
-    view_seed = options.view_seed if options.view_seed is not None else training_view_seed(options.seed)
+    if options.fresh_views and options.data:
+        raise ValueError("--fresh-views draws new views of --photos or --benchmark-views each "
+                         "epoch; a labelled layout (--data) has no views to draw")
     if options.data:
-        ts = load_labelled(read_labelled_layout(options.data), max_side, multiple, progress)
+        ts = load_labelled(read_labelled_layout(options.data), max_side, multiple,
+                           not options.quiet)
         return ts, f"labelled layout {options.data}"
+    photos, source = _family_photos(options)
+    return _draw_views(photos, options, _view_seed(options), max_side, multiple, source)
+
+
+def epoch_views(options: TrainRun, max_side: int, multiple: int = 32):
+    """--fresh-views: -> views(epoch), the TrainingSet of that epoch's draw of views of the
+    same photos (the same classes, labels and groups). Epoch 1 is `load_training_set`'s draw;
+    each later epoch draws every view and the shared clutter backgrounds from a seed of its own
+    (`epoch_view_seed`), so a resumed run sees the views it would have seen."""
+    photos, source = _family_photos(options)
+    first = _view_seed(options)
+
+    def views(epoch: int):
+        return _draw_views(photos, options, epoch_view_seed(first, epoch), max_side, multiple,
+                           source)[0]
+    return views
+
+
+def epoch_view_seed(view_seed: int, epoch: int) -> int:
+    """The view seed of `epoch` under --fresh-views: `view_seed` itself for epoch 1."""
+    if epoch <= 1:
+        return view_seed
+    return int(np.random.SeedSequence([view_seed, epoch]).generate_state(1, dtype=np.uint32)[0])
+
+
+def _view_seed(options: TrainRun) -> int:
+    return options.view_seed if options.view_seed is not None else training_view_seed(options.seed)
+
+
+def _family_photos(options: TrainRun) -> tuple[dict, str]:
+    """The photos of view families (--photos or --benchmark-views), cut into tiles: -> (photos,
+    description)."""
+    from remap_core.data.training_sets import photo_tiles, read_image
+
     if options.photos:
         photos = {}
         for f in _photo_files(options.photos):
@@ -177,6 +212,15 @@ def load_training_set(options: TrainRun, max_side: int, multiple: int = 32):
         raise ValueError(f"{len(photos)} photos give {len(photos)} classes, but each tuple "
                          f"needs {options.negatives} negatives from other classes; add photos or "
                          f"lower --negatives")
+    return photos, source
+
+
+def _draw_views(photos: dict, options: TrainRun, view_seed: int, max_side: int, multiple: int,
+                source: str):
+    """Every photo's view family drawn from `view_seed`: -> (TrainingSet, description)."""
+    from remap_core.data.training_sets import (clutter_pool, compound_view, photo_backgrounds,
+                                               view_families)
+
     make_view = compound_view
     if options.clutter_backgrounds > 0 or options.photo_backgrounds > 0:
         pool = (clutter_pool(options.clutter_backgrounds, view_seed)
@@ -186,8 +230,9 @@ def load_training_set(options: TrainRun, max_side: int, multiple: int = 32):
         source += (f", clutter on {options.clutter_backgrounds} shared generated and "
                    f"{options.photo_backgrounds} photo backgrounds")
     ts = view_families(photos, options.views_per_photo, view_seed, make_view, max_side, multiple,
-                       progress=progress)
-    return ts, f"{source}, {options.views_per_photo} views each, view seed {view_seed}"
+                       progress=not options.quiet)
+    fresh = ", new views every epoch" if options.fresh_views else ""
+    return ts, f"{source}, {options.views_per_photo} views each, view seed {view_seed}{fresh}"
 
 
 # --------------------------------------------------------------------------- main
@@ -197,7 +242,7 @@ def load_training_set(options: TrainRun, max_side: int, multiple: int = 32):
 RUN_KEYS = ("data", "photos", "benchmark_views", "views_per_photo", "view_seed", "max_side",
             "val_seed", "views_per_nuisance", "side", "no_debian", "max_photos", "tiles",
             "no_extra_photos", "no_pypi_photos", "clutter_backgrounds", "photo_backgrounds",
-            "seed")
+            "seed", "fresh_views")
 
 
 def _run_record(options: TrainRun, max_side: int) -> dict:
@@ -320,10 +365,12 @@ def run_training(options: TrainRun) -> dict:
     n_cached = opts.freeze if opts.cache else 0
     validate = None if options.no_val else make_validator(options, model, n_cached, progress)
     if start_epoch <= opts.epochs:
+        views_for_epoch = (fresh_views_for_training(model, options, opts, ts, progress)
+                           if options.fresh_views else None)
         history = train(model, ts.images, ts.labels, opts, out, validate=validate,
                         optimizer=optimizer, start_epoch=start_epoch, history=history,
                         scaler_state=scaler_state, progress=progress, cache=caches.get(1.0),
-                        groups=ts.groups)
+                        groups=ts.groups, views_for_epoch=views_for_epoch)
     finalised = finalise_model(model, ts, options, caches)
     final_record = {"epoch": "final", **finalised}
     if validate is not None:
@@ -338,6 +385,25 @@ def run_training(options: TrainRun) -> dict:
                                                           "final": final_record}})
     _print_summary(history, final, fp, time.time() - t_start)
     return {"model": final, "fingerprint": fp, "history": history}
+
+
+def fresh_views_for_training(model, options: TrainRun, opts: TrainOptions, ts,
+                             progress: bool = True):
+    """--fresh-views: -> epoch -> (images, frozen-trunk cache at scale 1) of that epoch's draw
+    (`epoch_views`), for `train`. The draw must give `ts`'s classes in `ts`'s order. The KLW,
+    the initial and the final whitening are fitted on the first draw (`ts`)."""
+    from remap_core.training.train import FrozenTrunkCache
+
+    draw = epoch_views(options, int(model.config["max_side"]), int(model.config["multiple"]))
+
+    def views(epoch: int):
+        fresh = draw(epoch)
+        if not np.array_equal(fresh.labels, ts.labels):
+            raise ValueError(f"epoch {epoch}'s views do not have the first draw's classes")
+        cache = (FrozenTrunkCache(model, fresh.images, opts.freeze, progress=progress, scale=1.0)
+                 if opts.cache and opts.freeze > 0 else None)
+        return fresh.images, cache
+    return views
 
 
 def cache_frozen_trunk(model, ts, opts: TrainOptions, resume: bool = False,

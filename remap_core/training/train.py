@@ -388,14 +388,18 @@ def train(model: RetrievalNet, images: list[np.ndarray], labels: np.ndarray, opt
           optimizer: torch.optim.Optimizer | None = None, start_epoch: int = 1,
           history: list[dict] | None = None, scaler_state: dict | None = None,
           progress: bool = True, cache: FrozenTrunkCache | None = None,
-          groups: np.ndarray | None = None) -> list[dict]:
+          groups: np.ndarray | None = None,
+          views_for_epoch: Callable[[int], tuple[list[np.ndarray], FrozenTrunkCache | None]]
+          | None = None) -> list[dict]:
     """Train `model` in place for epochs start_epoch..opts.epochs; returns the log records.
 
     Writes out_dir/last.pt (resumable) and out_dir/log.jsonl every epoch. With `validate`, an
     epoch-0 record of the initial model is logged first (when starting from epoch 1). `cache`:
     a FrozenTrunkCache of `images` at scale 1 built with `opts.freeze` (built here if absent).
     `groups`: (N,) source of each image's class; no anchor takes a negative from its own group
-    (see `tuples.hardest_negatives`).
+    (see `tuples.hardest_negatives`). `views_for_epoch`: epoch -> (images, cache) of that
+    epoch's fresh views, the same classes in the same order as `labels`; called for every epoch
+    after the first (which trains on `images`).
     """
     from tqdm import tqdm
 
@@ -430,12 +434,20 @@ def train(model: RetrievalNet, images: list[np.ndarray], labels: np.ndarray, opt
     steps = math.ceil(opts.tuples_per_epoch / opts.batch_tuples)
     for epoch in range(start_epoch, opts.epochs + 1):
         t0 = time.time()
+        views_s = None
+        if views_for_epoch is not None and epoch > 1:
+            images, cache = views_for_epoch(epoch)
+            if len(images) != len(labels):
+                raise ValueError(f"epoch {epoch}'s views are {len(images)} images for "
+                                 f"{len(labels)} labels")
+            views_s = round(time.time() - t0, 1)
         torch.manual_seed(opts.seed * 1000 + epoch)
         rng = _epoch_rng(opts.seed, epoch)
+        t_mine = time.time()
         vecs = embed_images(model, images, cache=cache)        # mine with the current model
         tuples = build_tuples(vecs, labels, opts.tuples_per_epoch, opts.negatives, rng,
                               opts.pool_size, groups)
-        mine_s = time.time() - t0
+        mine_s = time.time() - t_mine
         losses, actives = [], []
         bar = tqdm(range(steps), desc=f"epoch {epoch}/{opts.epochs}", unit="step",
                    disable=not progress, dynamic_ncols=True)
@@ -459,7 +471,8 @@ def train(model: RetrievalNet, images: list[np.ndarray], labels: np.ndarray, opt
         bar.close()
         record = {"epoch": epoch, "loss": round(float(np.mean(losses)), 6),
                   "active": round(float(np.mean(actives)), 4), "tuples": len(tuples),
-                  "mine_s": round(mine_s, 1), "train_s": round(time.time() - t0 - mine_s, 1)}
+                  "mine_s": round(mine_s, 1), "train_s": round(time.time() - t_mine - mine_s, 1),
+                  **({} if views_s is None else {"views_s": views_s})}
         if validate is not None:
             tv = time.time()
             record.update(validate(model))

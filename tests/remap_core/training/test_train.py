@@ -350,3 +350,47 @@ def test_resume_refuses_another_seed_whose_views_would_differ(tmp_path, capsys):
     assert main(args + ["--resume"]) == 2
     assert "seed: 3 -> 0" in capsys.readouterr().err
     assert main(args + ["--resume", "--seed", "3"]) == 0
+
+
+def test_fresh_views_draw_new_views_of_the_same_classes_each_epoch(tmp_path, capsys):
+    """--fresh-views: epoch 1 trains on load_training_set's draw, every later epoch on a draw of
+    its own (same classes and order, other pixels), reproducibly; a labelled layout is refused."""
+    from remap_cli import main
+    from remap_core.training.run import TrainRun, epoch_views, load_training_set
+
+    images, labels = _images(n_classes=3, per_class=1, seed=8)
+    _write_photos(tmp_path / "photos", images)
+    options = TrainRun(out=str(tmp_path / "run"), photos=str(tmp_path / "photos"),
+                       views_per_photo=2, fresh_views=True, quiet=True)
+    first, source = load_training_set(options, 64)
+    assert "new views every epoch" in source
+    draw = epoch_views(options, 64)
+    again = draw(1)
+    assert all(np.array_equal(a, b) for a, b in zip(first.images, again.images))
+    second = draw(2)
+    np.testing.assert_array_equal(second.labels, first.labels)
+    np.testing.assert_array_equal(second.groups, first.groups)
+    originals = [i for i, s in enumerate(first.sources) if s.endswith("#original")]
+    views = [i for i in range(len(first.images)) if i not in originals]
+    assert all(np.array_equal(first.images[i], second.images[i]) for i in originals)
+    assert not any(np.array_equal(first.images[i], second.images[i]) for i in views)
+    assert all(np.array_equal(a, b) for a, b in zip(second.images, draw(2).images))
+
+    args = ["train", "--photos", str(tmp_path / "photos"), "--tiles", "2", "--fresh-views",
+            "--views-per-photo", "1", "--out", str(tmp_path / "run"), "--taps", "stage7,head",
+            "--max-side", "64", "--scales", "1", "--whiten-dim", "8", "--klw-pairs", "10",
+            "--epochs", "2", "--tuples", "2", "--batch", "2", "--negatives", "2",
+            "--freeze", "12", "--no-val", "--quiet"]
+    assert main(args) == 0, capsys.readouterr()
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert "views_s" not in log[0] and log[1]["views_s"] >= 0
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["fresh_views"] is True
+    capsys.readouterr()
+    assert main([a for a in args if a != "--fresh-views"] + ["--resume"]) == 2
+    assert "fresh_views: True -> False" in capsys.readouterr().err
+
+    _write_class_folders(tmp_path / "data", images, labels)
+    assert main(["train", "--data", str(tmp_path / "data"), "--fresh-views",
+                 "--out", str(tmp_path / "run2"), "--no-val", "--quiet"]) == 2
+    assert "labelled layout (--data) has no views" in capsys.readouterr().err
