@@ -38,9 +38,9 @@ TWO_LEVEL_MIN_LISTS = 8192
 ERROR_SAMPLE = 10_000  # vectors held out of training to measure the quantisation error
 PQ_KEEP = 0.5  # a PQ size that divides the dimension is used if it keeps >= half the code bytes
 # The largest PQ code chosen by default, bytes per vector (`--code-bytes`): on the benchmark the
-# shipped model's (remap-lite0-v3) descriptors keep 98.7 % of float mAP in IVF-PQ codes at 64 B
-# (93.4 against 94.6) and 99.8 % at 128 B, for twice the memory; 95.7 % at 32 B, where clutter
-# loses 13.9 points (bench/RESULTS.md, "Compression of remap-lite0-v3"). The budget may choose
+# shipped model's (remap-lite0-v4) descriptors keep 98.7 % of float mAP in IVF-PQ codes at 64 B
+# (93.1 against 94.4) and 99.8 % at 128 B, for twice the memory; 95.7 % at 32 B, where clutter
+# loses 13.6 points (bench/RESULTS.md, "Compression of remap-lite0-v4"). The budget may choose
 # less.
 DEFAULT_CODE_BYTES = 64
 

@@ -25,7 +25,7 @@ class EmbedOptions(PipelineOptions):
                                  "run-<id>/ with shards, dead letter, tombstones and run.json")
         parser.add_argument("--model", default=None,
                             help="checkpoint path or fsspec URL, or a model name (default: "
-                                 "the shipped trained REMAP model, remap-lite0-v3, see MODEL.md; "
+                                 "the shipped trained REMAP model, remap-lite0-v4, see MODEL.md; "
                                  "'remap-lite0-v2', 'remap-lite0-v1': the former defaults, for "
                                  "stores built with them; "
                                  "'gem-lite0-v1': a GeM head trained the same way; 'gem': the "

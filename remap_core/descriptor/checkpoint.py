@@ -3,9 +3,11 @@ models that ship with remap.
 
 `load_model(path_or_url)` rebuilds a model with no other argument. Names instead of paths:
 
-- "remap-lite0-v3" (also "remap" and `None`: the default): the trained REMAP model shipped in
+- "remap-lite0-v4" (also "remap" and `None`: the default): the trained REMAP model shipped in
   `remap_core/models/` (MODEL.md: backbone, taps, training recipe, fingerprint, benchmarks);
-- "remap-lite0-v2": the default before it (the same recipe on fewer training photos), and
+- "remap-lite0-v3": the default before it (the same recipe with one draw of the training views
+  for all epochs instead of new views every epoch);
+- "remap-lite0-v2": the default before v3 (the same recipe on fewer training photos), and
   "remap-lite0-v1" (v2's trained weights without the final step: the whole-map weight and the
   refitted whitening), both kept for stores and indexes built with them;
 - "gem-lite0-v1": the same backbone with a GeM head, trained by the shipped model's recipe at
@@ -26,11 +28,12 @@ from remap_core.descriptor.model import RetrievalNet, build_model, make_config
 
 CHECKPOINT_FORMAT = "remap-checkpoint/1"
 
-SHIPPED_MODELS = {"remap-lite0-v3": "remap-lite0-v3.pt",  # name -> file in remap_core/models/
+SHIPPED_MODELS = {"remap-lite0-v4": "remap-lite0-v4.pt",  # name -> file in remap_core/models/
+                  "remap-lite0-v3": "remap-lite0-v3.pt",
                   "remap-lite0-v2": "remap-lite0-v2.pt",
                   "remap-lite0-v1": "remap-lite0-v1.pt",
                   "gem-lite0-v1": "gem-lite0-v1.pt"}
-MODEL_ALIASES = {"remap": "remap-lite0-v3"}                # "remap": the current default
+MODEL_ALIASES = {"remap": "remap-lite0-v4"}                # "remap": the current default
 DEFAULT_MODEL = MODEL_ALIASES["remap"]
 BASELINE_MODELS = ("gem", "mac", "spoc", "rmac")
 

@@ -87,7 +87,7 @@ def test_baseline_names_build_the_untrained_heads_and_gem_is_the_former_default(
     assert gem.fingerprint == model_fingerprint(build_model())   # the pre-REMAP default
     assert load_model("rmac", device="cpu").config["head"] == "rmac"
     assert model_hint(gem.fingerprint) == "gem"
-    assert model_hint(load_model(None, device="cpu").fingerprint) == "remap-lite0-v3"
+    assert model_hint(load_model(None, device="cpu").fingerprint) == "remap-lite0-v4"
     assert model_hint("efficientnet_lite0.gem.d1280.0000000000000000") == ""
 
 
@@ -138,19 +138,23 @@ def test_remap_lite0_v1_still_ships_and_differs_from_v2_only_by_the_final_step()
     assert final["whole_map_weight"] == 100.0 and final["final_whitening"] == "pca"
 
 
-def test_the_default_is_v3_and_the_former_defaults_stay_loadable():
-    """remap-lite0-v3, the default, is v2's architecture and recipe (final step included)
-    trained on more photos; v2 and v1 still load and are named back, never mixed with it."""
+def test_the_default_is_v4_and_the_former_defaults_stay_loadable():
+    """remap-lite0-v4, the default, is v3's architecture, photos and recipe (final step included)
+    trained on new views every epoch; v3, v2 and v1 still load and are named back, never mixed
+    with it."""
     from remap_core.descriptor.checkpoint import model_hint, read_checkpoint, shipped_model_path
 
-    v3 = load_model(None, device="cpu")
-    assert load_model("remap", device="cpu").fingerprint == v3.fingerprint
-    assert model_hint(v3.fingerprint) == "remap-lite0-v3"
-    for name in ("remap-lite0-v2", "remap-lite0-v1"):
+    v4 = load_model(None, device="cpu")
+    assert load_model("remap", device="cpu").fingerprint == v4.fingerprint
+    assert model_hint(v4.fingerprint) == "remap-lite0-v4"
+    for name in ("remap-lite0-v3", "remap-lite0-v2", "remap-lite0-v1"):
         old = load_model(name, device="cpu")
-        assert model_hint(old.fingerprint) == name and old.fingerprint != v3.fingerprint
-        assert old.config == v3.config
-    trained = read_checkpoint(shipped_model_path("remap-lite0-v3"))["extra"]["trained"]
+        assert model_hint(old.fingerprint) == name and old.fingerprint != v4.fingerprint
+        assert old.config == v4.config
+    trained = read_checkpoint(shipped_model_path("remap-lite0-v4"))["extra"]["trained"]
     assert trained["final"]["whole_map_weight"] == 100.0
     assert trained["final"]["final_whitening"] == "pca"
     assert "83 training photos" in trained["source"]     # v2: 62
+    assert "new views every epoch" in trained["source"]  # v3: one draw for all epochs
+    v3 = read_checkpoint(shipped_model_path("remap-lite0-v3"))["extra"]["trained"]
+    assert "83 training photos" in v3["source"] and "new views" not in v3["source"]
