@@ -26,8 +26,8 @@ class EmbedOptions(PipelineOptions):
         parser.add_argument("--model", default=None,
                             help="checkpoint path or fsspec URL, or a model name (default: "
                                  "the shipped trained REMAP model, remap-lite0-v4, see MODEL.md; "
-                                 "'remap-lite0-v2', 'remap-lite0-v1': the former defaults, for "
-                                 "stores built with them; "
+                                 "'remap-lite0-v3', 'remap-lite0-v2', 'remap-lite0-v1': the former "
+                                 "defaults, for stores built with them; "
                                  "'gem-lite0-v1': a GeM head trained the same way; 'gem': the "
                                  "untrained Lite0 GeM baseline, the default before them)")
         parser.add_argument("--run_id", default=None,
