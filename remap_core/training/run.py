@@ -143,10 +143,8 @@ def _photo_files(spec: str) -> list[str]:
     return sorted(files)
 
 
-def load_training_set(options: TrainRun, max_side: int, multiple: int = 32):
-    """The TrainingSet the arguments ask for, with a one-line description of it."""
-    from remap_core.data.training_sets import load_labelled, read_labelled_layout
-
+def check_training_data(options: TrainRun) -> None:
+    """Refuse a choice of training data that `load_training_set` cannot honour."""
     chosen = [bool(options.data), bool(options.photos), bool(options.benchmark_views)]
     if sum(chosen) != 1:
         raise ValueError("give exactly one of --data (labelled layout), --photos (unlabelled "
@@ -154,20 +152,31 @@ def load_training_set(options: TrainRun, max_side: int, multiple: int = 32):
     if options.fresh_views and options.data:
         raise ValueError("--fresh-views draws new views of --photos or --benchmark-views each "
                          "epoch; a labelled layout (--data) has no views to draw")
+
+
+def load_training_set(options: TrainRun, max_side: int, multiple: int = 32,
+                      family: tuple[dict, str] | None = None):
+    """The TrainingSet the arguments ask for, with a one-line description of it. `family`: the
+    view families' photos and description (`family_photos`) when the caller has read them."""
+    from remap_core.data.training_sets import load_labelled, read_labelled_layout
+
+    check_training_data(options)
     if options.data:
         ts = load_labelled(read_labelled_layout(options.data), max_side, multiple,
                            not options.quiet)
         return ts, f"labelled layout {options.data}"
-    photos, source = _family_photos(options)
+    photos, source = family if family is not None else family_photos(options)
     return _draw_views(photos, options, _view_seed(options), max_side, multiple, source)
 
 
-def epoch_views(options: TrainRun, max_side: int, multiple: int = 32):
+def epoch_views(options: TrainRun, max_side: int, multiple: int = 32,
+                family: tuple[dict, str] | None = None):
     """--fresh-views: -> views(epoch), the TrainingSet of that epoch's draw of views of the
     same photos (the same classes, labels and groups). Epoch 1 is `load_training_set`'s draw;
     each later epoch draws every view and the shared clutter backgrounds from a seed of its own
-    (`epoch_view_seed`), so a resumed run sees the views it would have seen."""
-    photos, source = _family_photos(options)
+    (`epoch_view_seed`), so a resumed run sees the views it would have seen. `family`: as for
+    `load_training_set`, so that the photos are read once."""
+    photos, source = family if family is not None else family_photos(options)
     first = _view_seed(options)
 
     def views(epoch: int):
@@ -187,7 +196,7 @@ def _view_seed(options: TrainRun) -> int:
     return options.view_seed if options.view_seed is not None else training_view_seed(options.seed)
 
 
-def _family_photos(options: TrainRun) -> tuple[dict, str]:
+def family_photos(options: TrainRun) -> tuple[dict, str]:
     """The photos of view families (--photos or --benchmark-views), cut into tiles: -> (photos,
     description)."""
     from remap_core.data.training_sets import photo_tiles, read_image
@@ -346,7 +355,10 @@ def run_training(options: TrainRun) -> dict:
         record = _run_record(options, int(model.config["max_side"]))
 
     multiple = int(model.config["multiple"])
-    ts, source = load_training_set(options, int(model.config["max_side"]), multiple)
+    check_training_data(options)
+    # --fresh-views draws every epoch's views from the same photos: read them once
+    family = family_photos(options) if options.fresh_views else None
+    ts, source = load_training_set(options, int(model.config["max_side"]), multiple, family)
     print(f"training data: {source}: {ts.summary()}")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "run.json"), "w") as f:
@@ -365,7 +377,7 @@ def run_training(options: TrainRun) -> dict:
     n_cached = opts.freeze if opts.cache else 0
     validate = None if options.no_val else make_validator(options, model, n_cached, progress)
     if start_epoch <= opts.epochs:
-        views_for_epoch = (fresh_views_for_training(model, options, opts, ts, progress)
+        views_for_epoch = (fresh_views_for_training(model, options, opts, ts, progress, family)
                            if options.fresh_views else None)
         history = train(model, ts.images, ts.labels, opts, out, validate=validate,
                         optimizer=optimizer, start_epoch=start_epoch, history=history,
@@ -388,13 +400,14 @@ def run_training(options: TrainRun) -> dict:
 
 
 def fresh_views_for_training(model, options: TrainRun, opts: TrainOptions, ts,
-                             progress: bool = True):
+                             progress: bool = True, family: tuple[dict, str] | None = None):
     """--fresh-views: -> epoch -> (images, frozen-trunk cache at scale 1) of that epoch's draw
     (`epoch_views`), for `train`. The draw must give `ts`'s classes in `ts`'s order. The KLW,
     the initial and the final whitening are fitted on the first draw (`ts`)."""
     from remap_core.training.train import FrozenTrunkCache
 
-    draw = epoch_views(options, int(model.config["max_side"]), int(model.config["multiple"]))
+    draw = epoch_views(options, int(model.config["max_side"]), int(model.config["multiple"]),
+                       family)
 
     def views(epoch: int):
         fresh = draw(epoch)

@@ -356,7 +356,7 @@ def test_fresh_views_draw_new_views_of_the_same_classes_each_epoch(tmp_path, cap
     """--fresh-views: epoch 1 trains on load_training_set's draw, every later epoch on a draw of
     its own (same classes and order, other pixels), reproducibly; a labelled layout is refused."""
     from remap_cli import main
-    from remap_core.training.run import TrainRun, epoch_views, load_training_set
+    from remap_core.training.run import TrainRun, epoch_views, family_photos, load_training_set
 
     images, labels = _images(n_classes=3, per_class=1, seed=8)
     _write_photos(tmp_path / "photos", images)
@@ -375,6 +375,13 @@ def test_fresh_views_draw_new_views_of_the_same_classes_each_epoch(tmp_path, cap
     assert all(np.array_equal(first.images[i], second.images[i]) for i in originals)
     assert not any(np.array_equal(first.images[i], second.images[i]) for i in views)
     assert all(np.array_equal(a, b) for a, b in zip(second.images, draw(2).images))
+    # the photos read once (as `remap train` does) give the same draws as reading them again
+    family = family_photos(options)
+    once, once_source = load_training_set(options, 64, family=family)
+    assert once_source == source
+    assert all(np.array_equal(a, b) for a, b in zip(first.images, once.images))
+    assert all(np.array_equal(a, b)
+               for a, b in zip(second.images, epoch_views(options, 64, family=family)(2).images))
 
     args = ["train", "--photos", str(tmp_path / "photos"), "--tiles", "2", "--fresh-views",
             "--views-per-photo", "1", "--out", str(tmp_path / "run"), "--taps", "stage7,head",
