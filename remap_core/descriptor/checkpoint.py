@@ -153,20 +153,32 @@ def load_model(path_or_url: str | None = None, device: str | None = None) -> Ret
 
 
 def export_model(src: str, dst: str, max_side: int | None = None, half: bool = True,
-                 note: str | None = None) -> str:
+                 note: str | None = None, scales: list[float] | None = None) -> str:
     """A checkpoint as it is deployed: `src` (path/URL/name) with its network input's long side
-    set to `max_side` (training usually runs smaller than inference) and float16 weights
-    (`half`), written to `dst`. Returns the new fingerprint (input size and rounding are part of
-    it). The source's `extra` (training history) is kept, with an "exported" record added."""
+    set to `max_side` (training usually runs smaller than inference), its test-time `scales`
+    replaced (None: kept; the descriptor is the L2-normalised sum over them, so a larger scale
+    such as sqrt(2) finds smaller objects at about twice the embedding cost) and float16
+    weights (`half`), written to `dst`. Returns the new fingerprint (input size, scales and
+    rounding are part of it, so vectors embedded at other scales never mix with its own). The
+    source's `extra` (training history) is kept, with an "exported" record added."""
     ckpt = read_checkpoint(resolve_model(src)) if src not in BASELINE_MODELS else None
     model = load_model(src, device="cpu")
     if max_side is not None:
         if max_side < 32:
             raise ValueError(f"--max-side {max_side} is too small (at least 32)")
         model.config["max_side"] = int(max_side)
+    if scales is not None:
+        scales = [float(s) for s in scales]
+        if not scales or any(not s > 0 for s in scales) or len(set(scales)) != len(scales):
+            raise ValueError(f"--scales must be distinct positive numbers, got {scales}")
+        if model.config["max_side"] * min(scales) < 32:
+            raise ValueError(f"--scales {min(scales):g} x --max-side {model.config['max_side']} "
+                             f"is under 32 px: too small for the network")
+        model.config["scales"] = scales
     extra = dict((ckpt or {}).get("extra") or {})
     extra["exported"] = {"from": src, "from_fingerprint": model.fingerprint,
-                         "max_side": model.config["max_side"], "half": half,
+                         "max_side": model.config["max_side"],
+                         "scales": list(model.config["scales"]), "half": half,
                          **({"note": note} if note else {})}
     return save_checkpoint(model, dst, extra=extra, half=half)
 

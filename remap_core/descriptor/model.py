@@ -37,6 +37,32 @@ HEAD_DEFAULT_ARGS: dict[str, dict] = {
 REMAP_SCALES = [1.0, 2 ** -0.5, 0.5]
 
 
+def parse_scales(text: str) -> list[float]:
+    """"1,1/sqrt(2),0.5" -> [1.0, 0.7071..., 0.5]: numbers, +-*/ and sqrt() only."""
+    import ast
+    import math
+    import operator
+
+    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+           ast.Div: operator.truediv}
+
+    def value(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return float(node.value)
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            return ops[type(node.op)](value(node.left), value(node.right))
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id == "sqrt" and len(node.args) == 1):
+            return math.sqrt(value(node.args[0]))
+        raise ValueError(f"cannot read scale {text!r}: use numbers, / and sqrt(), e.g. "
+                         f"1,1/sqrt(2),0.5")
+
+    out = [value(ast.parse(t.strip(), mode="eval").body) for t in text.split(",") if t.strip()]
+    if not out or any(s <= 0 for s in out):
+        raise ValueError(f"scales must be positive numbers, got {text!r}")
+    return out
+
+
 def make_config(**overrides) -> dict:
     """DEFAULT_CONFIG with overrides applied; unknown keys are an error (typos fail loudly).
 

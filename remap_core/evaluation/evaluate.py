@@ -26,32 +26,6 @@ KAPPAS = (1, 5, 10)
 WHITEN_LABEL = {"learned": "Lw", "pca": "PCAw"}
 
 
-def parse_scales(text: str) -> list[float]:
-    """"1,1/sqrt(2),0.5" -> [1.0, 0.7071..., 0.5]: numbers, +-*/ and sqrt() only."""
-    import ast
-    import math
-    import operator
-
-    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-           ast.Div: operator.truediv}
-
-    def value(node):
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
-            return float(node.value)
-        if isinstance(node, ast.BinOp) and type(node.op) in ops:
-            return ops[type(node.op)](value(node.left), value(node.right))
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-                and node.func.id == "sqrt" and len(node.args) == 1):
-            return math.sqrt(value(node.args[0]))
-        raise ValueError(f"cannot read scale {text!r}: use numbers, / and sqrt(), e.g. "
-                         f"1,1/sqrt(2),0.5")
-
-    out = [value(ast.parse(t.strip(), mode="eval").body) for t in text.split(",") if t.strip()]
-    if not out or any(s <= 0 for s in out):
-        raise ValueError(f"scales must be positive numbers, got {text!r}")
-    return out
-
-
 @dataclass
 class EvalOptions:
     """Everything one `remap eval` run depends on (the defaults are the command's)."""
@@ -70,7 +44,7 @@ class EvalOptions:
     taps: str | None = None           # REMAP's taps, comma-separated; None: default_remap_taps
     baseline_taps: str | None = None  # taps of MAC/SPoC/GeM/R-MAC; None: the last tap
     max_side: int = 320               # long side of the network input
-    scales: str | Sequence[float] = "1,1/sqrt(2),1/2"   # text as `parse_scales` reads it
+    scales: str | Sequence[float] = "1,1/sqrt(2),1/2"   # text as `model.parse_scales` reads it
     levels: int = 3
     layer_norm: bool = False          # REMAP: L2 per layer before concatenation (see REMAPHead)
     klw_method: str = "gaussian"      # or "histogram"
@@ -220,7 +194,7 @@ def run(options: EvalOptions) -> dict:
 
     from remap_core.descriptor.backbones import backbone_spec
     from remap_core.evaluation.benchmark import build_benchmark, default_cache_dir
-    from remap_core.descriptor.model import build_model
+    from remap_core.descriptor.model import build_model, parse_scales
 
     t0 = time.time()
     cache = options.cache or default_cache_dir()

@@ -300,10 +300,9 @@ def new_model(options: TrainRun, device):
            "head_args": head_args, "max_side": options.max_side, "whiten_dim": None}
     # every head gets the same test-time scales (REMAP's multi-scale default), so trained
     # baselines and REMAP compare at equal inference as well as equal training
-    from remap_core.descriptor.model import REMAP_SCALES
+    from remap_core.descriptor.model import REMAP_SCALES, parse_scales
 
-    cfg["scales"] = ([float(s) for s in options.scales.split(",")] if options.scales
-                     else list(REMAP_SCALES))
+    cfg["scales"] = parse_scales(options.scales) if options.scales else list(REMAP_SCALES)
     return build_model(cfg).to(device).eval()
 
 

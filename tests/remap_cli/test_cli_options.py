@@ -43,10 +43,12 @@ SAMPLES = {
     ("search", "vectors"): lambda tmp: _npy(tmp / "queries.npy"),
     ("search", "html"): lambda tmp: str(tmp / "results.html"),
     ("search", "filter"): lambda tmp: ["colour=red"],
+    ("export", "scales"): lambda tmp: "sqrt(2),1,1/2",
 }
 # What the code should see where it is not the value given: (command, dest) -> value.
 EXPECTED = {
     ("search", "filter"): ["red"],           # --filter colour=red -> filters {"colour": ["red"]}
+    ("export", "scales"): [2 ** 0.5, 1.0, 0.5],
 }
 # Options that act only together with others: (command, dest) -> {dest: tokens} set as well
 # (in the run without the option too).

@@ -158,3 +158,49 @@ def test_the_default_is_v4_and_the_former_defaults_stay_loadable():
     assert "new views every epoch" in trained["source"]  # v3: one draw for all epochs
     v3 = read_checkpoint(shipped_model_path("remap-lite0-v3"))["extra"]["trained"]
     assert "83 training photos" in v3["source"] and "new views" not in v3["source"]
+
+
+def test_export_sets_the_test_time_scales_and_the_fingerprint_follows(tmp_path):
+    from remap_core.descriptor.checkpoint import export_model
+    from remap_core.descriptor.pooling import l2n, resize_batch
+
+    torch.manual_seed(0)
+    model = build_model({"head": "remap", "taps": ["stage5", "head"], "whiten_dim": 32},
+                        backbone_weights=None).eval()
+    save_checkpoint(model, str(tmp_path / "m.pt"))
+    same = export_model(str(tmp_path / "m.pt"), str(tmp_path / "same.pt"), half=False)
+    up = export_model(str(tmp_path / "m.pt"), str(tmp_path / "up.pt"), half=False,
+                      scales=[2 ** 0.5, 1.0, 2 ** -0.5, 0.5])
+    assert same == load_model(str(tmp_path / "m.pt"), device="cpu").fingerprint
+    assert up != same                        # vectors at other scales must not mix
+    loaded = load_model(str(tmp_path / "up.pt"), device="cpu")
+    assert loaded.config["scales"] == [2 ** 0.5, 1.0, 2 ** -0.5, 0.5]
+    assert read_checkpoint(str(tmp_path / "up.pt"))["extra"]["exported"]["scales"] == \
+        loaded.config["scales"]
+    x = torch.rand(1, 3, 64, 96) * 255
+    with torch.no_grad():
+        expected = l2n(sum(model(resize_batch(x, s)) for s in loaded.config["scales"]))
+        torch.testing.assert_close(loaded.forward_multiscale(x), expected)
+
+
+@pytest.mark.parametrize("scales, match", [([], "distinct positive"), ([1.0, 0.0], "distinct positive"),
+                                           ([1.0, 1.0], "distinct positive"),
+                                           ([1.0, 0.05], "under 32 px")])
+def test_export_refuses_scales_the_network_cannot_use(tmp_path, scales, match):
+    from remap_core.descriptor.checkpoint import export_model
+
+    model = build_model({"head": "gem"}, backbone_weights=None).eval()
+    save_checkpoint(model, str(tmp_path / "m.pt"))
+    with pytest.raises(ValueError, match=match):
+        export_model(str(tmp_path / "m.pt"), str(tmp_path / "out.pt"), scales=scales)
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_parse_scales_reads_fractions_and_square_roots():
+    from remap_core.descriptor.model import parse_scales
+
+    assert parse_scales("sqrt(2),1,1/sqrt(2),1/2") == pytest.approx([2 ** 0.5, 1, 2 ** -0.5, 0.5])
+    with pytest.raises(ValueError, match="sqrt"):
+        parse_scales("__import__('os')")
+    with pytest.raises(ValueError, match="positive"):
+        parse_scales("1,0")
