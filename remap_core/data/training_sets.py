@@ -256,13 +256,14 @@ def clutter_pool(n: int, seed: int, size: tuple[int, int] = (512, 384)) -> list[
 
 
 def photo_backgrounds(photos: dict[str, Image.Image], n: int, seed: int,
-                      size: tuple[int, int] = (512, 384)) -> list[Image.Image]:
+                      size: tuple[int, int] = (512, 384), salt: int = 0xB6) -> list[Image.Image]:
     """`n` real-photo clutter backgrounds: random crops (30-100 % of each side) of random photos
     of the training set, resized to `size`. Real scenes behind a pasted photo are what clutter
-    looks like in a collection; generated shapes alone teach the model to ignore shapes."""
+    looks like in a collection; generated shapes alone teach the model to ignore shapes.
+    `salt`: another salt draws another set from the same seed (OCCLUDER_SALT: the occluders)."""
     if n <= 0 or not photos:
         return []
-    rng = np.random.RandomState(np.random.SeedSequence([seed, 0xB6]).generate_state(1)[0])
+    rng = np.random.RandomState(np.random.SeedSequence([seed, salt]).generate_state(1)[0])
     names = sorted(photos)
     out = []
     for _ in range(n):
@@ -274,8 +275,12 @@ def photo_backgrounds(photos: dict[str, Image.Image], n: int, seed: int,
     return out
 
 
+OCCLUDER_SALT = 0x0C
+
+
 def compound_view(photo: Image.Image, seed: int, max_nuisances: int = 2,
-                  backgrounds: Sequence[Image.Image] | None = None) -> Image.Image:
+                  backgrounds: Sequence[Image.Image] | None = None,
+                  occluders: Sequence[Image.Image] | None = None) -> Image.Image:
     """A training view: 1..max_nuisances distinct nuisances of `views.py` chained in a random
     order (e.g. a perspective warp of a darker crop), all drawn from `seed`. Harder and more
     varied than the benchmark's single-nuisance views, so training tuples keep a signal.
@@ -283,14 +288,17 @@ def compound_view(photo: Image.Image, seed: int, max_nuisances: int = 2,
     `backgrounds`: clutter views paste the photo onto one of these (shared by all classes)
     instead of a background of their own. With a background per view, the background is itself
     a signature of the view, and hard negatives (other classes' clutter views) teach the model
-    to tell backgrounds apart; shared backgrounds teach it to look past them."""
-    from remap_core.data.views import NUISANCES, clutter, make_view
+    to tell backgrounds apart; shared backgrounds teach it to look past them.
+    `occluders`: occlusion views cut half their shapes from these photos (`views.occlusion`)."""
+    from remap_core.data.views import NUISANCES, clutter, make_view, occlusion
 
     rng = np.random.RandomState(seed % 2 ** 32)
     k = int(rng.randint(1, max_nuisances + 1))
     for nuisance in rng.choice(NUISANCES, size=k, replace=False):
         if nuisance == "clutter" and backgrounds:
             photo = clutter(photo, rng, background=backgrounds[rng.randint(len(backgrounds))])
+        elif nuisance == "occlusion" and occluders:
+            photo = occlusion(photo, rng, occluders=occluders)
         else:
             photo = make_view(photo, str(nuisance), rng)
     return photo

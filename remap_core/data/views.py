@@ -13,15 +13,15 @@ Nuisances:
 - "scale_crop": a crop keeping 35-75 % of each side (aspect changes), resized by 0.6-1.0.
 - "perspective": the four corners moved by up to 18 % of the sides (a homography) plus a small
   rotation; uncovered area filled with a flat colour.
-- "occlusion": one to three opaque shapes (rectangles/ellipses, flat or noisy) hiding 15-35 %
-  of the image.
+- "occlusion": one to three opaque shapes (rectangles/ellipses, flat or noisy, or cut from given
+  photos) hiding 15-35 % of the image.
 - "clutter": the photo shrunk to 40-65 % and pasted onto a cluttered background (random shapes
   and texture), optionally a given background photo.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -120,9 +120,25 @@ def _noise_patch(size: tuple[int, int], rng: np.random.RandomState) -> Image.Ima
     return Image.fromarray(small, "RGB").resize((w, h), Image.Resampling.BICUBIC)
 
 
-def occlusion(img: Image.Image, rng: RandomLike) -> Image.Image:
+def _photo_patch(src: Image.Image, size: tuple[int, int], rng: np.random.RandomState
+                 ) -> Image.Image:
+    """A crop of `src` with the aspect of `size` = (w, h), 25-100 % of the largest such crop,
+    resized to `size`: an occluder cut from a real photo."""
+    w, h = size
+    sw, sh = src.size
+    fit = min(sw / w, sh / h) * rng.uniform(0.25, 1.0)
+    cw, ch = max(1, min(sw, int(round(w * fit)))), max(1, min(sh, int(round(h * fit))))
+    x0, y0 = int(rng.randint(0, sw - cw + 1)), int(rng.randint(0, sh - ch + 1))
+    return _rgb(src).crop((x0, y0, x0 + cw, y0 + ch)).resize((w, h), Image.Resampling.BICUBIC)
+
+
+def occlusion(img: Image.Image, rng: RandomLike,
+              occluders: Sequence[Image.Image] | None = None) -> Image.Image:
     """One to three opaque shapes (rectangle or ellipse; flat colour or noise texture) hiding
-    15-35 % of the image in total. Same size."""
+    15-35 % of the image in total. Same size.
+
+    `occluders`: photos; each shape is then, half the time, cut from one of them (what hides an
+    object in a real photo is another object). None draws exactly the shapes it drew before."""
     rng = _rng(rng)
     img = _rgb(img).copy()
     w, h = img.size
@@ -140,8 +156,11 @@ def occlusion(img: Image.Image, rng: RandomLike) -> Image.Image:
             draw.rectangle((0, 0, ow - 1, oh - 1), fill=255)
         else:
             draw.ellipse((0, 0, ow - 1, oh - 1), fill=255)
-        patch = (_noise_patch((ow, oh), rng) if rng.rand() < 0.5
-                 else Image.new("RGB", (ow, oh), _random_colour(rng)))
+        if occluders and rng.rand() < 0.5:
+            patch = _photo_patch(occluders[rng.randint(len(occluders))], (ow, oh), rng)
+        else:
+            patch = (_noise_patch((ow, oh), rng) if rng.rand() < 0.5
+                     else Image.new("RGB", (ow, oh), _random_colour(rng)))
         img.paste(patch, (x0, y0), mask)
     return img
 

@@ -56,6 +56,8 @@ class TrainRun:
     no_pypi_photos: bool = False          # ... without those of PyPI wheels (remap-lite0-v2's data)
     clutter_backgrounds: int = 16         # shared clutter backgrounds; 0: one per view
     photo_backgrounds: int = 16           # also paste clutter views onto crops of the photos
+    photo_occluders: int = 0              # occlusion views: half the shapes cut from N crops of
+                                          # the photos; 0: flat and noise shapes only
     view_seed: int | None = None          # None: training_view_seed(seed)
     fresh_views: bool = False             # view families: new views every epoch (epoch_views)
     resume: bool = False                  # continue from out/last.pt
@@ -227,17 +229,23 @@ def family_photos(options: TrainRun) -> tuple[dict, str]:
 def _draw_views(photos: dict, options: TrainRun, view_seed: int, max_side: int, multiple: int,
                 source: str):
     """Every photo's view family drawn from `view_seed`: -> (TrainingSet, description)."""
-    from remap_core.data.training_sets import (clutter_pool, compound_view, photo_backgrounds,
-                                               view_families)
+    from remap_core.data.training_sets import (OCCLUDER_SALT, clutter_pool, compound_view,
+                                               photo_backgrounds, view_families)
 
-    make_view = compound_view
+    pool, occluders = [], []
     if options.clutter_backgrounds > 0 or options.photo_backgrounds > 0:
         pool = (clutter_pool(options.clutter_backgrounds, view_seed)
                 if options.clutter_backgrounds > 0 else [])
         pool += photo_backgrounds(photos, options.photo_backgrounds, view_seed)
-        make_view = functools.partial(compound_view, backgrounds=pool)
         source += (f", clutter on {options.clutter_backgrounds} shared generated and "
                    f"{options.photo_backgrounds} photo backgrounds")
+    if options.photo_occluders > 0:
+        occluders = photo_backgrounds(photos, options.photo_occluders, view_seed,
+                                      salt=OCCLUDER_SALT)
+        source += f", occluders cut from {options.photo_occluders} photo crops"
+    make_view = (functools.partial(compound_view, backgrounds=pool or None,
+                                   occluders=occluders or None)
+                 if pool or occluders else compound_view)
     ts = view_families(photos, options.views_per_photo, view_seed, make_view, max_side, multiple,
                        progress=not options.quiet)
     fresh = ", new views every epoch" if options.fresh_views else ""
@@ -251,7 +259,7 @@ def _draw_views(photos: dict, options: TrainRun, view_seed: int, max_side: int, 
 RUN_KEYS = ("data", "photos", "benchmark_views", "views_per_photo", "view_seed", "max_side",
             "val_seed", "views_per_nuisance", "side", "no_debian", "max_photos", "tiles",
             "no_extra_photos", "no_pypi_photos", "clutter_backgrounds", "photo_backgrounds",
-            "seed", "fresh_views")
+            "seed", "fresh_views", "photo_occluders")
 
 
 def _run_record(options: TrainRun, max_side: int) -> dict:

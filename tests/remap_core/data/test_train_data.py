@@ -219,6 +219,27 @@ def test_clutter_views_can_share_backgrounds_across_classes():
     assert not np.array_equal(np.asarray(a[0]), np.asarray(a[1]))
 
 
+def test_occlusion_views_can_cut_occluders_from_photo_crops():
+    from remap_core.data.training_sets import OCCLUDER_SALT, compound_view, photo_backgrounds
+
+    photos = {"a": Image.new("RGB", (80, 60), (0, 0, 255)), "b": _photo(3, size=(80, 60))}
+    occluders = photo_backgrounds(photos, 4, seed=2, salt=OCCLUDER_SALT)
+    backgrounds = photo_backgrounds(photos, 4, seed=2)
+    assert len(occluders) == 4
+    assert any(not np.array_equal(np.asarray(o), np.asarray(b))
+               for o, b in zip(occluders, backgrounds))       # another draw than the backgrounds
+    blue = [Image.new("RGB", (64, 48), (0, 0, 255))]
+    photo = _photo(6, size=(120, 90))
+    changed = with_blue = 0
+    for seed in range(40):
+        view = np.asarray(compound_view(photo, seed, max_nuisances=1, occluders=blue))
+        assert np.array_equal(view, np.asarray(compound_view(photo, seed, 1, occluders=blue)))
+        plain = np.asarray(compound_view(photo, seed, max_nuisances=1))
+        changed += not np.array_equal(view, plain)     # occlusion views only: about 1 in 5
+        with_blue += bool(((view == (0, 0, 255)).all(axis=2)).any())
+    assert 0 < changed <= 16 and 0 < with_blue <= changed
+
+
 def test_tiles_of_one_photo_share_a_group_and_whole_photos_have_their_own():
     from remap_core.data.training_sets import photo_tiles
 

@@ -68,6 +68,23 @@ def test_occlusion_hides_up_to_a_third_of_the_image():
         assert 0.05 < hidden <= 0.36
 
 
+def test_occlusion_cuts_shapes_from_given_photos_and_leaves_the_default_draw_alone():
+    grey = Image.new("RGB", (120, 90), (128, 128, 128))
+    green = Image.new("RGB", (200, 150), (0, 255, 0))
+    with_photo = 0
+    for seed in range(16):
+        plain = np.asarray(occlusion(grey, np.random.RandomState(seed)))
+        assert np.array_equal(plain, np.asarray(occlusion(grey, np.random.RandomState(seed),
+                                                          occluders=None)))
+        v = np.asarray(occlusion(grey, np.random.RandomState(seed), occluders=[green]))
+        assert v.shape == plain.shape
+        assert np.array_equal(v, np.asarray(occlusion(grey, seed, occluders=[green])))
+        hidden = (np.abs(v.astype(int) - 128).sum(axis=2) > 0).mean()
+        assert 0.05 < hidden <= 0.36
+        with_photo += bool(((v == (0, 255, 0)).all(axis=2)).sum() > 20)
+    assert 4 <= with_photo <= 15          # about half the shapes come from the photo
+
+
 def test_clutter_pastes_the_shrunk_photo_whole_onto_a_background():
     red = Image.new("RGB", (100, 80), (255, 0, 0))
     for seed in range(5):
