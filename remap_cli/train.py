@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--photo-occluders", type=int, default=_D.photo_occluders, metavar="N",
                      help="occlusion views cut half their shapes from N crops of the training "
                      "photos (real objects in front of the photo) instead of flat colours and "
-                     "noise only (default 0: off)")
+                     "noise only (default 0: off; no gain on the shipped recipe: bench/RESULTS.md)")
     src.add_argument("--fresh-views", action="store_true",
                      help="--photos or --benchmark-views: draw new views of every photo (and new "
                      "shared backgrounds) each epoch, so training never sees a view twice; the "
