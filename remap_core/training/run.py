@@ -243,9 +243,7 @@ def _draw_views(photos: dict, options: TrainRun, view_seed: int, max_side: int, 
         occluders = photo_backgrounds(photos, options.photo_occluders, view_seed,
                                       salt=OCCLUDER_SALT)
         source += f", occluders cut from {options.photo_occluders} photo crops"
-    make_view = (functools.partial(compound_view, backgrounds=pool or None,
-                                   occluders=occluders or None)
-                 if pool or occluders else compound_view)
+    make_view = functools.partial(compound_view, backgrounds=pool, occluders=occluders)
     ts = view_families(photos, options.views_per_photo, view_seed, make_view, max_side, multiple,
                        progress=not options.quiet)
     fresh = ", new views every epoch" if options.fresh_views else ""
