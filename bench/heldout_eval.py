@@ -233,15 +233,17 @@ def read_collection(standard_cache, photo_globs, background_globs, min_side, sid
             list(read_photos(background_globs, 64, side).values()))
 
 
-def build_collection(photos, backgrounds, views, seed, clutter_scale=CLUTTER_SCALE):
+def build_collection(photos, backgrounds, views, seed, clutter_scale=CLUTTER_SCALE,
+                     views_of=None):
     """-> images, family id per image (-1: distractor), nuisance per image (None: original).
     `clutter_scale`: the range of the pasted photo's side in clutter views (also inside
-    combined views), as a fraction of the view's side."""
-    views_of = generators(clutter_scale)
+    combined views), as a fraction of the view's side. `views_of`: {nuisance: generator}
+    instead of this script's own (`generators(clutter_scale)`), in the order to draw them."""
+    views_of = generators(clutter_scale) if views_of is None else views_of
     images, family, kind = [], [], []
     for fi, (name, img) in enumerate(sorted(photos.items())):
         images.append(img), family.append(fi), kind.append(None)
-        for ni, nuisance in enumerate(NUISANCES):
+        for ni, nuisance in enumerate(views_of):
             for k in range(views):
                 rng = np.random.RandomState((seed * 1_000_003 + fi * 101 + ni * 7 + k) % 2**31)
                 images.append(views_of[nuisance](img, rng, backgrounds))
