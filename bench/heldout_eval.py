@@ -318,6 +318,23 @@ def score(desc, family, kind, rerank=()):
     return ranked_aps(desc[queries], desc, gnd, rerank)
 
 
+def score_models(specs, reranks, images, family, kind, cache_dir=None, digest=None):
+    """-> {row name: {"aps", "fingerprint", "seconds"}}: each model of `specs` (see `load`)
+    embeds the collection (read from `cache_dir` when there) and is scored plain and with each
+    re-ranking of `reranks` ("qe", "dba", "qe+dba"), as row "<spec>" and "<spec> +<rerank>"."""
+    rows = {}
+    for spec in specs:
+        t = time.time()
+        model = load(spec)
+        desc = cached_embed(model, images, cache_dir, digest)
+        for v in [()] + [tuple(r.split("+")) for r in reranks]:
+            rows[spec + ("" if not v else " +" + "+".join(v))] = {
+                "aps": score(desc, family, kind, v), "fingerprint": model.fingerprint,
+                "seconds": round(time.time() - t, 1)}
+        print(f"{spec}: {time.time() - t:.0f} s", file=sys.stderr)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--photos", action="append", help="glob of family photos")
@@ -363,17 +380,9 @@ def main(argv=None):
     print(f"{len(photos)} photos, {len(backgrounds)} backgrounds, {len(images)} images, "
           f"{len(queries)} queries ({time.time() - t0:.0f} s)", file=sys.stderr)
 
-    rows = {}
-    for spec in args.model:
-        t = time.time()
-        model = load(spec)
-        desc = cached_embed(model, images, args.cache, digest)
-        variants = [()] + [tuple(r.split("+")) for r in args.rerank]
-        for v in variants:
-            name = spec + ("" if not v else " +" + "+".join(v))
-            rows[name] = {"aps": score(desc, family, kind, v)[keep],
-                          "fingerprint": model.fingerprint, "seconds": round(time.time() - t, 1)}
-        print(f"{spec}: {time.time() - t:.0f} s", file=sys.stderr)
+    rows = score_models(args.model, args.rerank, images, family, kind, args.cache, digest)
+    for r in rows.values():
+        r["aps"] = r["aps"][keep]
 
     ref = next(iter(rows))
     header = f"{'model':44s}" + "".join(f"{n[:8]:>9s}" for n in ("overall",) + NUISANCES) + \

@@ -174,15 +174,7 @@ def main(argv=None):
           f"{len(queries)} queries, collection {digest} ({time.time() - t0:.0f} s)",
           file=sys.stderr)
 
-    rows = {}
-    for spec in args.model:
-        t = time.time()
-        model = H.load(spec)
-        desc = H.cached_embed(model, images, args.cache, digest)
-        for v in [()] + [tuple(r.split("+")) for r in args.rerank]:
-            rows[spec + ("" if not v else " +" + "+".join(v))] = {
-                "aps": H.score(desc, family, kind, v), "fingerprint": model.fingerprint}
-        print(f"{spec}: {time.time() - t:.0f} s", file=sys.stderr)
+    rows = H.score_models(args.model, args.rerank, images, family, kind, args.cache, digest)
 
     ref = next(iter(rows))
     print(f"{'model':40s}" + "".join(f"{n[:8]:>9s}" for n in ("overall",) + names))
